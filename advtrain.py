@@ -338,8 +338,9 @@ def pgd_attack(model, x, y, norm, eps, steps, step_size=None, random_start=True)
         delta *= eps * torch.rand(len(x), *[1] * (x.dim() - 1), device=x.device) / _per_sample_norm(delta)
     delta = ((x + delta).clamp(0, 1) - x).requires_grad_(True)
     for _ in range(steps):
-        loss = F.cross_entropy(model(x + delta), y, reduction="sum")
-        (grad,) = torch.autograd.grad(loss, delta)
+        with torch.enable_grad():  # also works when called under torch.no_grad()
+            loss = F.cross_entropy(model(x + delta), y, reduction="sum")
+            (grad,) = torch.autograd.grad(loss, delta)
         with torch.no_grad():
             if norm == "linf":
                 delta += step_size * grad.sign()

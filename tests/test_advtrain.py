@@ -1,0 +1,186 @@
+"""advtrain.py: attack, data, models, training, checkpoints, resume and user errors."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import advtrain
+from conftest import assert_user_error, run_script
+
+
+def small_model(seed=0):
+    torch.manual_seed(seed)
+    return advtrain.build_model("cnn", 5, 1, 28, (0.5,), (0.25,)).eval()
+
+
+@pytest.fixture(scope="module")
+def fmnist_test():
+    return advtrain.load_split("fashion-mnist", False, classes=[0, 1, 2, 3, 4], size=64, download=False)
+
+
+def test_parse_eps_and_classes():
+    assert advtrain.parse_eps("8/255") == pytest.approx(8 / 255)
+    assert advtrain.parse_eps("0.5") == 0.5
+    assert advtrain.parse_classes("0-4", 10) == [0, 1, 2, 3, 4]
+    assert advtrain.parse_classes("7,2", 10) == [7, 2]
+    assert advtrain.parse_classes(None, 3) == [0, 1, 2]
+    for bad in ("0-10", "4-2", "a", "1,1"):
+        with pytest.raises(advtrain.UserError):
+            advtrain.parse_classes(bad, 10)
+
+
+def test_load_split_relabels_in_given_order():
+    x_all, y_all = advtrain.load_split("fashion-mnist", False, download=False)
+    x, y = advtrain.load_split("fashion-mnist", False, classes=[7, 2], download=False)
+    assert x_all.shape == (10000, 1, 28, 28) and x.dtype == torch.float32
+    assert 0 <= x.min() and x.max() <= 1
+    assert (y == 0).sum() == (y_all == 7).sum() and (y == 1).sum() == (y_all == 2).sum()
+    assert torch.equal(x[y == 0], x_all[y_all == 7])
+
+
+@pytest.mark.parametrize("norm,eps", [("linf", 8 / 255), ("l2", 0.5)])
+def test_pgd_stays_in_ball_and_raises_loss(norm, eps, fmnist_test, tiny_ckpt):
+    x, y = fmnist_test
+    model, _ = advtrain.load_checkpoint(tiny_ckpt)
+    for p in model.parameters():
+        p.grad = None
+    x_adv = advtrain.pgd_attack(model, x, y, norm, eps, steps=10)
+    delta = (x_adv - x).flatten(1)
+    size = delta.abs().amax(1) if norm == "linf" else delta.norm(dim=1)
+    assert (size <= eps + 1e-5).all()
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+    assert all(p.grad is None for p in model.parameters())  # input gradients only
+    with torch.no_grad():
+        clean, adv = F.cross_entropy(model(x), y), F.cross_entropy(model(x_adv), y)
+        noise = advtrain.pgd_attack(model, x, y, norm, eps, steps=0)
+        start_only = F.cross_entropy(model(advtrain.pgd_attack(model, x, y, norm, eps, 1, 0.0)), y)
+    assert adv > clean * 1.3 and adv > start_only * 1.3
+    assert torch.equal(noise, x)
+
+
+def test_augment_is_a_crop_or_flipped_crop():
+    torch.manual_seed(0)
+    x = torch.rand(6, 3, 8, 8)
+    out = advtrain.augment(x)
+    padded = F.pad(x, (4, 4, 4, 4), mode="reflect")
+    for i in range(len(x)):
+        windows = [padded[i, :, dy:dy + 8, dx:dx + 8] for dy in range(9) for dx in range(9)]
+        assert any(torch.equal(out[i], w) or torch.equal(out[i], w.flip(2)) for w in windows)
+
+
+def test_features_and_head_compose():
+    model = small_model()
+    x = torch.rand(3, 1, 28, 28)
+    assert model.features(x).shape == (3, 784)
+    assert torch.allclose(model(x), model.head(model.features(x)))
+
+
+def test_resnet18_and_cuda_branches_run_on_cpu():
+    """bf16 autocast and channels_last (the CUDA settings) on CPU, on tiny synthetic data."""
+    args = advtrain.get_args(["--dataset", "synthetic", "--arch", "resnet18", "--eps", "8/255",
+                              "--norm", "linf", "--steps", "1", "--batch-size", "4", "--augment"])
+    x, y = advtrain.load_split("synthetic", True, size=8)
+    torch.manual_seed(0)
+    model = advtrain.build_model("resnet18", 10, 3, 32, (0.5,) * 3, (0.25,) * 3)
+    assert model.features(x[:2]).shape == (2, 512)
+    model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    before = [p.detach().clone() for p in model.parameters()]
+    loss, acc, step = advtrain.train_epoch(model, opt, x, y, args, 0, 2, amp=True, channels_last=True)
+    assert step == 2 and torch.isfinite(torch.tensor(loss)) and 0 <= acc <= 1
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def train(tmp_path, name, *extra):
+    out = tmp_path / name
+    advtrain.main(advtrain.get_args(["--classes", "0-4", "--train-size", "3000", "--test-size", "500",
+                                     "--epochs", "2", "--steps", "3", "--eval-eps", "1.0",
+                                     "--eval-steps", "10", "--out", str(out), *extra]))
+    return out
+
+
+def test_adversarial_training_buys_robustness(tmp_path):
+    std = json.loads((train(tmp_path, "std", "--eps", "0") / "metrics.json").read_text())
+    rob = json.loads((train(tmp_path, "rob", "--eps", "0.5") / "metrics.json").read_text())
+    for key in ("clean_acc", "adv_acc", "eps", "norm", "arch", "dataset", "classes", "epochs", "train_seconds"):
+        assert key in std and key in rob
+    # measured (2 epochs, 3000 images): eps 0 clean 0.872, PGD-10 at L2 eps 1 ...;
+    # eps 0.5 clean 0.868, PGD-10 at eps 0.5 0.772, at eps 1 ...
+    assert std["clean_acc"] > 0.75 and rob["clean_acc"] > 0.7
+    assert std["adv_acc"]["1"] < std["clean_acc"] - 0.4
+    assert rob["adv_acc"]["1"] > std["adv_acc"]["1"] + 0.2
+    log = [json.loads(line) for line in (tmp_path / "rob" / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2]
+
+
+def test_checkpoint_loads_weights_only(tiny_ckpt):
+    ckpt = torch.load(tiny_ckpt, weights_only=True)
+    for key in ("model", "arch", "num_classes", "in_channels", "dataset", "classes", "norm", "eps",
+                "args", "epoch", "metrics", "optimizer", "scheduler"):
+        assert key in ckpt
+    model, ckpt2 = advtrain.load_checkpoint(tiny_ckpt)
+    assert not model.training and ckpt2["classes"] == [0, 1, 2, 3, 4]
+    x = torch.rand(4, 1, 28, 28)
+    reference = small_model()
+    reference.load_state_dict(ckpt["model"])
+    assert torch.equal(model(x), reference.eval()(x))
+
+
+def test_resume_matches_uninterrupted_run(tmp_path, monkeypatch):
+    common = ["--classes", "0-4", "--train-size", "600", "--test-size", "100", "--epochs", "2",
+              "--eps", "0.5", "--steps", "2", "--eval-steps", "2"]
+    advtrain.main(advtrain.get_args(common + ["--out", str(tmp_path / "full")]))
+
+    real_epoch, calls = advtrain.train_epoch, []
+
+    def killed_in_second_epoch(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_epoch(*a, **k)
+
+    monkeypatch.setattr(advtrain, "train_epoch", killed_in_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        advtrain.main(advtrain.get_args(common + ["--out", str(tmp_path / "cut")]))
+    monkeypatch.setattr(advtrain, "train_epoch", real_epoch)
+    assert torch.load(tmp_path / "cut" / "model.pt", weights_only=True)["epoch"] == 1
+    advtrain.main(advtrain.get_args(common + ["--out", str(tmp_path / "cut"), "--resume"]))
+
+    full = torch.load(tmp_path / "full" / "model.pt", weights_only=True)
+    cut = torch.load(tmp_path / "cut" / "model.pt", weights_only=True)
+    assert cut["epoch"] == 2
+    for k in full["model"]:
+        assert torch.equal(full["model"][k], cut["model"][k]), k
+    assert full["metrics"]["clean_acc"] == cut["metrics"]["clean_acc"]
+    assert len((tmp_path / "cut" / "log.jsonl").read_text().splitlines()) == 2
+
+
+def test_corrupt_and_foreign_checkpoints_are_user_errors(tiny_ckpt, tmp_path):
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(tiny_ckpt.read_bytes()[:1000])
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(2)}, foreign)
+    for path in (tmp_path / "missing.pt", truncated, foreign):
+        with pytest.raises(advtrain.UserError):
+            advtrain.load_checkpoint(path)
+
+
+@pytest.mark.parametrize("argv,expect", [
+    (["--dataset", "imagenet"], "unknown dataset"),
+    (["--arch", "vgg"], "unknown arch"),
+    (["--classes", "3-12"], "out of range"),
+    (["--classes", "4-2"], "select nothing"),
+    (["--eps", "-0.5"], ">= 0"),
+    (["--eps", "big"], "eps must be"),
+    (["--dataset", "mnist", "--no-download", "--data-dir", "{tmp}/empty"], "--no-download"),
+    (["--out", "{tmp}/file/sub"], "cannot write"),
+    (["--resume", "--out", "{tmp}/corrupt"], "cannot read checkpoint"),
+])
+def test_user_errors_exit_with_one_line(argv, expect, tmp_path):
+    (tmp_path / "file").write_text("")
+    (tmp_path / "corrupt").mkdir()
+    (tmp_path / "corrupt" / "model.pt").write_bytes(b"not a checkpoint")
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    line = assert_user_error(run_script("advtrain.py", "--epochs", "1", "--train-size", "64", *argv))
+    assert expect in line
