@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import gzip
 import json
+import math
 import os
 import sys
 import time
@@ -97,6 +98,15 @@ def parse_classes(text, num_classes):
     if bad:
         raise UserError(f"classes {bad} out of range: the dataset has classes 0-{num_classes - 1}")
     return classes
+
+
+def mean_se(values):
+    """(mean, standard error of the mean) of the finite values of a 1-d array or tensor;
+    SE = 0.0 (no noise estimate) for a single value. Used for every reported number."""
+    v = torch.as_tensor(np.asarray(values, dtype=np.float64)).flatten()
+    v = v[torch.isfinite(v)]
+    se = (v.std() / math.sqrt(len(v))).item() if len(v) > 1 else 0.0
+    return v.mean().item(), se
 
 
 def format_eps(eps):

@@ -17,7 +17,7 @@ import json
 import math
 from pathlib import Path
 
-from advtrain import ArgumentParser, UserError, atomic_save, format_eps, user_errors
+from advtrain import ArgumentParser, UserError, atomic_save, format_eps, mean_se, user_errors
 
 FISHER_KEYS = ("weights_trace", "weights_trace_empirical", "input_trace", "input_lambda_max",
                "repr_trace", "repr_lambda_max", "repr_trace_normalized")
@@ -25,16 +25,6 @@ RHO = 0.7  # Spearman threshold for a monotone trend over the eps grid
 
 
 # ----------------------------------------------------------------------------- statistics
-
-def mean_se(values):
-    """(mean, standard error) of a list of numbers; SE = 0 for a single value."""
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return mean, 0.0
-    var = sum((v - mean) ** 2 for v in values) / (n - 1)
-    return mean, math.sqrt(var / n)
-
 
 def spearman(a, b):
     """Spearman rank correlation (average ranks for ties); 0 when either side is constant."""

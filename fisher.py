@@ -1,0 +1,330 @@
+"""Fisher information of the weights, of the output about the input, and of the
+representation about the input (claims C3 and C4 of Terzi et al., AAAI 2021).
+
+    # the first 512 test examples of the checkpoint's own dataset and classes
+    python fisher.py --ckpt runs/eps0.5/model.pt --n 512 --out runs/eps0.5
+    # the same model on other data (images are adapted to the model's channels and size)
+    python fisher.py --ckpt runs/eps0.5/model.pt --dataset mnist --classes 0-4 --out runs/eps0.5/mnist
+
+With p(y|x) the softmax of the logits, model in eval mode (DESIGN.md, "Fisher information"):
+
+    (1) weights          tr F_w(x) = E_{y~p(y|x)} ||grad_w log p(y|x)||^2, all parameters
+                         (BatchNorm's included); exact sum over classes when there are <= 20
+    (2) output | input   F_x(x) = J^T (diag p - p p^T) J, J = d logits / dx: trace, lambda_max
+    (3) repr. | input    J_f = d f(x) / dx, f = model.features: ||J_f||_F^2, lambda_max(J_f^T J_f),
+                         raw and divided by E ||f(x)||^2 (Gaussian channel z = f(x) + sigma n,
+                         F = J_f^T J_f / sigma^2, reported for sigma = 1)
+
+Outputs under --out (default: the checkpoint's folder): fisher.json (each quantity as the
+mean over examples with its standard error `_se`) and one .npy of per-example values per
+quantity, in the order of the first --n test examples (after class filtering).
+"""
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.func import functional_call, jacrev, jvp, vjp, vmap
+
+from advtrain import (DATASETS, ArgumentParser, UserError, adapt_images, atomic_save,
+                      get_device, load_checkpoint, load_split, mean_se, parse_classes, user_errors,
+                      writable_dir)
+
+EXACT_MAX_CLASSES = 20  # up to this many classes, expectations over y are exact sums
+
+
+def _check_eval(model):
+    # Train-mode BatchNorm would mix examples (and update running statistics).
+    if model.training:
+        raise ValueError("model must be in eval mode (call model.eval())")
+
+
+# ----------------------------------------------------------------------------- weights
+
+def log_prob_grad_sqnorms(model, x, labels, chunk=64):
+    """Squared norm of grad_w log p(labels[n, j] | x_n), per example, per label, per layer.
+
+    x [N, C, H, W], labels int64 [N, L] -> {layer: [N, L]}, one gradient per (example,
+    label) with torch.func: vmap over examples of jacrev (a vmap over labels of vjps) of
+    functional_call, so the forward pass is shared by the labels of an example. w is every
+    parameter of the model, BatchNorm's weight and bias included (not its running
+    statistics, which are buffers); a layer is the module that owns the parameters
+    ("body.0.0", "head"). Memory ~ chunk * L * (number of parameters) floats.
+    """
+    _check_eval(model)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    buffers = {k: v.detach() for k, v in model.named_buffers()}
+
+    def log_probs(params, xi, yi):  # xi [C, H, W], yi [L] -> log p(yi | xi) [L]
+        logits = functional_call(model, (params, buffers), (xi[None],))[0]
+        return torch.log_softmax(logits, -1).gather(0, yi)
+
+    # jacrev: one forward per example, then L vjps (vmapped); name -> [c, L, *shape]
+    per_label_grads = vmap(jacrev(log_probs), in_dims=(None, 0, 0))
+    chunks = []
+    for i in range(0, len(x), chunk):
+        grads = per_label_grads(params, x[i:i + chunk], labels[i:i + chunk])
+        sqnorms = {}
+        for name, g in grads.items():
+            layer = name.rpartition(".")[0]  # "body.0.1.weight" -> "body.0.1"
+            sqnorms[layer] = sqnorms.get(layer, 0) + g.pow(2).flatten(2).sum(2)  # [c, L]
+        chunks.append(sqnorms)
+    return {layer: torch.cat([c[layer] for c in chunks]) for layer in chunks[0]}
+
+
+def fisher_trace_weights(model, x, y=None, chunk=64, label_samples=None, generator=None):
+    """Per-example trace of the weights' Fisher, eq. (1): tr F_w(x) = E_y ||grad_w log p(y|x)||^2.
+
+    x [N, C, H, W] -> (trace [N], {layer: [N]}), the per-layer traces summing to the trace.
+    y=None: y ~ p(y|x), exactly (sum over the k classes weighted by p, k gradients per
+    example) if label_samples is None, else the mean over `label_samples` draws from p.
+    y [N] given: the empirical Fisher ||grad_w log p(y_n|x_n)||^2 of those (true) labels.
+    All parameters count, BatchNorm's included. Model in eval mode.
+    """
+    _check_eval(model)
+    with torch.no_grad():
+        probs = torch.cat([torch.softmax(model(x[i:i + chunk]), -1) for i in range(0, len(x), chunk)])
+    n, k = probs.shape
+    if y is not None:
+        labels, weights = y.view(n, 1), torch.ones(n, 1, device=x.device)
+    elif label_samples is None:
+        labels, weights = torch.arange(k, device=x.device).expand(n, k), probs
+    else:
+        labels = torch.multinomial(probs.cpu(), label_samples, replacement=True, generator=generator).to(x.device)
+        weights = torch.full((n, label_samples), 1 / label_samples, device=x.device)
+    per_layer = {layer: (sq * weights).sum(1) for layer, sq in log_prob_grad_sqnorms(model, x, labels, chunk).items()}
+    return sum(per_layer.values()), per_layer
+
+
+# ----------------------------------------------------------------------------- input
+
+def input_fisher_trace(model, x):
+    """Per-example trace of the output's Fisher about the input, eq. (2), exact over classes.
+
+    tr F_x(x) = tr J^T (diag p - p p^T) J = sum_y p(y|x) ||grad_x log p(y|x)||^2, with the k
+    input gradients of an example from one jacrev (k vjps). x [N, C, H, W] -> [N].
+    Memory ~ N * k * C * H * W floats. Model in eval mode.
+    """
+    _check_eval(model)
+
+    def log_probs(xi):  # [C, H, W] -> [k]
+        return torch.log_softmax(model(xi[None])[0], -1)
+
+    jac = vmap(jacrev(log_probs))(x).flatten(2)  # [N, k, C*H*W]
+    with torch.no_grad():
+        probs = torch.softmax(model(x), -1)  # [N, k]
+    return (probs * jac.pow(2).sum(2)).sum(1).detach()
+
+
+def lanczos_lambda_max(matvec, v, iters=100, tol=1e-4):
+    """Largest eigenvalue of a batch of symmetric PSD operators A_n, one per example.
+
+    matvec: v [N, ...] -> A_n v_n for every n; v: the start [N, ...]. Lanczos with full
+    reorthogonalisation: the Krylov space of power iteration {v, Av, A^2 v, ...}, but the
+    estimate is the top Ritz value of the whole space (eigvalsh of the tridiagonal T [N, k, k])
+    instead of the Rayleigh quotient of the last iterate. Same matvecs, and it converges in
+    tens of steps where power iteration needs hundreds (lambda_2 / lambda_1 ~ 0.98 for the
+    cnn's J_f^T J_f), and exactly after rank + 1 steps (F_x has rank < number of classes).
+    Stops when every estimate changed by at most tol (relative) in one step, or after iters
+    steps. Returns (lambda_max [N], steps taken); the estimate approaches from below.
+    """
+    shape, n = v.shape, len(v)
+    q = v.flatten(1) / v.flatten(1).norm(dim=1, keepdim=True)  # [N, D]
+    basis, alphas, betas = [], [], []
+    lam = torch.zeros(n, dtype=torch.float64, device=v.device)
+    for step in range(1, iters + 1):
+        basis.append(q)
+        w = matvec(q.view(shape)).detach().flatten(1)
+        alphas.append((q * w).sum(1))
+        vectors = torch.stack(basis, 1)  # [N, k, D]
+        for _ in range(2):  # full reorthogonalisation; twice keeps it orthogonal in float32
+            w = w - (vectors.transpose(1, 2) @ (vectors @ w[:, :, None]))[:, :, 0]
+        tridiagonal = (torch.diag_embed(torch.stack(alphas, 1))
+                       + torch.diag_embed(torch.stack(betas, 1), 1) + torch.diag_embed(torch.stack(betas, 1), -1)
+                       if betas else torch.stack(alphas, 1)[:, :, None])
+        new = torch.linalg.eigvalsh(tridiagonal.double())[:, -1]
+        converged = bool(((new - lam).abs() <= tol * new.abs()).all())
+        lam = new
+        if converged:
+            break
+        beta = w.norm(dim=1)  # 0: the Krylov space is invariant, the estimate exact
+        betas.append(beta)
+        q = w / beta.clamp_min(1e-30)[:, None]
+    return lam.float(), step
+
+
+def input_fisher_lambda_max(model, x, iters=100, tol=1e-4, generator=None):
+    """Per-example largest eigenvalue of F_x(x) = J^T (diag p - p p^T) J, eq. (2).
+
+    Lanczos (power iteration's Krylov space) on v -> J^T (diag p - p p^T) J v, batched over
+    examples, one jvp (J v, [N, k]) and one vjp (J^T u, [N, C, H, W]) per step: J is never
+    formed; exact after at most k + 1 steps, since F_x has rank < k. For small
+    eps the worst-case KL divergence in an L2 ball of radius eps is ~ eps^2 lambda_max / 2.
+    x [N, C, H, W] -> (lambda_max [N], steps). Model in eval mode.
+    """
+    _check_eval(model)
+    logits, logits_vjp = vjp(model, x)
+    probs = torch.softmax(logits.detach(), -1)  # [N, k]
+
+    def fisher_matvec(v):
+        jv = jvp(model, (x,), (v,))[1]  # [N, k]
+        u = probs * jv - probs * (probs * jv).sum(1, keepdim=True)  # (diag p - p p^T) J v
+        return logits_vjp(u)[0]
+
+    start = torch.randn(x.shape, generator=generator).to(x.device)
+    return lanczos_lambda_max(fisher_matvec, start, iters, tol)
+
+
+# ----------------------------------------------------------------------------- representation
+
+def repr_jacobian_frobenius(model, x, probes=16, generator=None):
+    """Per-example ||J_f||_F^2 = tr J_f^T J_f, J_f = d model.features(x) / dx, eq. (3).
+
+    Hutchinson: E_r ||J_f^T r||^2 with r Rademacher in feature space [N, d], one vjp per
+    probe, averaged over `probes`; exact (sum over the d basis vectors) when d <= probes,
+    which costs no more. x [N, C, H, W] -> [N]. Model in eval mode.
+    """
+    _check_eval(model)
+    features, features_vjp = vjp(model.features, x)  # [N, d]
+    n, d = features.shape
+    total = torch.zeros(n, device=x.device)
+    for i in range(min(d, probes)):
+        if d <= probes:
+            r = torch.zeros(n, d, device=x.device)
+            r[:, i] = 1
+        else:
+            r = (torch.randint(0, 2, (n, d), generator=generator) * 2 - 1).float().to(x.device)
+        total += features_vjp(r)[0].pow(2).flatten(1).sum(1)
+    return (total if d <= probes else total / probes).detach()
+
+
+def repr_lambda_max(model, x, iters=100, tol=1e-4, generator=None):
+    """Per-example largest eigenvalue of J_f^T J_f (the representation's Fisher about the
+    input for sigma = 1), eq. (3), by Lanczos with one jvp and one vjp per step.
+    x [N, C, H, W] -> (lambda_max [N], steps). Model in eval mode."""
+    _check_eval(model)
+    _, features_vjp = vjp(model.features, x)
+
+    def matvec(v):
+        return features_vjp(jvp(model.features, (x,), (v,))[1])[0]  # J_f^T (J_f v)
+
+    start = torch.randn(x.shape, generator=generator).to(x.device)
+    return lanczos_lambda_max(matvec, start, iters, tol)
+
+
+# ----------------------------------------------------------------------------- statistics
+
+def ratio_mean_se(num, den):
+    """mean(num) / mean(den) with its standard error (delta method over examples)."""
+    num, den = np.asarray(num, dtype=np.float64), np.asarray(den, dtype=np.float64)
+    ratio = num.mean() / den.mean()
+    return float(ratio), mean_se((num - ratio * den) / den.mean())[1]
+
+
+# ----------------------------------------------------------------------------- script
+
+def get_args(argv=None):
+    p = ArgumentParser(description="Fisher information of weights, output and representation "
+                                   "of a checkpoint, on the first --n test examples.")
+    p.add_argument("--ckpt", required=True, help="checkpoint written by advtrain.py (model.pt)")
+    p.add_argument("--n", type=int, default=512, help="number of test examples, the first after class filtering (default 512)")
+    p.add_argument("--out", default=None, help="output folder (default: the checkpoint's folder)")
+    p.add_argument("--dataset", default=None, choices=list(DATASETS), help="evaluation dataset (default: the checkpoint's)")
+    p.add_argument("--classes", default=None, help="classes to keep, e.g. 0-4 or 0,3,7 (default: the checkpoint's "
+                                                     "when the dataset is the checkpoint's, else all)")
+    p.add_argument("--chunk", type=int, default=64, help="examples per vmapped per-sample-gradient call; memory ~ "
+                                                        "chunk x classes x parameters x 4 bytes (default 64)")
+    p.add_argument("--label-samples", type=int, default=8, help="labels drawn from p(y|x) per example for the weights' "
+                                                                f"Fisher when the model has more than {EXACT_MAX_CLASSES} "
+                                                                "classes; with fewer the sum over classes is exact (default 8)")
+    p.add_argument("--probes", type=int, default=16, help="Hutchinson probes for ||J_f||_F^2; exact if the feature "
+                                                         "dimension is <= probes (default 16)")
+    p.add_argument("--power-iters", type=int, default=100, help="cap on Lanczos (power-iteration Krylov) steps for each lambda_max (default 100)")
+    p.add_argument("--tol", type=float, default=1e-4, help="lambda_max iterations stop at this relative change (default 1e-4)")
+    p.add_argument("--batch-size", type=int, default=256, help="examples per batch for the input and representation "
+                                                              "estimators (default 256)")
+    p.add_argument("--seed", type=int, default=0, help="seed of probes, Lanczos starts, label draws (default 0)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu or cuda (default auto)")
+    p.add_argument("--data-dir", default="./data", help="where datasets are looked up and downloaded (default ./data)")
+    p.add_argument("--no-download", action="store_true", help="never download; fail if the dataset is absent")
+    args = p.parse_args(argv)
+    for name in ("n", "chunk", "label_samples", "probes", "power_iters", "batch_size"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not args.tol > 0:
+        p.error(f"--tol must be > 0, got {args.tol}")
+    return args
+
+
+def main(args):
+    t0 = time.time()
+    # torch.func's jvp triggers torch's own deprecation warning of torch.jit.script: not ours.
+    warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
+
+    def stage(text):
+        print(f"{text} ({time.time() - t0:.1f}s)", flush=True)
+
+    device = get_device(args.device)
+    model, ckpt = load_checkpoint(args.ckpt, device)
+    out = writable_dir(args.out if args.out is not None else Path(args.ckpt).parent)
+    dataset = args.dataset or ckpt["dataset"]
+    own_dataset = dataset == ckpt["dataset"]
+    classes = parse_classes(args.classes, DATASETS[dataset][1]) if args.classes or not own_dataset else ckpt["classes"]
+    x, y = load_split(dataset, False, args.data_dir, classes, download=not args.no_download)
+    if len(x) < args.n:
+        raise UserError(f"--n {args.n} is larger than the test set: {dataset} classes {classes} has {len(x)} examples")
+    x, y = adapt_images(x[:args.n], ckpt["in_channels"], ckpt["image_size"]).to(device), y[:args.n].to(device)
+    # True labels are the model's labels only on its own classes: else no empirical Fisher.
+    own_labels = own_dataset and list(classes) == list(ckpt["classes"])
+    num_classes, num_params = ckpt["num_classes"], sum(p.numel() for p in model.parameters())
+    exact = num_classes <= EXACT_MAX_CLASSES
+    generator = torch.Generator().manual_seed(args.seed)
+    stage(f"data {dataset} classes {classes}: {len(x)} test examples, model {ckpt['arch']} eps {ckpt['eps']} "
+          f"{num_params} parameters on {device}")
+
+    arrays, result = {}, {"n": len(x)}
+    weights_trace, per_layer = fisher_trace_weights(model, x, chunk=args.chunk, generator=generator,
+                                                    label_samples=None if exact else args.label_samples)
+    arrays["weights_trace"] = weights_trace
+    result["weights_trace_per_layer"] = {k: mean_se(v.cpu())[0] for k, v in per_layer.items()}
+    result["weights_trace_per_layer_se"] = {k: mean_se(v.cpu())[1] for k, v in per_layer.items()}
+    stage(f"weights trace {weights_trace.mean():.4g} ({'exact over classes' if exact else f'{args.label_samples} label draws'})")
+    if own_labels:
+        arrays["weights_trace_empirical"] = fisher_trace_weights(model, x, y, chunk=args.chunk)[0]
+        stage(f"weights trace, empirical (true labels) {arrays['weights_trace_empirical'].mean():.4g}")
+
+    batches = [x[i:i + args.batch_size] for i in range(0, len(x), args.batch_size)]
+    arrays["input_trace"] = torch.cat([input_fisher_trace(model, xb) for xb in batches])
+    stage(f"input trace {arrays['input_trace'].mean():.4g}")
+    runs = [input_fisher_lambda_max(model, xb, args.power_iters, args.tol, generator) for xb in batches]
+    arrays["input_lambda_max"] = torch.cat([lam for lam, _ in runs])
+    stage(f"input lambda_max {arrays['input_lambda_max'].mean():.4g} (Lanczos steps: {max(s for _, s in runs)})")
+    arrays["repr_trace"] = torch.cat([repr_jacobian_frobenius(model, xb, args.probes, generator) for xb in batches])
+    stage(f"representation trace {arrays['repr_trace'].mean():.4g}")
+    runs = [repr_lambda_max(model, xb, args.power_iters, args.tol, generator) for xb in batches]
+    arrays["repr_lambda_max"] = torch.cat([lam for lam, _ in runs])
+    with torch.no_grad():
+        arrays["repr_sqnorm"] = torch.cat([model.features(xb).pow(2).sum(1) for xb in batches])  # ||f(x)||^2
+    stage(f"representation lambda_max {arrays['repr_lambda_max'].mean():.4g} (Lanczos steps: {max(s for _, s in runs)})")
+
+    arrays = {k: v.double().cpu().numpy() for k, v in arrays.items()}
+    for name, values in arrays.items():
+        result[name], result[f"{name}_se"] = mean_se(values)
+        atomic_save(out / f"fisher_{name}.npy", values)
+    if not own_labels:  # the key stays, so every reader finds it
+        result["weights_trace_empirical"] = result["weights_trace_empirical_se"] = None
+    for name in ("repr_trace", "repr_lambda_max"):
+        result[f"{name}_normalized"], result[f"{name}_normalized_se"] = ratio_mean_se(arrays[name], arrays["repr_sqnorm"])
+    result.update(ckpt=str(args.ckpt), arch=ckpt["arch"], eps=ckpt["eps"], norm=ckpt.get("norm"), dataset=dataset,
+                  classes=list(classes), num_classes=num_classes, num_params=num_params,
+                  weights_expectation="exact" if exact else f"{args.label_samples} samples",
+                  repr_trace_method="exact" if model.head.in_features <= args.probes else f"hutchinson {args.probes} probes",
+                  power_iters=args.power_iters, tol=args.tol, seed=args.seed, seconds=time.time() - t0)
+    atomic_save(out / "fisher.json", result)
+    stage(f"wrote {out / 'fisher.json'}")
+
+
+if __name__ == "__main__":
+    with user_errors():
+        main(get_args())

@@ -1,0 +1,259 @@
+"""Inverting representations: find an image whose features match those of an original.
+
+Given an original x0 and z0 = f(x0) (the penultimate features of a checkpoint of
+advtrain.py), find x in [0, 1] that minimises ||f(x) - z0||^2 / ||z0||^2 (claim C5 of Terzi
+et al., AAAI 2021: robust representations are invertible, and their low Fisher information
+about the input helps to invert them).
+
+    # baseline and improved inversion of the first 16 test images, judged by another model
+    python invert.py --ckpt results/quick/l2_eps2.0_seed0/model.pt \
+        --judge results/quick/judge/model.pt --n-images 16 --method baseline,improved
+    # every candidate of the comparison in the README
+    python invert.py --ckpt results/quick/l2_eps2.0_seed0/model.pt \
+        --judge results/quick/judge/model.pt --method baseline,noise,tv,noise-tv --out runs/cand
+
+Methods (all from the same seeded grey start, same normalised-gradient optimiser):
+  baseline  Engstrom et al. 2019: plain objective, grey + small noise start.
+  noise     the objective averaged over input noise, E_n ||f(x + n) - z0||^2 / ||z0||^2,
+            n ~ N(0, sigma^2 I); to second order this adds sigma^2 ||J_f(x)||_F^2 / ||z0||^2,
+            the trace of the representation's Fisher information about the input, so it
+            steers away from adversarial (high-Fisher) solutions.
+  tv        the plain objective plus a total-variation prior.
+  noise-tv  both.
+  improved  the default, = noise-tv (sigma 0.05, tv 0.1): the candidate that measured best
+            across eps (README, section invert.py).
+
+Outputs under --out (default: the checkpoint's folder): invert.json (method -> psnr, ssim,
+feature_rel_err, judge_acc, each with a _se sibling, n_images, steps), recon_<method>.npy
+([N, C, H, W] float32 in [0, 1]) and invert.png (rows: originals, then one per method).
+"""
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from advtrain import (ArgumentParser, UserError, adapt_images, atomic_save, get_device,
+                      load_checkpoint, load_split, mean_se, user_errors, writable_dir)
+
+# Inversion candidates: which terms each adds to the feature objective. "improved" is the
+# default, chosen by measurement across eps (README, section invert.py).
+METHODS = {
+    "baseline": dict(noise=False, tv=False),
+    "noise": dict(noise=True, tv=False),
+    "tv": dict(noise=False, tv=True),
+    "noise-tv": dict(noise=True, tv=True),
+}
+IMPROVED = "noise-tv"
+METHODS["improved"] = METHODS[IMPROVED]
+
+
+# ----------------------------------------------------------------------------- metrics
+
+def psnr(x, y, data_range=1.0):
+    """Peak signal-to-noise ratio per image, in dB: 10 log10(range^2 / MSE). x, y [N, C, H, W]
+    -> [N]; identical images give inf."""
+    mse = (x - y).pow(2).flatten(1).mean(1)
+    return 10 * torch.log10(data_range ** 2 / mse)
+
+
+def gaussian_window(size=11, sigma=1.5):
+    """Normalised 2-D Gaussian [size, size]."""
+    t = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    g = torch.exp(-t ** 2 / (2 * sigma ** 2))
+    g = g / g.sum()
+    return torch.outer(g, g)
+
+
+def ssim(x, y, data_range=1.0, size=11, sigma=1.5, k1=0.01, k2=0.03):
+    """Structural similarity per image (Wang et al. 2004): local statistics under an 11x11
+    Gaussian window (sigma 1.5), 'valid' positions only, averaged over positions and
+    channels. x, y [N, C, H, W] -> [N]; identical images give 1. Computed in float64:
+    the variances E[x^2] - E[x]^2 cancel badly in float32 (errors ~1e-4 in SSIM)."""
+    dtype, x, y = x.dtype, x.double(), y.double()
+    c = x.shape[1]
+    w = gaussian_window(size, sigma).to(x)[None, None].expand(c, 1, -1, -1)
+    blur = lambda t: F.conv2d(t, w, groups=c)  # depthwise: each channel on its own
+    mu_x, mu_y = blur(x), blur(y)
+    var_x = blur(x * x) - mu_x ** 2
+    var_y = blur(y * y) - mu_y ** 2
+    cov = blur(x * y) - mu_x * mu_y
+    c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
+    s = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2))
+    return s.flatten(1).mean(1).to(dtype)
+
+
+@torch.no_grad()
+def feature_rel_err(model, x, z0):
+    """||f(x) - z0|| / ||z0|| per image, [N]."""
+    return (model.features(x) - z0).norm(dim=1) / z0.norm(dim=1).clamp_min(1e-12)
+
+
+@torch.no_grad()
+def judge_correct(judge, x, y):
+    """1.0 where the judge classifies x[i] as y[i], else 0.0, [N]."""
+    return (judge(x).argmax(1) == y).float()
+
+
+# ----------------------------------------------------------------------------- inversion
+
+def total_variation(x):
+    """Anisotropic TV per image, mean |horizontal| + |vertical| difference, [N]."""
+    dh = (x[..., :, 1:] - x[..., :, :-1]).abs().flatten(1).mean(1)
+    dv = (x[..., 1:, :] - x[..., :-1, :]).abs().flatten(1).mean(1)
+    return dh + dv
+
+
+def inversion_loss(model, x, z0, noise_std=0.0, n_noise=1, tv_weight=0.0, generator=None):
+    """Objective per image, [N]: E_n ||f(x + n) - z0||^2 / ||z0||^2 + tv_weight * TV(x).
+
+    n ~ N(0, noise_std^2 I), averaged over n_noise draws (one batch of n_noise * N); to
+    second order the average is ||f(x) - z0||^2 + noise_std^2 ||J_f(x)||_F^2 (over ||z0||^2),
+    a penalty on the Fisher information of the representation about the input.
+    noise_std = 0 is the plain objective. x [N, C, H, W], z0 [N, d].
+    """
+    if noise_std > 0:
+        noise = torch.randn((n_noise, *x.shape), generator=generator, device=x.device) * noise_std
+        z = model.features((x + noise).flatten(0, 1)).view(n_noise, len(x), -1)  # [K, N, d]
+        loss = (z - z0).pow(2).sum(2).mean(0)
+    else:
+        loss = (model.features(x) - z0).pow(2).sum(1)
+    loss = loss / z0.pow(2).sum(1).clamp_min(1e-12)
+    if tv_weight > 0:
+        loss = loss + tv_weight * total_variation(x)
+    return loss
+
+
+def invert_features(model, z0, x_start, steps, step_size=1.0, noise_std=0.0, n_noise=1,
+                    tv_weight=0.0, generator=None):
+    """Find x in [0, 1] with features(x) close to z0, by normalised gradient descent.
+
+    model: has features(x) -> [N, d], in eval mode; z0 [N, d]; x_start [N, C, H, W] in [0, 1].
+    Each step moves every image by step_size_t along its own L2-normalised gradient (the
+    recipe of Engstrom et al. 2019, so images with small gradients still move), then clips
+    to [0, 1]; step_size_t decays linearly from step_size (L2 pixel units) to ~0.
+    Objective: inversion_loss (noise_std, n_noise, tv_weight). Returns x, detached.
+    """
+    x = x_start.detach().clone()
+    for t in range(steps):
+        x.requires_grad_(True)
+        loss = inversion_loss(model, x, z0, noise_std, n_noise, tv_weight, generator)
+        (grad,) = torch.autograd.grad(loss.sum(), x)  # images are independent: sum is fine
+        with torch.no_grad():
+            norm = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+            x = (x - step_size * (1 - t / steps) * grad / norm).clamp_(0, 1)
+    return x.detach()
+
+
+def grey_start(shape, seed, noise=0.05):
+    """The common start: grey 0.5 plus N(0, noise^2) pixel noise, clipped to [0, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    return (0.5 + noise * torch.randn(shape, generator=g)).clamp(0, 1)
+
+
+# ----------------------------------------------------------------------------- command line
+
+def get_args(argv=None):
+    p = ArgumentParser(description="Invert a checkpoint's representation: baseline and improved "
+                       "reconstructions of the first test images, with PSNR, SSIM and judge accuracy.")
+    p.add_argument("--ckpt", required=True, help="checkpoint of advtrain.py (model.pt)")
+    p.add_argument("--judge", default=None, help="checkpoint of a separately trained classifier that labels "
+                   "the reconstructions (same dataset and classes; default none: judge_acc is null)")
+    p.add_argument("--n-images", type=int, default=16, help="invert the first N test images (default 16)")
+    p.add_argument("--method", default="baseline,improved",
+                   help=f"comma-separated, from {', '.join(METHODS)}; improved = {IMPROVED} "
+                   "(default baseline,improved)")
+    p.add_argument("--steps", type=int, default=400, help="gradient steps per method (default 400)")
+    p.add_argument("--step-size", type=float, default=1.0,
+                   help="first L2 step per image in pixel units (images in [0,1]), decays linearly to 0 (default 1.0)")
+    p.add_argument("--sigma", type=float, default=0.05,
+                   help="std of the input noise of the noise methods, pixel units (default 0.05)")
+    p.add_argument("--n-noise", type=int, default=1, help="noise draws averaged per step; with 1, a fresh draw "
+                   "every step and the steps do the averaging (default 1)")
+    p.add_argument("--tv", type=float, default=0.1, help="weight of the total-variation prior (mean absolute "
+                   "neighbour difference) of the tv methods (default 0.1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the start image and the noise (default 0)")
+    p.add_argument("--out", default=None, help="output folder (default: the checkpoint's folder)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu or cuda (default auto)")
+    p.add_argument("--data-dir", default="./data", help="where datasets are looked up and downloaded (default ./data)")
+    p.add_argument("--no-download", action="store_true", help="never download; fail if the dataset is absent")
+    args = p.parse_args(argv)
+    args.method = [m.strip() for m in args.method.split(",") if m.strip()]
+    unknown = [m for m in args.method if m not in METHODS]
+    if unknown or not args.method:
+        p.error(f"unknown --method {','.join(unknown) or '(empty)'}; choose from {', '.join(METHODS)}")
+    for name in ("n_images", "n_noise"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("steps", "step_size", "sigma", "tv"):
+        if not getattr(args, name) >= 0:
+            p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    return args
+
+
+def main(args):
+    t0 = time.time()
+    stamp = lambda: f"({time.time() - t0:.1f}s)"
+    device = get_device(args.device)
+    model, ckpt = load_checkpoint(args.ckpt, device)
+    out = writable_dir(args.out or Path(args.ckpt).parent)
+    x0, y0 = load_split(ckpt["dataset"], False, args.data_dir, ckpt["classes"], args.n_images,
+                        download=not args.no_download)
+    x0 = adapt_images(x0, ckpt["in_channels"], ckpt["image_size"]).to(device)
+    y0 = y0.to(device)
+    judge = None
+    if args.judge:
+        judge_model, jckpt = load_checkpoint(args.judge, device)
+        if (jckpt["dataset"], list(jckpt["classes"])) != (ckpt["dataset"], list(ckpt["classes"])):
+            raise UserError(f"--judge {args.judge} was trained on {jckpt['dataset']} classes {jckpt['classes']}, "
+                            f"the checkpoint on {ckpt['dataset']} classes {ckpt['classes']}: labels differ")
+        # the judge sees every image in its own input format (channels, size)
+        judge = lambda x: judge_model(adapt_images(x, jckpt["in_channels"], jckpt["image_size"]))
+    with torch.no_grad():
+        z0 = model.features(x0)  # [N, d]
+    x_start = grey_start(x0.shape, args.seed).to(device)
+    print(f"loaded eps {ckpt.get('eps')} {ckpt['arch']} on {device}: {len(x0)} images, "
+          f"features {z0.shape[1]}-d {stamp()}", flush=True)
+    if judge is not None:
+        acc = judge_correct(judge, x0, y0).mean().item()
+        start_acc = judge_correct(judge, x_start, y0).mean().item()
+        print(f"judge on originals {acc:.3f}, on the grey start {start_acc:.3f}; start psnr "
+              f"{psnr(x_start, x0).mean():.2f} dB ssim {ssim(x_start, x0).mean():.3f}", flush=True)
+
+    results, rows = {}, [x0.cpu()]
+    for method in args.method:
+        terms = METHODS[method]
+        gen = torch.Generator(device=device).manual_seed(args.seed + 1)  # same noise draws for every run
+        tm = time.time()
+        x = invert_features(model, z0, x_start, args.steps, args.step_size,
+                            noise_std=args.sigma if terms["noise"] else 0.0, n_noise=args.n_noise,
+                            tv_weight=args.tv if terms["tv"] else 0.0, generator=gen)
+        metrics = {"psnr": psnr(x, x0), "ssim": ssim(x, x0), "feature_rel_err": feature_rel_err(model, x, z0)}
+        if judge is not None:
+            metrics["judge_acc"] = judge_correct(judge, x, y0)
+        entry = {}
+        for name, values in metrics.items():
+            entry[name], entry[name + "_se"] = mean_se(values.cpu())
+        entry.setdefault("judge_acc", None)
+        entry.update(n_images=len(x0), steps=args.steps, step_size=args.step_size,
+                     sigma=args.sigma if terms["noise"] else 0.0, n_noise=args.n_noise if terms["noise"] else 0,
+                     tv=args.tv if terms["tv"] else 0.0, seconds=round(time.time() - tm, 2))
+        results[method] = entry
+        rows.append(x.cpu())
+        atomic_save(out / f"recon_{method}.npy", x.cpu().numpy().astype(np.float32))
+        judge_text = f" judge {entry['judge_acc']:.3f}" if judge is not None else ""
+        print(f"{method}: psnr {entry['psnr']:.2f} dB ssim {entry['ssim']:.3f} feature_rel_err "
+              f"{entry['feature_rel_err']:.3f}{judge_text} ({entry['seconds']:.1f}s) {stamp()}", flush=True)
+
+    import torchvision.utils  # only for the PNG grid
+    tmp = out / "invert.png.tmp"
+    torchvision.utils.save_image(torch.cat(rows), tmp, nrow=len(x0), padding=1, format="png")
+    tmp.replace(out / "invert.png")
+    atomic_save(out / "invert.json", results)
+    print(f"wrote {out / 'invert.json'}, {out / 'invert.png'}, recon_*.npy {stamp()}", flush=True)
+
+
+if __name__ == "__main__":
+    with user_errors():
+        main(get_args())

@@ -1,0 +1,192 @@
+"""fisher.py: every estimator against brute force on tiny models (full Jacobians from
+torch.autograd.functional.jacobian, per-example Python loops, torch.linalg.eigvalsh), and
+the command line on a tiny checkpoint."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch.autograd.functional import jacobian
+
+import advtrain
+import fisher
+from advtrain import UserError
+from conftest import assert_user_error, run_script
+
+CLASSES, SIZE = 3, 8  # cnn on 8x8 grayscale: input and feature dimension 64
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    """Tiny models: thread start-up costs more than it saves, and on a shared CPU two threads
+    can be 5x slower than one. Also for the scripts the tests start."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """(model in eval mode with non-trivial BatchNorm statistics, x [4, 1, 8, 8] in [0, 1])."""
+    torch.manual_seed(0)
+    model = advtrain.build_model("cnn", CLASSES, 1, SIZE, (0.5,), (0.25,))
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    return model.eval(), torch.rand(4, 1, SIZE, SIZE)
+
+
+def rel_err(a, b):
+    return ((torch.as_tensor(a) - torch.as_tensor(b)).abs() / torch.as_tensor(b).abs()).max().item()
+
+
+def loop_grad_sqnorms(model, x):
+    """Per-example Python loop: {layer: [N, k]} of ||grad_w log p(y|x_n)||^2 for every class y."""
+    named = list(model.named_parameters())
+    out = {}
+    for i in range(len(x)):
+        log_probs = torch.log_softmax(model(x[i:i + 1])[0], -1)
+        for y in range(len(log_probs)):
+            grads = torch.autograd.grad(log_probs[y], [p for _, p in named], retain_graph=True)
+            for (name, _), g in zip(named, grads):
+                layer = out.setdefault(name.rpartition(".")[0], torch.zeros(len(x), len(log_probs)))
+                layer[i, y] += g.pow(2).sum()
+    return out
+
+
+def test_weights_trace_exact_matches_per_example_loop(tiny):
+    model, x = tiny
+    expected = loop_grad_sqnorms(model, x)
+    probs = torch.softmax(model(x), -1).detach()
+    trace, per_layer = fisher.fisher_trace_weights(model, x, chunk=3)  # 3: chunks of unequal size
+    assert set(per_layer) == set(expected) and "body.0.1" in per_layer  # BatchNorm counted
+    for layer, sq in expected.items():
+        assert rel_err(per_layer[layer], (probs * sq).sum(1)) < 1e-4, layer
+    assert rel_err(trace, sum((probs * sq).sum(1) for sq in expected.values())) < 1e-4
+
+
+def test_weights_trace_empirical_uses_the_given_labels(tiny):
+    model, x = tiny
+    y = torch.tensor([2, 0, 1, 2])
+    total = sum(loop_grad_sqnorms(model, x).values())  # [N, k]
+    trace, _ = fisher.fisher_trace_weights(model, x, y)
+    assert rel_err(trace, total[torch.arange(4), y]) < 1e-4
+
+
+def test_weights_trace_sampled_labels_within_3_se(tiny):
+    model, x = tiny
+    total = sum(loop_grad_sqnorms(model, x).values())  # [N, k]
+    probs = torch.softmax(model(x), -1).detach()
+    exact = (probs * total).sum(1)
+    samples = 50
+    variance = (probs * (total - exact[:, None]) ** 2).sum(1) / samples  # of the per-example mean
+    trace, _ = fisher.fisher_trace_weights(model, x, label_samples=samples,
+                                           generator=torch.Generator().manual_seed(0))
+    assert abs((trace - exact).sum()) < 3 * variance.sum().sqrt()
+    assert not torch.allclose(trace, exact, rtol=1e-4)  # really sampled
+
+
+def input_fisher_brute(model, x):
+    """F_x(x_n) = J^T (diag p - p p^T) J from the full Jacobian: [N, D, D]."""
+    fishers = []
+    for xi in x:
+        jac = jacobian(lambda v: model(v[None])[0], xi).flatten(1)  # [k, D]
+        p = torch.softmax(model(xi[None])[0], -1).detach()
+        fishers.append(jac.T @ (torch.diag(p) - torch.outer(p, p)) @ jac)
+    return torch.stack(fishers).double()
+
+
+def test_input_fisher_trace_and_lambda_max_match_full_jacobian(tiny):
+    model, x = tiny
+    fishers = input_fisher_brute(model, x)
+    assert rel_err(fisher.input_fisher_trace(model, x), fishers.diagonal(dim1=1, dim2=2).sum(1)) < 1e-4
+    lam, steps = fisher.input_fisher_lambda_max(model, x, iters=50, tol=1e-6,
+                                                generator=torch.Generator().manual_seed(0))
+    assert rel_err(lam, torch.linalg.eigvalsh(fishers)[:, -1]) < 1e-3
+    assert steps <= CLASSES + 2  # rank < k: Lanczos is exact after k steps
+
+
+def repr_jacobians(model, x):
+    return torch.stack([jacobian(lambda v: model.features(v[None])[0], xi).flatten(1) for xi in x])  # [N, d, D]
+
+
+def test_repr_frobenius_exact_and_lambda_max_match_full_jacobian(tiny):
+    model, x = tiny
+    jac = repr_jacobians(model, x).double()
+    assert rel_err(fisher.repr_jacobian_frobenius(model, x, probes=64), jac.pow(2).sum((1, 2))) < 1e-4
+    lam, _ = fisher.repr_lambda_max(model, x, iters=64, tol=1e-7, generator=torch.Generator().manual_seed(0))
+    assert rel_err(lam, torch.linalg.eigvalsh(jac.transpose(1, 2) @ jac)[:, -1]) < 1e-3
+
+
+def test_repr_frobenius_hutchinson_within_3_se(tiny):
+    model, x = tiny
+    jac = repr_jacobians(model, x).double()
+    gram = jac @ jac.transpose(1, 2)  # A = J_f J_f^T [N, d, d]; Rademacher r: Var r^T A r = 2 (||A||^2 - sum A_ii^2)
+    probes = 8
+    variance = 2 * (gram.pow(2).sum((1, 2)) - gram.diagonal(dim1=1, dim2=2).pow(2).sum(1)) / probes
+    estimate = fisher.repr_jacobian_frobenius(model, x, probes, torch.Generator().manual_seed(0)).double()
+    exact = jac.pow(2).sum((1, 2))
+    assert ((estimate - exact).abs() < 3 * variance.sqrt()).all()
+    assert rel_err(estimate, exact) > 1e-6  # really estimated
+
+
+def test_lanczos_small_eigengap_and_low_rank():
+    """Operators with lambda_2 / lambda_1 = 0.99 (power iteration would need ~1000 steps)
+    and of rank 2 (the Krylov space becomes invariant): both to 1e-3 of eigvalsh."""
+    torch.manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(2, 50, 50))[0]  # [2, 50, 50] orthogonal
+    spectra = torch.stack([torch.cat([torch.tensor([1.0, 0.99]), torch.linspace(0.9, 0, 48)]),
+                           torch.cat([torch.tensor([3.0, 1.0]), torch.zeros(48)])])
+    ops = basis @ torch.diag_embed(spectra) @ basis.transpose(1, 2)
+    lam, _ = fisher.lanczos_lambda_max(lambda v: (ops @ v[:, :, None])[:, :, 0], torch.randn(2, 50), 50, 1e-7)
+    assert rel_err(lam, torch.linalg.eigvalsh(ops.double())[:, -1]) < 1e-3
+
+
+def test_mean_se_and_ratio():
+    values = np.array([1.0, 2.0, 3.0, 6.0])
+    assert fisher.mean_se(values) == pytest.approx((3.0, np.std(values, ddof=1) / 2))
+    ratio, se = fisher.ratio_mean_se(values, 2 * values)
+    assert ratio == pytest.approx(0.5) and se == pytest.approx(0.0, abs=1e-12)
+
+
+def test_cli_writes_fisher_json_and_arrays(tiny_ckpt, tmp_path):
+    proc = run_script("fisher.py", "--ckpt", tiny_ckpt, "--n", 12, "--out", tmp_path, "--chunk", 5,
+                      "--batch-size", 8, "--probes", 4, "--power-iters", 30, "--no-download")
+    assert proc.returncode == 0, proc.stderr
+    assert len(proc.stdout.strip().splitlines()) >= 7  # one line per stage
+    result = json.loads((tmp_path / "fisher.json").read_text())
+    scalars = ["weights_trace", "weights_trace_empirical", "input_trace", "input_lambda_max", "repr_trace",
+               "repr_lambda_max", "repr_trace_normalized", "repr_lambda_max_normalized"]
+    for key in scalars:
+        assert np.isfinite(result[key]) and result[key] > 0 and np.isfinite(result[key + "_se"]), key
+    assert result["n"] == 12
+    per_layer = result["weights_trace_per_layer"]
+    assert set(per_layer) == set(result["weights_trace_per_layer_se"]) and "head" in per_layer
+    assert sum(per_layer.values()) == pytest.approx(result["weights_trace"], rel=1e-5)
+    assert result["input_lambda_max"] <= result["input_trace"] * (1 + 1e-4)
+    for name in ("weights_trace", "weights_trace_empirical", "input_trace", "input_lambda_max",
+                 "repr_trace", "repr_lambda_max", "repr_sqnorm"):
+        values = np.load(tmp_path / f"fisher_{name}.npy")
+        assert values.shape == (12,) and values.mean() == pytest.approx(result[name]), name
+
+
+def test_cli_user_errors(tiny_ckpt, tmp_path):
+    # Two through the script (one line on stderr, no traceback), the rest in-process (faster).
+    line = assert_user_error(run_script("fisher.py", "--ckpt", tmp_path / "missing.pt"))
+    assert "not found" in line, line
+    line = assert_user_error(run_script("fisher.py", "--ckpt", tiny_ckpt, "--n", 10 ** 6, "--out", tmp_path,
+                                        "--no-download"))
+    assert "larger than the test set" in line, line
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="cannot read"):
+        fisher.main(fisher.get_args(["--ckpt", str(corrupt)]))
+    for bad in (["--n", "0"], ["--probes", "0"], ["--tol", "0"], ["--dataset", "nope"]):
+        with pytest.raises(SystemExit) as exit_info:
+            fisher.get_args(["--ckpt", str(tiny_ckpt), *bad])
+        assert exit_info.value.code == 2
