@@ -298,20 +298,21 @@ class BasicBlock(nn.Module):
         return F.relu(self.conv2(self.conv1(x)) + self.shortcut(x))
 
 
-def resnet18_body(in_channels):
-    """ResNet-18, CIFAR variant: 3x3 stem, no max-pool, global average pool -> 512-d."""
-    layers, cin = [conv_bn(in_channels, 64)], 64
-    for cout, stride in [(64, 1), (128, 2), (256, 2), (512, 2)]:
+def resnet18_body(in_channels, width=64):
+    """ResNet-18, CIFAR variant: 3x3 stem, no max-pool, global average pool -> 8 * width
+    (512-d for the standard width 64; a small width makes CPU smoke tests fast)."""
+    layers, cin = [conv_bn(in_channels, width)], width
+    for cout, stride in [(width, 1), (2 * width, 2), (4 * width, 2), (8 * width, 2)]:
         layers += [BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)]
         cin = cout
-    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten()), 512
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten()), 8 * width
 
 
-def build_model(arch, num_classes, in_channels, image_size, mean, std):
+def build_model(arch, num_classes, in_channels, image_size, mean, std, width=64):
     if arch == "cnn":
         body, dim = cnn_body(in_channels, image_size)
     elif arch == "resnet18":
-        body, dim = resnet18_body(in_channels)
+        body, dim = resnet18_body(in_channels, width)
     else:
         raise UserError(f"unknown arch {arch!r}; choose from {', '.join(ARCHS)}")
     return Net(body, dim, num_classes, mean, std)
@@ -422,7 +423,7 @@ def load_checkpoint(path, device="cpu"):
     ckpt = read_checkpoint(path)
     _, _, _, _, mean, std = DATASETS.get(ckpt["dataset"], DATASETS["synthetic"])
     model = build_model(ckpt["arch"], ckpt["num_classes"], ckpt["in_channels"],
-                        ckpt["image_size"], mean, std)
+                        ckpt["image_size"], mean, std, ckpt.get("width", 64))
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
@@ -483,6 +484,7 @@ def get_args(argv=None):
     p.add_argument("--train-size", type=int, default=None, help="use the first N training examples (default all)")
     p.add_argument("--test-size", type=int, default=None, help="evaluate on the first N test examples (default all)")
     p.add_argument("--arch", default="cnn", help=f"one of {', '.join(ARCHS)} (default cnn)")
+    p.add_argument("--width", type=int, default=64, help="resnet18 base width (channels of the first stage; default 64)")
     p.add_argument("--norm", default="l2", choices=["l2", "linf"], help="threat model (default l2)")
     p.add_argument("--eps", type=parse_eps, default=0.0, help="training radius in pixel units, images in [0,1]; fractions ok (8/255); 0 = standard training (default 0)")
     p.add_argument("--steps", type=int, default=3, help="PGD steps during training (default 3)")
@@ -503,7 +505,7 @@ def get_args(argv=None):
     p.add_argument("--out", default="runs/default", help="output folder (default runs/default)")
     p.add_argument("--resume", action="store_true", help="continue from --out/model.pt if it holds an unfinished run")
     args = p.parse_args(argv)
-    for name in ("steps", "epochs", "batch_size", "eval_steps", "eval_restarts", "train_size", "test_size"):
+    for name in ("width", "steps", "epochs", "batch_size", "eval_steps", "eval_restarts", "train_size", "test_size"):
         value = getattr(args, name)
         if value is not None and value < (0 if name == "steps" else 1):
             p.error(f"--{name.replace('_', '-')} must be positive, got {value}")
@@ -529,7 +531,7 @@ def make_checkpoint(model, opt, args, classes, channels, size, epoch, train_seco
     """Plain dict of tensors and plain types: loads with torch.load(weights_only=True). The
     learning rate is a pure function of the step (lr_at), so the schedule's state is the epoch."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    return {"model": state, "arch": args.arch, "num_classes": len(classes), "in_channels": channels,
+    return {"model": state, "arch": args.arch, "width": args.width, "num_classes": len(classes), "in_channels": channels,
             "image_size": size, "dataset": args.dataset, "classes": classes, "norm": args.norm,
             "eps": args.eps, "args": vars(args), "epoch": epoch, "train_seconds": train_seconds,
             "metrics": {}, "optimizer": opt.state_dict(),
@@ -550,7 +552,7 @@ def main(args):
           f"on {device} ({time.time() - t0:.1f}s)", flush=True)
 
     torch.manual_seed(args.seed)
-    model = build_model(args.arch, len(classes), channels, size, mean, std).to(device)
+    model = build_model(args.arch, len(classes), channels, size, mean, std, args.width).to(device)
     cuda = device.type == "cuda"
     if cuda:
         model = model.to(memory_format=torch.channels_last)

@@ -42,10 +42,10 @@ case "$PRESET" in
     INVERT=(--n-images 16)
     if [[ "$SMOKE" == "--smoke" ]]; then  # same code path, tiny synthetic data, CPU
       GRID=("l2 0" "l2 0.5" "linf 8/255")
-      TRAIN=(--dataset synthetic --arch resnet18 --train-size 64 --test-size 32 --epochs 1 --steps 1
-             --batch-size 32 --augment --eval-steps 2 --device cpu)
+      TRAIN=(--dataset synthetic --arch resnet18 --width 8 --train-size 64 --test-size 32 --epochs 1
+             --steps 1 --batch-size 32 --augment --eval-steps 2 --device cpu)
       TARGETS=(--target synthetic:0-4 --target fashion-mnist:5-9 --train-size 64 --test-size 32)
-      FISHER=(--n 4 --chunk 2 --device cpu)
+      FISHER=(--n 4 --chunk 4 --power-iters 5 --device cpu)
       INVERT=(--n-images 4 --steps 5 --device cpu)
     fi
     ;;
