@@ -1,0 +1,156 @@
+"""transfer.py: the linear probe, frozen features, caching, input adaptation, user errors."""
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import advtrain
+import transfer
+from conftest import assert_user_error, run_script
+from transfer import describe_adaptation, extract_features, linear_probe, parse_target
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one thread is faster, and far faster on a busy machine (OpenMP spin-waits)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+PROBE_ARGS = ["--target", "fashion-mnist:5-9", "--train-size", "300", "--test-size", "100",
+              "--no-download", "--device", "cpu"]
+
+
+def separable_features(n, d=6, k=3, seed=0):
+    """Gaussian blobs far apart (linearly separable): features [n, d], labels [n]."""
+    g = torch.Generator().manual_seed(seed)
+    centres = 10 * torch.randn(k, d, generator=g)
+    y = torch.arange(n) % k
+    return centres[y] + 0.3 * torch.randn(n, d, generator=g), y
+
+
+def test_probe_separable_is_perfect_and_stationary():
+    x, y = separable_features(390)
+    x_train, y_train, x_test, y_test = x[:300], y[:300], x[300:], y[300:]
+    probe = linear_probe(x_train, y_train, x_test, y_test, l2_grid=(1e-3, 1e-2), seed=0,
+                         tol=1e-8, dtype=torch.float64)
+    assert probe["acc"] == 1.0
+    assert probe["l2"] in (1e-3, 1e-2) and set(probe["val_acc"]) == {1e-3, 1e-2}
+    # gradient of the penalised objective at the returned weights, by autograd: ~0
+    weight = probe["weight"].clone().requires_grad_()
+    bias = probe["bias"].clone().requires_grad_()
+    z = (x_train.double() - probe["mean"]) / probe["std"]
+    loss = F.cross_entropy(z @ weight.T + bias, y_train) + 0.5 * probe["l2"] * weight.square().sum()
+    grad_w, grad_b = torch.autograd.grad(loss, (weight, bias))
+    assert max(grad_w.abs().max(), grad_b.abs().max()) < 1e-6
+    assert probe["weight"].abs().max() > 0.1  # it moved away from the zero start
+
+
+def test_probe_deterministic_and_standardised_on_train_only():
+    x, y = separable_features(260, seed=2)
+    x_train, y_train, x_test, y_test = x[:200], y[:200], x[200:] + 100, y[200:]  # shifted test set
+    a = linear_probe(x_train, y_train, x_test, y_test, seed=4)
+    b = linear_probe(x_train, y_train, x_test, y_test, seed=4)
+    assert a["acc"] == b["acc"] and torch.equal(a["weight"], b["weight"]) and a["l2"] == b["l2"]
+    assert a["grad_max"] <= 1e-4  # the default float32 fit reaches its tolerance too
+    assert torch.allclose(a["mean"], x_train.mean(0)) and torch.allclose(a["std"], x_train.std(0))
+
+
+def test_parse_target_and_adaptation_text():
+    assert parse_target("fashion-mnist:5-9") == ("fashion-mnist", [5, 6, 7, 8, 9])
+    assert parse_target("mnist") == ("mnist", list(range(10)))
+    assert describe_adaptation(1, 28, 3, 32) == "1->3 channels, 28->32 px"
+    assert describe_adaptation(3, 32, 3, 32) == "none"
+    for bad in ("mnist:", ":1-2", "mnist:1:2", "nope:0-1", "mnist:8-12"):
+        with pytest.raises(advtrain.UserError):
+            parse_target(bad)
+
+
+@pytest.mark.parametrize("arch,channels,size", [("resnet18", 3, 32), ("cnn", 1, 28)])
+def test_features_adapt_grayscale_and_rgb(arch, channels, size):
+    torch.manual_seed(0)
+    model = advtrain.build_model(arch, 10, channels, size, (0.5,) * channels, (0.25,) * channels)
+    # the other kind of image: grayscale 28 px for the RGB 32 px model and vice versa
+    x = torch.rand(4, 4 - channels, 60 - size, 60 - size)
+    feats = extract_features(model, x, channels, size, batch_size=3)
+    assert feats.shape == (4, 512 if arch == "resnet18" else 784) and feats.dtype == torch.float32
+    if channels == 3:  # grayscale copied to 3 channels and resized with antialiasing
+        manual = F.interpolate(x.expand(-1, 3, -1, -1), size=(32, 32), mode="bilinear", antialias=True)
+    else:  # RGB averaged to grey and shrunk
+        manual = F.interpolate(x.mean(1, keepdim=True), size=(28, 28), mode="bilinear", antialias=True)
+    with torch.no_grad():
+        expected = model.eval().features(manual.clamp(0, 1))
+    torch.testing.assert_close(feats, expected)
+
+
+def run_transfer(capsys, *argv):
+    """transfer.py in process (a subprocess costs seconds of imports): (exit code, stdout, stderr)."""
+    code = 0
+    try:
+        with advtrain.user_errors():
+            transfer.main(transfer.get_args([str(a) for a in argv]))
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cached_features_reused_correct_and_checkpoint_untouched(tiny_ckpt, tmp_path, capsys):
+    before = torch.load(tiny_ckpt, weights_only=True)["model"]
+    code, out, err = run_transfer(capsys, "--ckpt", tiny_ckpt, "--out", tmp_path, *PROBE_ARGS)
+    assert code == 0, err
+    assert "extracted" in out and "cached" not in out
+    train_path = tmp_path / "features" / "fashion-mnist_5-9_train.npy"
+    stamp, cached = train_path.stat().st_mtime_ns, np.load(train_path)
+    result = json.loads((tmp_path / "transfer.json").read_text())["fashion-mnist:5-9"]
+    assert result["n_train"] == 300 and result["n_test"] == 100 and result["feature_dim"] == 784
+    assert result["adapt"] == "none" and 0.2 < result["acc"] <= 1.0
+
+    code, out, err = run_transfer(capsys, "--ckpt", tiny_ckpt, "--out", tmp_path, *PROBE_ARGS)
+    assert code == 0, err
+    assert "extracted" not in out and out.count("cached") == 2
+    assert train_path.stat().st_mtime_ns == stamp  # not rewritten
+    assert json.loads((tmp_path / "transfer.json").read_text())["fashion-mnist:5-9"]["acc"] == result["acc"]
+
+    # the checkpoint file is bit-identical: parameters and BatchNorm buffers
+    after = torch.load(tiny_ckpt, weights_only=True)["model"]
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    # the cached arrays are the frozen features of the first 300 target images
+    model, _ = advtrain.load_checkpoint(tiny_ckpt)
+    x, _ = advtrain.load_split("fashion-mnist", True, classes=[5, 6, 7, 8, 9], size=300, download=False)
+    np.testing.assert_allclose(cached, extract_features(model, x, 1, 28).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_extraction_leaves_batchnorm_alone(tiny_ckpt):
+    model, _ = advtrain.load_checkpoint(tiny_ckpt)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()  # even a model left in train mode keeps its BatchNorm statistics
+    x, _ = advtrain.load_split("fashion-mnist", True, classes=[5, 6], size=64, download=False)
+    extract_features(model, x, 1, 28, batch_size=32)
+    assert model.training  # mode restored
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("args", [
+    ["--target", "fashion-mnist:5-9", "--ckpt", "missing/model.pt"],
+    ["--target", "mnist:5-12"],
+    ["--target", "mnist:"],
+    ["--target", "fashion-mnist", "--train-size", "0"],
+    [],  # no --target
+])
+def test_user_errors_one_line(args, tiny_ckpt, tmp_path, capsys):
+    if "--ckpt" not in args:
+        args = ["--ckpt", tiny_ckpt, *args]
+    code, out, err = run_transfer(capsys, *args, "--out", tmp_path, "--no-download")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and err.startswith("error:"), err
+
+
+def test_script_errors_one_line(tmp_path):
+    bad = tmp_path / "model.pt"
+    bad.write_bytes(b"not a checkpoint")
+    assert "checkpoint" in assert_user_error(run_script("transfer.py", "--ckpt", bad, "--target", "mnist"))
+    assert "nope" in assert_user_error(run_script("transfer.py", "--ckpt", bad, "--target", "nope:0-4"))

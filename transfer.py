@@ -1,0 +1,215 @@
+"""Linear transferability of frozen representations: penultimate features + a linear probe.
+
+Fixed-feature transfer (claim C2 of Terzi et al., AAAI 2021): the source model is frozen
+(eval mode, no gradients, so BatchNorm statistics never see the target), its penultimate
+features of each target task are cached, and a multinomial logistic regression is fitted
+on them. Higher target accuracy = more linearly transferable representation.
+
+    # quick preset: a model trained on Fashion-MNIST classes 0-4, probed on classes 5-9
+    python transfer.py --ckpt runs/eps0.5/model.pt --target fashion-mnist:5-9
+    # paper preset: CIFAR-10 ResNet-18 to CIFAR-100, SVHN, Fashion-MNIST and MNIST
+    python transfer.py --ckpt runs/cifar_linf8/model.pt --target cifar100 --target svhn \
+        --target fashion-mnist --target mnist --out runs/cifar_linf8
+
+Outputs under --out (default: the checkpoint's folder): transfer.json (target name ->
+{acc, l2, val_acc, n_train, n_test, feature_dim, classes, adapt, fit_seconds, grad_max};
+entries for other targets already in the file are kept) and
+features/<dataset>_<classes>_<split>.npy (float32 [N, d], reused by later runs while newer
+than the checkpoint). On a busy CPU, OMP_NUM_THREADS=1 can make the probe several times faster.
+"""
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from advtrain import (DATASETS, ArgumentParser, UserError, adapt_images, atomic_save, get_device,
+                      load_checkpoint, load_split, parse_classes, user_errors, writable_dir)
+
+
+def parse_target(text):
+    """'fashion-mnist:5-9' -> ('fashion-mnist', [5, 6, 7, 8, 9]); 'mnist' -> ('mnist', all)."""
+    name, sep, classes = text.partition(":")
+    if not name or (sep and not classes) or ":" in classes:
+        raise UserError(f"target must look like dataset or dataset:classes (e.g. fashion-mnist:5-9), got {text!r}")
+    if name not in DATASETS:
+        raise UserError(f"unknown target dataset {name!r} in {text!r}; choose from {', '.join(DATASETS)}")
+    return name, parse_classes(classes, DATASETS[name][1])
+
+
+def describe_adaptation(channels, size, model_channels, model_size):
+    """How target images are changed to fit the model, e.g. '1->3 channels, 28->32 px' or 'none'."""
+    steps = []
+    if channels != model_channels:
+        steps.append(f"{channels}->{model_channels} channels")
+    if size != model_size:
+        steps.append(f"{size}->{model_size} px")
+    return ", ".join(steps) or "none"
+
+
+def extract_features(model, x, channels, size, batch_size=500):
+    """Frozen penultimate features of images x [N, C, H, W] in [0, 1] -> float32 [N, d] on the CPU.
+
+    Eval mode (BatchNorm uses its running statistics and never updates them) and no_grad;
+    each batch is adapted to the model's input (channels, size) on the fly, so the adapted
+    copy of the whole set never sits in memory.
+    """
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    feats = []
+    with torch.no_grad():
+        for i in range(0, len(x), batch_size):
+            xb = adapt_images(x[i:i + batch_size].to(device), channels, size)
+            feats.append(model.features(xb).float().cpu())
+    model.train(was_training)
+    return torch.cat(feats)
+
+
+def linear_probe(train_feats, train_labels, test_feats, test_labels,
+                 l2_grid=(1e-4, 1e-3, 1e-2, 1e-1), val_fraction=0.2, seed=0,
+                 max_iter=1000, tol=1e-4, dtype=torch.float32):
+    """Multinomial logistic regression probe; returns test accuracy and the fitted model.
+
+    Features [N, d] are standardised with the mean and std of the training features only.
+    Objective: mean cross-entropy + l2 / 2 * ||W||^2 (bias not penalised), minimised
+    full-batch in `dtype` by L-BFGS with a strong-Wolfe line search until the largest
+    gradient entry is below `tol` (or `max_iter` iterations; float32 is twice as fast as
+    float64 and stalls near 1e-5, so ask for float64 to go tighter). The penalty is the l2_grid
+    value with the best accuracy on a random `val_fraction` of the training set (ties go
+    to the larger penalty), then the probe is refitted on the whole training set.
+    Deterministic for a seed. Returns a dict: acc, l2, val_acc {l2: accuracy}, weight
+    [k, d], bias [k], mean [d], std [d] (standardised input z = (x - mean) / std), grad_max
+    (largest |gradient| of the objective at the returned weights), iterations.
+    """
+    train_feats, test_feats = train_feats.to(dtype), test_feats.to(dtype)
+    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+
+    def fit(x, y, l2, init=None):
+        mean, std = x.mean(0), x.std(0).clamp_min(1e-6)  # dead (constant) features stay 0
+        z = (x - mean) / std  # [N, d]
+        if init is None:
+            weight = x.new_zeros(num_classes, x.shape[1]).requires_grad_()  # [k, d]
+            bias = x.new_zeros(num_classes).requires_grad_()
+        else:  # warm start: the problem is convex, so only the number of iterations changes
+            weight, bias = init["weight"].clone().requires_grad_(), init["bias"].clone().requires_grad_()
+        opt = torch.optim.LBFGS([weight, bias], lr=1, max_iter=max_iter, history_size=20,
+                                tolerance_grad=tol, tolerance_change=1e-15, line_search_fn="strong_wolfe")
+
+        def objective():
+            opt.zero_grad()
+            logits = z @ weight.T + bias  # [N, k]
+            loss = F.cross_entropy(logits, y) + 0.5 * l2 * weight.square().sum()
+            loss.backward()
+            return loss
+
+        opt.step(objective)
+        objective()  # gradient at the final weights, to report convergence
+        grad_max = max(weight.grad.abs().max().item(), bias.grad.abs().max().item())
+        iterations = opt.state[weight]["n_iter"]
+        return dict(weight=weight.detach(), bias=bias.detach(), mean=mean, std=std,
+                    grad_max=grad_max, iterations=iterations)
+
+    def accuracy(probe, x, y):
+        logits = ((x - probe["mean"]) / probe["std"]) @ probe["weight"].T + probe["bias"]
+        return (logits.argmax(1) == y).double().mean().item()
+
+    val_acc, val_probes = {}, {}
+    if len(l2_grid) > 1:
+        order = torch.randperm(len(train_feats), generator=torch.Generator().manual_seed(seed))
+        n_val = min(max(1, round(val_fraction * len(order))), len(order) - 1)
+        val, fit_part = order[:n_val].to(train_feats.device), order[n_val:].to(train_feats.device)
+        previous = None
+        for l2 in sorted(l2_grid, reverse=True):  # strong to weak penalty, each warm-started
+            previous = val_probes[l2] = fit(train_feats[fit_part], train_labels[fit_part], l2, previous)
+            val_acc[l2] = accuracy(previous, train_feats[val], train_labels[val])
+    best_l2 = max(l2_grid, key=lambda l2: (val_acc.get(l2, 0.0), l2))
+    probe = fit(train_feats, train_labels, best_l2, val_probes.get(best_l2))
+    return dict(acc=accuracy(probe, test_feats, test_labels), l2=best_l2, val_acc=val_acc, **probe)
+
+
+def cached_features(path, min_mtime, n, compute):
+    """Features [n, d] from the .npy at path if it holds at least n rows (the first n
+    examples, as load_split keeps a prefix) and is newer than min_mtime (the checkpoint);
+    else compute() them and save atomically. Returns (features, was_cached)."""
+    path = Path(path)
+    if path.is_file() and path.stat().st_mtime >= min_mtime:
+        try:
+            feats = np.load(path, mmap_mode="r")
+            if feats.ndim == 2 and len(feats) >= n:
+                return torch.from_numpy(np.array(feats[:n])), True
+        except (OSError, ValueError):
+            pass  # unreadable cache: recompute it
+    feats = compute()
+    atomic_save(path, feats.numpy())
+    return feats, False
+
+
+def get_args(argv=None):
+    p = ArgumentParser(description="Linear-probe transfer of a frozen model's penultimate features.")
+    p.add_argument("--ckpt", required=True, help="model.pt written by advtrain.py")
+    p.add_argument("--target", action="append", required=True,
+                   help="target task dataset[:classes], e.g. fashion-mnist:5-9 or cifar100; repeat for several")
+    p.add_argument("--out", default=None, help="output folder for transfer.json and features/ (default: the checkpoint's folder)")
+    p.add_argument("--train-size", type=int, default=None, help="use the first N target training examples (default all)")
+    p.add_argument("--test-size", type=int, default=None, help="use the first N target test examples (default all)")
+    p.add_argument("--batch-size", type=int, default=500, help="images per batch for feature extraction (default 500)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the validation split (default 0)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu or cuda (default auto)")
+    p.add_argument("--data-dir", default="./data", help="where datasets are looked up and downloaded (default ./data)")
+    p.add_argument("--no-download", action="store_true", help="never download; fail if a target dataset is absent")
+    args = p.parse_args(argv)
+    for name in ("train_size", "test_size", "batch_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            p.error(f"--{name.replace('_', '-')} must be positive, got {value}")
+    return args
+
+
+def main(args):
+    t0 = time.time()
+    targets = {text: parse_target(text) for text in args.target}  # check them all before any work
+    device = get_device(args.device)
+    model, ckpt = load_checkpoint(args.ckpt, device)
+    out = writable_dir(args.out or Path(args.ckpt).parent)
+    ckpt_mtime = Path(args.ckpt).stat().st_mtime
+    print(f"model {args.ckpt}: {ckpt['arch']} on {ckpt['dataset']} classes {ckpt['classes']} eps {ckpt['eps']} "
+          f"on {device} ({time.time() - t0:.1f}s)", flush=True)
+
+    results_path = out / "transfer.json"
+    try:
+        results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    except ValueError:
+        results = {}  # a corrupt file from elsewhere: start afresh
+    for text, (name, classes) in targets.items():
+        _, _, channels, size, _, _ = DATASETS[name]
+        adapt = describe_adaptation(channels, size, ckpt["in_channels"], ckpt["image_size"])
+        cache_stem = text.replace(":", "_").replace(",", "_")  # fashion-mnist:5-9 -> fashion-mnist_5-9
+        split_feats = {}  # split -> (features [N, d], labels [N])
+        for split, n_max in (("train", args.train_size), ("test", args.test_size)):
+            x, y = load_split(name, split == "train", args.data_dir, classes, n_max, not args.no_download)
+            feats, cached = cached_features(
+                out / "features" / f"{cache_stem}_{split}.npy", ckpt_mtime, len(x),
+                lambda: extract_features(model, x, ckpt["in_channels"], ckpt["image_size"], args.batch_size))
+            split_feats[split] = (feats.to(device), y.to(device))
+            print(f"{text} {split}: features {list(feats.shape)} {'cached' if cached else 'extracted'}, "
+                  f"adapt {adapt} (elapsed {time.time() - t0:.1f}s)", flush=True)
+
+        tf = time.time()
+        probe = linear_probe(*split_feats["train"], *split_feats["test"], seed=args.seed)
+        fit_seconds = time.time() - tf
+        results[text] = dict(acc=probe["acc"], l2=probe["l2"],
+                             val_acc={f"{l2:g}": a for l2, a in probe["val_acc"].items()},
+                             n_train=len(split_feats["train"][1]), n_test=len(split_feats["test"][1]),
+                             feature_dim=probe["weight"].shape[1], classes=classes, adapt=adapt,
+                             fit_seconds=fit_seconds, grad_max=probe["grad_max"])
+        atomic_save(results_path, results)  # after every target, so a killed run keeps the finished ones
+        print(f"{text} probe: acc {probe['acc']:.4f} l2 {probe['l2']:g} grad_max {probe['grad_max']:.1e} "
+              f"fit {fit_seconds:.1f}s (elapsed {time.time() - t0:.1f}s)", flush=True)
+
+
+if __name__ == "__main__":
+    with user_errors():
+        main(get_args())
