@@ -105,11 +105,11 @@ def test_adversarial_training_buys_robustness(tmp_path):
     rob = json.loads((train(tmp_path, "rob", "--eps", "0.5") / "metrics.json").read_text())
     for key in ("clean_acc", "adv_acc", "eps", "norm", "arch", "dataset", "classes", "epochs", "train_seconds"):
         assert key in std and key in rob
-    # measured (2 epochs, 3000 images): eps 0 clean 0.872, PGD-10 at L2 eps 1 ...;
-    # eps 0.5 clean 0.868, PGD-10 at eps 0.5 0.772, at eps 1 ...
+    # measured (2 epochs, 3000 images, CPU): eps 0 clean 0.872, PGD-10 at L2 eps 1 0.314;
+    # eps 0.5 clean 0.868, PGD-10 at eps 1 0.618
     assert std["clean_acc"] > 0.75 and rob["clean_acc"] > 0.7
-    assert std["adv_acc"]["1"] < std["clean_acc"] - 0.4
-    assert rob["adv_acc"]["1"] > std["adv_acc"]["1"] + 0.2
+    assert std["adv_acc"]["1"] < std["clean_acc"] - 0.35
+    assert rob["adv_acc"]["1"] > std["adv_acc"]["1"] + 0.15
     log = [json.loads(line) for line in (tmp_path / "rob" / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [1, 2]
 
