@@ -15,7 +15,8 @@ from types import SimpleNamespace
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE.parent), str(HERE)]  # the scripts, and test_fisher's loop
 import advtrain  # noqa: E402
 import fisher  # noqa: E402
 import invert  # noqa: E402
@@ -65,6 +66,76 @@ def bench_adversarial_step(arch, k, batch, repeats):
     return standard, adversarial, adversarial / ((k + 1) * standard)
 
 
+def trained_cnn(n=5000, epochs=1):
+    """A cnn trained (standard) on Fashion-MNIST 0-4 for the stages that need sensible features."""
+    model = model_for("cnn")
+    x, y = fashion_mnist(n)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
+    args = SimpleNamespace(batch_size=128, augment=False, norm="l2", eps=0.0, steps=0, step_size=None, lr=0.05)
+    steps = epochs * -(-n // 128)
+    for epoch in range(epochs):
+        advtrain.train_epoch(model, opt, x, y, args, epoch * (steps // epochs), steps)
+    return model.eval()
+
+
+def bench_fisher(model, n, repeats):
+    """vmap(jacrev) weights trace vs the per-example Python loop of the tests, same data."""
+    from test_fisher import loop_grad_sqnorms
+    x, _ = fashion_mnist(n, train=False)
+    fast = median_time(lambda: fisher.fisher_trace_weights(model, x, chunk=64), repeats)
+    loop = median_time(lambda: loop_grad_sqnorms(model, x), 1, warmup=0)
+    power = median_time(lambda: fisher.input_fisher_lambda_max(model, x), repeats)
+    return fast, loop, power / n
+
+
+def sgd_linear_head(model, x, y, x_test, y_test, epochs, batch=128, lr=0.1):
+    """The common practice: a linear head trained by SGD on the frozen network, which runs
+    forward over the training images every epoch. Returns test accuracy."""
+    head = torch.nn.Linear(model.head.in_features, int(y.max()) + 1)
+    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
+    for _ in range(epochs):
+        order = torch.randperm(len(x))
+        for i in range(0, len(x), batch):
+            idx = order[i:i + batch]
+            with torch.no_grad():
+                feats = model.features(x[idx])
+            loss = torch.nn.functional.cross_entropy(head(feats), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        sched.step()
+    with torch.no_grad():
+        return (head(model.features(x_test)).argmax(1) == y_test).float().mean().item()
+
+
+def bench_transfer(model, n_train, sgd_epochs):
+    """L-BFGS probe on features extracted once vs SGD on the frozen network (same data)."""
+    x, y = fashion_mnist(n_train, classes=(5, 6, 7, 8, 9))
+    x_test, y_test = fashion_mnist(1000, train=False, classes=(5, 6, 7, 8, 9))
+    t = time.perf_counter()
+    with torch.no_grad():
+        f_train, f_test = model.features(x), model.features(x_test)
+    probe = transfer.linear_probe(f_train, y, f_test, y_test)
+    probe_time = time.perf_counter() - t
+    t = time.perf_counter()
+    sgd_acc = sgd_linear_head(model, x, y, x_test, y_test, sgd_epochs)
+    return probe_time, probe["acc"], time.perf_counter() - t, sgd_acc
+
+
+def bench_inversion(model, n, steps, repeats):
+    """images x steps per second for each method of invert.py."""
+    x0, _ = fashion_mnist(n, train=False)
+    with torch.no_grad():
+        z0 = model.features(x0)
+    start = invert.grey_start(x0.shape, 0)
+    rates = {}
+    for method, kwargs in (("baseline", {}), ("improved", dict(noise_std=0.05, tv_weight=0.1))):
+        seconds = median_time(lambda: invert.invert_features(model, z0, start, steps, **kwargs), repeats)
+        rates[method] = n * steps / seconds
+    return rates
+
+
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small sizes, under a minute")
@@ -86,10 +157,30 @@ def main(args):
                          f"{ratio:.2f}", "<= 1.0", "met" if ratio <= 1.0 else "missed"))
             print(f"  {rows[-1]}", flush=True)
 
+    model = trained_cnn(2000 if q else 5000)
+    n = 32 if q else 128
+    fast, loop, power = bench_fisher(model, n, reps)
+    rows.append((f"Fisher weights trace, cnn, {n} examples, exact over 5 classes",
+                 f"vmap {fast:.2f} s vs per-example loop {loop:.2f} s", f"{loop / fast:.1f}x", ">= 5x",
+                 "met" if loop / fast >= 5 else "missed"))
+    rows.append(("input-Fisher lambda_max (Lanczos, jvp/vjp), cnn", f"{power * 1e3:.1f} ms per example", "", "", ""))
+    print(f"  {rows[-2]}\n  {rows[-1]}", flush=True)
+
+    n_train, epochs = (2000, 30) if q else (5000, 150)
+    probe_time, probe_acc, sgd_time, sgd_acc = bench_transfer(model, n_train, epochs)
+    equal = abs(probe_acc - sgd_acc) <= 0.005
+    rows.append((f"linear probe, {n_train} target images: L-BFGS on cached features vs SGD {epochs} epochs",
+                 f"{probe_time:.1f} s (acc {probe_acc:.3f}) vs {sgd_time:.1f} s (acc {sgd_acc:.3f})",
+                 f"{sgd_time / probe_time:.0f}x", ">= 20x at equal accuracy (0.5 points)",
+                 "met" if sgd_time / probe_time >= 20 and equal else
+                 ("missed" if equal else f"accuracies differ by {abs(probe_acc - sgd_acc) * 100:.1f} points")))
+    print(f"  {rows[-1]}", flush=True)
+
+    steps = 20 if q else 100
+    for method, rate in bench_inversion(model, 16, steps, 1 if q else 3).items():
+        rows.append((f"inversion, {method}, cnn, 16 images", f"{rate:.0f} image-steps per second", "", "", ""))
+        print(f"  {rows[-1]}", flush=True)
+
     print("\n| stage | measured | ratio | target | |\n|---|---|---|---|---|")
     for r in rows:
         print("| " + " | ".join(r) + " |")
-
-
-if __name__ == "__main__":
-    main(get_args())
