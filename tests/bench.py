@@ -10,6 +10,7 @@ import argparse
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -143,6 +144,8 @@ def get_args(argv=None):
 
 
 def main(args):
+    # torch.func's jvp triggers torch's own deprecation warning of torch.jit.script: not ours.
+    warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
     torch.manual_seed(0)
     q = args.quick
     reps = 3 if q else 7
@@ -168,7 +171,7 @@ def main(args):
 
     n_train, epochs = (2000, 30) if q else (5000, 150)
     probe_time, probe_acc, sgd_time, sgd_acc = bench_transfer(model, n_train, epochs)
-    equal = abs(probe_acc - sgd_acc) <= 0.005
+    equal = round(abs(probe_acc - sgd_acc), 4) <= 0.005  # 1000 test images: steps of 0.001
     rows.append((f"linear probe, {n_train} target images: L-BFGS on cached features vs SGD {epochs} epochs",
                  f"{probe_time:.1f} s (acc {probe_acc:.3f}) vs {sgd_time:.1f} s (acc {sgd_acc:.3f})",
                  f"{sgd_time / probe_time:.0f}x", ">= 20x at equal accuracy (0.5 points)",
@@ -184,3 +187,7 @@ def main(args):
     print("\n| stage | measured | ratio | target | |\n|---|---|---|---|---|")
     for r in rows:
         print("| " + " | ".join(r) + " |")
+
+
+if __name__ == "__main__":
+    main(get_args())
