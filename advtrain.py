@@ -9,7 +9,7 @@ load_split, build_model, pgd_attack, load_checkpoint, atomic_save, UserError.
     python advtrain.py --dataset fashion-mnist --classes 0-4 --eps 0.5 --steps 3 --out runs/eps0.5
     # Linf on CIFAR-10 with a ResNet-18 (GPU)
     python advtrain.py --dataset cifar10 --arch resnet18 --norm linf --eps 8/255 --steps 7 \
-        --epochs 30 --augment --lr 0.2 --eval-eps 4/255 8/255 --out runs/cifar_linf8
+        --epochs 30 --augment --lr 0.1 --eval-eps 4/255 8/255 --out runs/cifar_linf8
 
 Outputs under --out: model.pt (checkpoint, rewritten every epoch), log.jsonl (one line per
 epoch), metrics.json (final clean and PGD accuracy). Inputs are images in [0, 1]; the
