@@ -94,6 +94,7 @@ def collect_rows(results_dir):
         row = {"run": run.name, "role": "judge" if run.name.startswith("judge") else "study",
                "norm": m["norm"], "eps": m["eps"], "seed": m.get("seed", 0),
                "clean_acc": m["clean_acc"], "adv_acc": m["adv_acc"]}
+        row.update({f"pgd@{radius}": acc for radius, acc in m["adv_acc"].items()})
         fisher = read_json(run / "fisher.json") or {}
         row.update({k: fisher[k] for k in FISHER_KEYS if k in fisher})
         for target, t in (read_json(run / "transfer.json") or {}).items():
@@ -142,8 +143,6 @@ def judge_claims(rows):
         c1.append((h, f"[{norm}] clean accuracy falls: {e}"))
         radii = common_eval_eps(g)
         for ev in radii:
-            for r in g:
-                r[f"pgd@{ev}"] = r["adv_acc"][ev]
             h, e = trend(by_eps(g, f"pgd@{ev}"), +1)
             # Decided at the largest common radius: at a smaller one, models trained with a
             # larger eps lose PGD accuracy along with clean accuracy (the trade-off itself).
