@@ -91,6 +91,9 @@ def collect_rows(results_dir):
     for metrics_path in sorted(Path(results_dir).glob("*/metrics.json")):
         run = metrics_path.parent
         m = read_json(metrics_path)
+        missing = [k for k in ("norm", "eps", "clean_acc", "adv_acc") if k not in m]
+        if missing:
+            raise UserError(f"{metrics_path} lacks {', '.join(missing)}: not a metrics.json of advtrain.py")
         row = {"run": run.name, "role": "judge" if run.name.startswith("judge") else "study",
                "norm": m["norm"], "eps": m["eps"], "seed": m.get("seed", 0),
                "clean_acc": m["clean_acc"], "adv_acc": m["adv_acc"]}

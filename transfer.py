@@ -205,9 +205,11 @@ def main(args):
                              n_train=len(split_feats["train"][1]), n_test=len(split_feats["test"][1]),
                              feature_dim=probe["weight"].shape[1], classes=classes, adapt=adapt,
                              fit_seconds=fit_seconds, grad_max=probe["grad_max"])
-        atomic_save(results_path, results)  # after every target, so a killed run keeps the finished ones
         print(f"{text} probe: acc {probe['acc']:.4f} l2 {probe['l2']:g} grad_max {probe['grad_max']:.1e} "
               f"fit {fit_seconds:.1f}s (elapsed {time.time() - t0:.1f}s)", flush=True)
+    # Written once, when every target is done: run_all.sh takes an existing transfer.json as a
+    # finished step. A killed run restarts cheaply, from the cached features.
+    atomic_save(results_path, results)
 
 
 if __name__ == "__main__":

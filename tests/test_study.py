@@ -64,6 +64,8 @@ def test_report_errors(tmp_path):
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "metrics.json").write_text("{truncated")
     assert "not valid JSON" in assert_user_error(run_script("report.py", tmp_path))
+    (tmp_path / "bad" / "metrics.json").write_text('{"eps": 0.5}')
+    assert "lacks norm, clean_acc, adv_acc" in assert_user_error(run_script("report.py", tmp_path))
 
 
 FAKE_PYTHON = textwrap.dedent("""\
