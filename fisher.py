@@ -6,7 +6,7 @@ representation about the input (claims C3 and C4 of Terzi et al., AAAI 2021).
     # the same model on other data (images are adapted to the model's channels and size)
     python fisher.py --ckpt runs/eps0.5/model.pt --dataset mnist --classes 0-4 --out runs/eps0.5/mnist
 
-With p(y|x) the softmax of the logits, model in eval mode (DESIGN.md, "Fisher information"):
+With p(y|x) the softmax of the logits, model in eval mode:
 
     (1) weights          tr F_w(x) = E_{y~p(y|x)} ||grad_w log p(y|x)||^2, all parameters
                          (BatchNorm's included); exact sum over classes when there are <= 20
@@ -19,7 +19,6 @@ Outputs under --out (default: the checkpoint's folder): fisher.json (each quanti
 mean over examples with its standard error `_se`) and one .npy of per-example values per
 quantity, in the order of the first --n test examples (after class filtering).
 """
-import time
 import warnings
 from pathlib import Path
 
@@ -27,9 +26,10 @@ import numpy as np
 import torch
 from torch.func import functional_call, jacrev, jvp, vjp, vmap
 
-from advtrain import (DATASETS, ArgumentParser, UserError, adapt_images, atomic_save,
-                      get_device, load_checkpoint, load_split, mean_se, parse_classes, user_errors,
-                      writable_dir)
+from common import (ArgumentParser, Clock, add_common_args, atomic_save, mean_se, parse_classes,
+                    positive_int, provenance, user_errors, writable_dir)
+from data import DATASETS, adapt_images, load_split
+from models import get_device, load_checkpoint
 
 EXACT_MAX_CLASSES = 20  # up to this many classes, expectations over y are exact sums
 
@@ -228,60 +228,51 @@ def get_args(argv=None):
     p = ArgumentParser(description="Fisher information of weights, output and representation "
                                    "of a checkpoint, on the first --n test examples.")
     p.add_argument("--ckpt", required=True, help="checkpoint written by advtrain.py (model.pt)")
-    p.add_argument("--n", type=int, default=512, help="number of test examples, the first after class filtering (default 512)")
+    p.add_argument("--n", type=positive_int, default=512, help="number of test examples, the first after class filtering")
     p.add_argument("--out", default=None, help="output folder (default: the checkpoint's folder)")
     p.add_argument("--dataset", default=None, choices=list(DATASETS), help="evaluation dataset (default: the checkpoint's)")
     p.add_argument("--classes", default=None, help="classes to keep, e.g. 0-4 or 0,3,7 (default: the checkpoint's "
                                                      "when the dataset is the checkpoint's, else all)")
-    p.add_argument("--chunk", type=int, default=64, help="examples per vmapped per-sample-gradient call; memory ~ "
-                                                        "chunk x classes x parameters x 4 bytes (default 64)")
-    p.add_argument("--label-samples", type=int, default=8, help="labels drawn from p(y|x) per example for the weights' "
-                                                                f"Fisher when the model has more than {EXACT_MAX_CLASSES} "
-                                                                "classes; with fewer the sum over classes is exact (default 8)")
-    p.add_argument("--probes", type=int, default=16, help="Hutchinson probes for ||J_f||_F^2; exact if the feature "
-                                                         "dimension is <= probes (default 16)")
-    p.add_argument("--power-iters", type=int, default=100, help="cap on Lanczos (power-iteration Krylov) steps for each lambda_max (default 100)")
-    p.add_argument("--tol", type=float, default=1e-4, help="lambda_max iterations stop at this relative change (default 1e-4)")
-    p.add_argument("--batch-size", type=int, default=256, help="examples per batch for the input and representation "
-                                                              "estimators (default 256)")
-    p.add_argument("--seed", type=int, default=0, help="seed of probes, Lanczos starts, label draws (default 0)")
-    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu or cuda (default auto)")
-    p.add_argument("--data-dir", default="./data", help="where datasets are looked up and downloaded (default ./data)")
-    p.add_argument("--no-download", action="store_true", help="never download; fail if the dataset is absent")
+    p.add_argument("--chunk", type=positive_int, default=64,
+                   help="examples per vmapped per-sample-gradient call; memory ~ chunk x classes x parameters x 4 bytes")
+    p.add_argument("--label-samples", type=positive_int, default=8,
+                   help=f"labels drawn from p(y|x) per example for the weights' Fisher when the model has more than "
+                        f"{EXACT_MAX_CLASSES} classes; with fewer the sum over classes is exact")
+    p.add_argument("--probes", type=positive_int, default=16,
+                   help="Hutchinson probes for ||J_f||_F^2; exact if the feature dimension is <= probes")
+    p.add_argument("--power-iters", type=positive_int, default=100,
+                   help="cap on Lanczos (power-iteration Krylov) steps for each lambda_max")
+    p.add_argument("--tol", type=float, default=1e-4, help="lambda_max iterations stop at this relative change")
+    p.add_argument("--batch-size", type=positive_int, default=256,
+                   help="examples per batch for the input and representation estimators")
+    p.add_argument("--seed", type=int, default=0, help="seed of probes, Lanczos starts, label draws")
+    add_common_args(p)
     args = p.parse_args(argv)
-    for name in ("n", "chunk", "label_samples", "probes", "power_iters", "batch_size"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not args.tol > 0:
         p.error(f"--tol must be > 0, got {args.tol}")
     return args
 
 
 def main(args):
-    t0 = time.time()
+    clock = Clock()
     # torch.func's jvp triggers torch's own deprecation warning of torch.jit.script: not ours.
     warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
-
-    def stage(text):
-        print(f"{text} ({time.time() - t0:.1f}s)", flush=True)
-
     device = get_device(args.device)
     model, ckpt = load_checkpoint(args.ckpt, device)
     out = writable_dir(args.out if args.out is not None else Path(args.ckpt).parent)
     dataset = args.dataset or ckpt["dataset"]
     own_dataset = dataset == ckpt["dataset"]
-    classes = parse_classes(args.classes, DATASETS[dataset][1]) if args.classes or not own_dataset else ckpt["classes"]
-    x, y = load_split(dataset, False, args.data_dir, classes, download=not args.no_download)
-    if len(x) < args.n:
-        raise UserError(f"--n {args.n} is larger than the test set: {dataset} classes {classes} has {len(x)} examples")
-    x, y = adapt_images(x[:args.n], ckpt["in_channels"], ckpt["image_size"]).to(device), y[:args.n].to(device)
+    classes = (parse_classes(args.classes, DATASETS[dataset].num_classes) if args.classes or not own_dataset
+               else ckpt["classes"])
+    x, y = load_split(dataset, False, args.data_dir, classes, args.n, download=not args.no_download)
+    x, y = adapt_images(x, ckpt["in_channels"], ckpt["image_size"]).to(device), y.to(device)
     # True labels are the model's labels only on its own classes: else no empirical Fisher.
     own_labels = own_dataset and list(classes) == list(ckpt["classes"])
     num_classes, num_params = ckpt["num_classes"], sum(p.numel() for p in model.parameters())
     exact = num_classes <= EXACT_MAX_CLASSES
     generator = torch.Generator().manual_seed(args.seed)
-    stage(f"data {dataset} classes {classes}: {len(x)} test examples, model {ckpt['arch']} eps {ckpt['eps']} "
-          f"{num_params} parameters on {device}")
+    clock.log(f"data {dataset} classes {classes}: {len(x)} test examples, model {ckpt['arch']} eps {ckpt['eps']} "
+              f"{num_params} parameters on {device}")
 
     arrays, result = {}, {"n": len(x)}
     weights_trace, per_layer = fisher_trace_weights(model, x, chunk=args.chunk, generator=generator,
@@ -289,24 +280,26 @@ def main(args):
     arrays["weights_trace"] = weights_trace
     result["weights_trace_per_layer"] = {k: mean_se(v.cpu())[0] for k, v in per_layer.items()}
     result["weights_trace_per_layer_se"] = {k: mean_se(v.cpu())[1] for k, v in per_layer.items()}
-    stage(f"weights trace {weights_trace.mean():.4g} ({'exact over classes' if exact else f'{args.label_samples} label draws'})")
+    clock.log(f"weights trace {weights_trace.mean():.4g} "
+              f"({'exact over classes' if exact else f'{args.label_samples} label draws'})")
     if own_labels:
         arrays["weights_trace_empirical"] = fisher_trace_weights(model, x, y, chunk=args.chunk)[0]
-        stage(f"weights trace, empirical (true labels) {arrays['weights_trace_empirical'].mean():.4g}")
+        clock.log(f"weights trace, empirical (true labels) {arrays['weights_trace_empirical'].mean():.4g}")
 
     batches = [x[i:i + args.batch_size] for i in range(0, len(x), args.batch_size)]
     arrays["input_trace"] = torch.cat([input_fisher_trace(model, xb) for xb in batches])
-    stage(f"input trace {arrays['input_trace'].mean():.4g}")
+    clock.log(f"input trace {arrays['input_trace'].mean():.4g}")
     runs = [input_fisher_lambda_max(model, xb, args.power_iters, args.tol, generator) for xb in batches]
     arrays["input_lambda_max"] = torch.cat([lam for lam, _ in runs])
-    stage(f"input lambda_max {arrays['input_lambda_max'].mean():.4g} (Lanczos steps: {max(s for _, s in runs)})")
+    clock.log(f"input lambda_max {arrays['input_lambda_max'].mean():.4g} (Lanczos steps: {max(s for _, s in runs)})")
     arrays["repr_trace"] = torch.cat([repr_jacobian_frobenius(model, xb, args.probes, generator) for xb in batches])
-    stage(f"representation trace {arrays['repr_trace'].mean():.4g}")
+    clock.log(f"representation trace {arrays['repr_trace'].mean():.4g}")
     runs = [repr_lambda_max(model, xb, args.power_iters, args.tol, generator) for xb in batches]
     arrays["repr_lambda_max"] = torch.cat([lam for lam, _ in runs])
     with torch.no_grad():
         arrays["repr_sqnorm"] = torch.cat([model.features(xb).pow(2).sum(1) for xb in batches])  # ||f(x)||^2
-    stage(f"representation lambda_max {arrays['repr_lambda_max'].mean():.4g} (Lanczos steps: {max(s for _, s in runs)})")
+    clock.log(f"representation lambda_max {arrays['repr_lambda_max'].mean():.4g} "
+              f"(Lanczos steps: {max(s for _, s in runs)})")
 
     arrays = {k: v.double().cpu().numpy() for k, v in arrays.items()}
     for name, values in arrays.items():
@@ -316,13 +309,13 @@ def main(args):
         result["weights_trace_empirical"] = result["weights_trace_empirical_se"] = None
     for name in ("repr_trace", "repr_lambda_max"):
         result[f"{name}_normalized"], result[f"{name}_normalized_se"] = ratio_mean_se(arrays[name], arrays["repr_sqnorm"])
-    result.update(ckpt=str(args.ckpt), arch=ckpt["arch"], eps=ckpt["eps"], norm=ckpt.get("norm"), dataset=dataset,
+    result.update(ckpt=str(args.ckpt), arch=ckpt["arch"], eps=ckpt["eps"], norm=ckpt["norm"], dataset=dataset,
                   classes=list(classes), num_classes=num_classes, num_params=num_params,
                   weights_expectation="exact" if exact else f"{args.label_samples} samples",
                   repr_trace_method="exact" if model.head.in_features <= args.probes else f"hutchinson {args.probes} probes",
-                  power_iters=args.power_iters, tol=args.tol, seed=args.seed, seconds=time.time() - t0)
+                  seconds=clock.elapsed(), provenance=provenance(vars(args)))
     atomic_save(out / "fisher.json", result)
-    stage(f"wrote {out / 'fisher.json'}")
+    clock.log(f"wrote {out / 'fisher.json'}")
 
 
 if __name__ == "__main__":

@@ -12,12 +12,10 @@ on them. Higher target accuracy = more linearly transferable representation.
         --target fashion-mnist --target mnist --out runs/cifar_linf8
 
 Outputs under --out (default: the checkpoint's folder): transfer.json (target name ->
-{acc, l2, val_acc, n_train, n_test, feature_dim, classes, adapt, fit_seconds, grad_max};
-entries for other targets already in the file are kept) and
-features/<dataset>_<classes>_<split>.npy (float32 [N, d], reused by later runs while newer
-than the checkpoint). On a busy CPU, OMP_NUM_THREADS=1 can make the probe several times faster.
+{acc, l2, val_acc, n_train, n_test, feature_dim, classes, adapt, fit_seconds, grad_max}, and
+`provenance`) and features/<dataset>_<classes>_<split>.npy (float32 [N, d], reused by later
+runs while newer than the checkpoint).
 """
-import json
 import time
 from pathlib import Path
 
@@ -25,8 +23,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from advtrain import (DATASETS, ArgumentParser, UserError, adapt_images, atomic_save, get_device,
-                      load_checkpoint, load_split, parse_classes, user_errors, writable_dir)
+from common import (ArgumentParser, Clock, UserError, add_common_args, atomic_save, parse_classes,
+                    positive_int, provenance, user_errors, writable_dir)
+from data import DATASETS, adapt_images, load_split
+from models import get_device, load_checkpoint
 
 
 def parse_target(text):
@@ -36,7 +36,7 @@ def parse_target(text):
         raise UserError(f"target must look like dataset or dataset:classes (e.g. fashion-mnist:5-9), got {text!r}")
     if name not in DATASETS:
         raise UserError(f"unknown target dataset {name!r} in {text!r}; choose from {', '.join(DATASETS)}")
-    return name, parse_classes(classes, DATASETS[name][1])
+    return name, parse_classes(classes, DATASETS[name].num_classes)
 
 
 def describe_adaptation(channels, size, model_channels, model_size):
@@ -49,19 +49,21 @@ def describe_adaptation(channels, size, model_channels, model_size):
     return ", ".join(steps) or "none"
 
 
-def extract_features(model, x, channels, size, batch_size=500):
+def extract_features(model, x, channels, size, batch_size=500, progress=None):
     """Frozen penultimate features of images x [N, C, H, W] in [0, 1] -> float32 [N, d] on the CPU.
 
     Eval mode (BatchNorm uses its running statistics and never updates them) and no_grad;
     each batch is adapted to the model's input (channels, size) on the fly, so the adapted
-    copy of the whole set never sits in memory.
+    copy of the whole set never sits in memory. progress: optional wrapper of the batch
+    starts (e.g. common.Clock().progress) for rate and time-left lines.
     """
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     feats = []
+    starts = range(0, len(x), batch_size)
     with torch.no_grad():
-        for i in range(0, len(x), batch_size):
+        for i in (progress(starts) if progress else starts):
             xb = adapt_images(x[i:i + batch_size].to(device), channels, size)
             feats.append(model.features(xb).float().cpu())
     model.train(was_training)
@@ -153,49 +155,38 @@ def get_args(argv=None):
     p.add_argument("--target", action="append", required=True,
                    help="target task dataset[:classes], e.g. fashion-mnist:5-9 or cifar100; repeat for several")
     p.add_argument("--out", default=None, help="output folder for transfer.json and features/ (default: the checkpoint's folder)")
-    p.add_argument("--train-size", type=int, default=None, help="use the first N target training examples (default all)")
-    p.add_argument("--test-size", type=int, default=None, help="use the first N target test examples (default all)")
-    p.add_argument("--batch-size", type=int, default=500, help="images per batch for feature extraction (default 500)")
-    p.add_argument("--seed", type=int, default=0, help="random seed of the validation split (default 0)")
-    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu or cuda (default auto)")
-    p.add_argument("--data-dir", default="./data", help="where datasets are looked up and downloaded (default ./data)")
-    p.add_argument("--no-download", action="store_true", help="never download; fail if a target dataset is absent")
-    args = p.parse_args(argv)
-    for name in ("train_size", "test_size", "batch_size"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            p.error(f"--{name.replace('_', '-')} must be positive, got {value}")
-    return args
+    p.add_argument("--train-size", type=positive_int, default=None, help="use the first N target training examples (default all)")
+    p.add_argument("--test-size", type=positive_int, default=None, help="use the first N target test examples (default all)")
+    p.add_argument("--batch-size", type=positive_int, default=500, help="images per batch for feature extraction")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the probe's validation split")
+    add_common_args(p)
+    return p.parse_args(argv)
 
 
 def main(args):
-    t0 = time.time()
+    clock = Clock()
     targets = {text: parse_target(text) for text in args.target}  # check them all before any work
     device = get_device(args.device)
     model, ckpt = load_checkpoint(args.ckpt, device)
     out = writable_dir(args.out or Path(args.ckpt).parent)
     ckpt_mtime = Path(args.ckpt).stat().st_mtime
-    print(f"model {args.ckpt}: {ckpt['arch']} on {ckpt['dataset']} classes {ckpt['classes']} eps {ckpt['eps']} "
-          f"on {device} ({time.time() - t0:.1f}s)", flush=True)
+    clock.log(f"model {args.ckpt}: {ckpt['arch']} on {ckpt['dataset']} classes {ckpt['classes']} eps {ckpt['eps']} "
+              f"on {device}")
 
-    results_path = out / "transfer.json"
-    try:
-        results = json.loads(results_path.read_text()) if results_path.is_file() else {}
-    except ValueError:
-        results = {}  # a corrupt file from elsewhere: start afresh
+    results = {}
     for text, (name, classes) in targets.items():
-        _, _, channels, size, _, _ = DATASETS[name]
-        adapt = describe_adaptation(channels, size, ckpt["in_channels"], ckpt["image_size"])
+        ds = DATASETS[name]
+        adapt = describe_adaptation(ds.channels, ds.size, ckpt["in_channels"], ckpt["image_size"])
         cache_stem = text.replace(":", "_").replace(",", "_")  # fashion-mnist:5-9 -> fashion-mnist_5-9
         split_feats = {}  # split -> (features [N, d], labels [N])
         for split, n_max in (("train", args.train_size), ("test", args.test_size)):
             x, y = load_split(name, split == "train", args.data_dir, classes, n_max, not args.no_download)
+            progress = lambda starts: clock.progress(starts, f"{text} {split} features")
             feats, cached = cached_features(
                 out / "features" / f"{cache_stem}_{split}.npy", ckpt_mtime, len(x),
-                lambda: extract_features(model, x, ckpt["in_channels"], ckpt["image_size"], args.batch_size))
+                lambda: extract_features(model, x, ckpt["in_channels"], ckpt["image_size"], args.batch_size, progress))
             split_feats[split] = (feats.to(device), y.to(device))
-            print(f"{text} {split}: features {list(feats.shape)} {'cached' if cached else 'extracted'}, "
-                  f"adapt {adapt} (elapsed {time.time() - t0:.1f}s)", flush=True)
+            clock.log(f"{text} {split}: features {list(feats.shape)} {'cached' if cached else 'extracted'}, adapt {adapt}")
 
         tf = time.time()
         probe = linear_probe(*split_feats["train"], *split_feats["test"], seed=args.seed)
@@ -205,11 +196,12 @@ def main(args):
                              n_train=len(split_feats["train"][1]), n_test=len(split_feats["test"][1]),
                              feature_dim=probe["weight"].shape[1], classes=classes, adapt=adapt,
                              fit_seconds=fit_seconds, grad_max=probe["grad_max"])
-        print(f"{text} probe: acc {probe['acc']:.4f} l2 {probe['l2']:g} grad_max {probe['grad_max']:.1e} "
-              f"fit {fit_seconds:.1f}s (elapsed {time.time() - t0:.1f}s)", flush=True)
+        clock.log(f"{text} probe: acc {probe['acc']:.4f} l2 {probe['l2']:g} grad_max {probe['grad_max']:.1e} "
+                  f"fit {fit_seconds:.1f}s")
     # Written once, when every target is done: run_all.sh takes an existing transfer.json as a
     # finished step. A killed run restarts cheaply, from the cached features.
-    atomic_save(results_path, results)
+    results["provenance"] = provenance(vars(args))
+    atomic_save(out / "transfer.json", results)
 
 
 if __name__ == "__main__":

@@ -12,15 +12,16 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]  # the scripts, and test_fisher's loop
 import advtrain  # noqa: E402
+import data  # noqa: E402
 import fisher  # noqa: E402
 import invert  # noqa: E402
+import models  # noqa: E402
 import transfer  # noqa: E402
 
 
@@ -37,14 +38,14 @@ def median_time(fn, repeats, warmup=1):
 
 
 def fashion_mnist(n, train=True, classes=(0, 1, 2, 3, 4)):
-    return advtrain.load_split("fashion-mnist", train, classes=list(classes), size=n, download=False)
+    return data.load_split("fashion-mnist", train, classes=list(classes), size=n, download=False)
 
 
 def model_for(arch, num_classes=5):
     torch.manual_seed(0)
     if arch == "cnn":
-        return advtrain.build_model("cnn", num_classes, 1, 28, (0.286,), (0.353,))
-    return advtrain.build_model("resnet18", num_classes, 3, 32, (0.5,) * 3, (0.25,) * 3)
+        return models.build_model("cnn", num_classes, 1, 28, (0.286,), (0.353,))
+    return models.build_model("resnet18", num_classes, 3, 32, (0.5,) * 3, (0.25,) * 3)
 
 
 def bench_adversarial_step(arch, k, batch, repeats):
@@ -58,9 +59,7 @@ def bench_adversarial_step(arch, k, batch, repeats):
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
 
     def step(eps, steps):
-        args = SimpleNamespace(batch_size=batch, augment=False, norm="l2", eps=eps, steps=steps,
-                               step_size=None, lr=0.01)
-        return lambda: advtrain.train_epoch(model, opt, x, y, args, 0, 1)
+        return lambda: advtrain.train_epoch(model, opt, x, y, batch_size=batch, norm="l2", eps=eps, steps=steps)
 
     standard = median_time(step(0.0, 0), repeats)
     adversarial = median_time(step(0.5, k), repeats)
@@ -72,10 +71,10 @@ def trained_cnn(n=5000, epochs=1):
     model = model_for("cnn")
     x, y = fashion_mnist(n)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
-    args = SimpleNamespace(batch_size=128, augment=False, norm="l2", eps=0.0, steps=0, step_size=None, lr=0.05)
     steps = epochs * -(-n // 128)
     for epoch in range(epochs):
-        advtrain.train_epoch(model, opt, x, y, args, epoch * (steps // epochs), steps)
+        advtrain.train_epoch(model, opt, x, y, batch_size=128, eps=0.0, steps=0, step0=epoch * (steps // epochs),
+                             lr_schedule=lambda step: advtrain.lr_at(step, steps, 0.05))
     return model.eval()
 
 

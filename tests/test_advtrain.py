@@ -6,33 +6,31 @@ import torch
 import torch.nn.functional as F
 
 import advtrain
+import common
+import data
+import models
 from conftest import assert_user_error, run_script
-
-
-def small_model(seed=0):
-    torch.manual_seed(seed)
-    return advtrain.build_model("cnn", 5, 1, 28, (0.5,), (0.25,)).eval()
 
 
 @pytest.fixture(scope="module")
 def fmnist_test():
-    return advtrain.load_split("fashion-mnist", False, classes=[0, 1, 2, 3, 4], size=64, download=False)
+    return data.load_split("fashion-mnist", False, classes=[0, 1, 2, 3, 4], size=64, download=False)
 
 
 def test_parse_eps_and_classes():
-    assert advtrain.parse_eps("8/255") == pytest.approx(8 / 255)
-    assert advtrain.parse_eps("0.5") == 0.5
-    assert advtrain.parse_classes("0-4", 10) == [0, 1, 2, 3, 4]
-    assert advtrain.parse_classes("7,2", 10) == [7, 2]
-    assert advtrain.parse_classes(None, 3) == [0, 1, 2]
+    assert common.parse_eps("8/255") == pytest.approx(8 / 255)
+    assert common.parse_eps("0.5") == 0.5
+    assert common.parse_classes("0-4", 10) == [0, 1, 2, 3, 4]
+    assert common.parse_classes("7,2", 10) == [7, 2]
+    assert common.parse_classes(None, 3) == [0, 1, 2]
     for bad in ("0-10", "4-2", "a", "1,1"):
-        with pytest.raises(advtrain.UserError):
-            advtrain.parse_classes(bad, 10)
+        with pytest.raises(common.UserError):
+            common.parse_classes(bad, 10)
 
 
 def test_load_split_relabels_in_given_order():
-    x_all, y_all = advtrain.load_split("fashion-mnist", False, download=False)
-    x, y = advtrain.load_split("fashion-mnist", False, classes=[7, 2], download=False)
+    x_all, y_all = data.load_split("fashion-mnist", False, download=False)
+    x, y = data.load_split("fashion-mnist", False, classes=[7, 2], download=False)
     assert x_all.shape == (10000, 1, 28, 28) and x.dtype == torch.float32
     assert 0 <= x.min() and x.max() <= 1
     assert (y == 0).sum() == (y_all == 7).sum() and (y == 1).sum() == (y_all == 2).sum()
@@ -42,7 +40,7 @@ def test_load_split_relabels_in_given_order():
 @pytest.mark.parametrize("norm,eps", [("linf", 8 / 255), ("l2", 0.5)])
 def test_pgd_stays_in_ball_and_raises_loss(norm, eps, fmnist_test, tiny_ckpt):
     x, y = fmnist_test
-    model, _ = advtrain.load_checkpoint(tiny_ckpt)
+    model, _ = models.load_checkpoint(tiny_ckpt)
     for p in model.parameters():
         p.grad = None
     x_adv = advtrain.pgd_attack(model, x, y, norm, eps, steps=10)
@@ -62,32 +60,49 @@ def test_pgd_stays_in_ball_and_raises_loss(norm, eps, fmnist_test, tiny_ckpt):
 def test_augment_is_a_crop_or_flipped_crop():
     torch.manual_seed(0)
     x = torch.rand(6, 3, 8, 8)
-    out = advtrain.augment(x)
+    out = data.random_crop_flip(x)
     padded = F.pad(x, (4, 4, 4, 4), mode="reflect")
     for i in range(len(x)):
         windows = [padded[i, :, dy:dy + 8, dx:dx + 8] for dy in range(9) for dx in range(9)]
         assert any(torch.equal(out[i], w) or torch.equal(out[i], w.flip(2)) for w in windows)
 
 
-def test_features_and_head_compose():
-    model = small_model()
-    x = torch.rand(3, 1, 28, 28)
-    assert model.features(x).shape == (3, 784)
-    assert torch.allclose(model(x), model.head(model.features(x)))
+@pytest.mark.parametrize("arch,channels,size,dim", [("cnn", 1, 28, 784), ("resnet18", 3, 32, 64)])
+def test_features_are_what_the_head_sees(arch, channels, size, dim):
+    """features(x) is the input of the last linear layer during a forward pass, in train and
+    eval mode (a hook on head records what forward really feeds it)."""
+    torch.manual_seed(0)
+    model = models.build_model(arch, 5, channels, size, (0.5,) * channels, (0.25,) * channels, width=8)
+    seen = []
+    model.head.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].detach()))
+    x = torch.rand(3, channels, size, size)
+    for train in (True, False):
+        model.train(train)
+        with torch.no_grad():
+            logits = model(x)
+            torch.testing.assert_close(seen[-1], model.features(x))
+        assert seen[-1].shape == (3, dim) and logits.shape == (3, 5)
+    # the cnn's representation keeps where things are: moving a blob changes it
+    if arch == "cnn":
+        a, b = torch.zeros(1, 1, 28, 28), torch.zeros(1, 1, 28, 28)
+        a[..., 2:8, 2:8], b[..., 20:26, 20:26] = 1, 1
+        with torch.no_grad():
+            assert not torch.allclose(model.features(a), model.features(b))
 
 
 def test_resnet18_and_cuda_branches_run_on_cpu():
     """bf16 autocast and channels_last (the CUDA settings) on CPU, on tiny synthetic data."""
-    args = advtrain.get_args(["--dataset", "synthetic", "--arch", "resnet18", "--eps", "8/255",
-                              "--norm", "linf", "--steps", "1", "--batch-size", "4", "--augment"])
-    x, y = advtrain.load_split("synthetic", True, size=8)
+    x, y = data.load_split("synthetic", True, size=8)
     torch.manual_seed(0)
-    model = advtrain.build_model("resnet18", 10, 3, 32, (0.5,) * 3, (0.25,) * 3)
+    model = models.build_model("resnet18", 10, 3, 32, (0.5,) * 3, (0.25,) * 3)
     assert model.features(x[:2]).shape == (2, 512)
     model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     before = [p.detach().clone() for p in model.parameters()]
-    loss, acc, step = advtrain.train_epoch(model, opt, x, y, args, 0, 2, amp=True, channels_last=True)
+    loss, acc, step = advtrain.train_epoch(model, opt, x, y, batch_size=4, norm="linf", eps=8 / 255, steps=1,
+                                           lr_schedule=lambda step: 0.01 * (2 - step), augment=True,
+                                           amp=True, channels_last=True)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.01)  # the schedule set the rate of step 1
     assert step == 2 and torch.isfinite(torch.tensor(loss)) and 0 <= acc <= 1
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
@@ -95,7 +110,7 @@ def test_resnet18_and_cuda_branches_run_on_cpu():
 def train(tmp_path, name, *extra):
     out = tmp_path / name
     advtrain.main(advtrain.get_args(["--classes", "0-4", "--train-size", "3000", "--test-size", "500",
-                                     "--epochs", "2", "--steps", "3", "--eval-eps", "1.0",
+                                     "--epochs", "2", "--steps", "3", "--eval-eps", "1.0", "linf:0.1",
                                      "--eval-steps", "10", "--out", str(out), *extra]))
     return out
 
@@ -103,26 +118,31 @@ def train(tmp_path, name, *extra):
 def test_adversarial_training_buys_robustness(tmp_path):
     std = json.loads((train(tmp_path, "std", "--eps", "0") / "metrics.json").read_text())
     rob = json.loads((train(tmp_path, "rob", "--eps", "0.5") / "metrics.json").read_text())
-    for key in ("clean_acc", "adv_acc", "eps", "norm", "arch", "dataset", "classes", "epochs", "train_seconds"):
+    for key in ("clean_acc", "robust_acc", "eps", "norm", "arch", "dataset", "classes", "epochs", "train_seconds",
+                "provenance"):
         assert key in std and key in rob
+    # every robust number names its norm, radius and attack; eps 0 is attacked in both norms
+    assert [(r["norm"], r["eps"], r["attack"]) for r in std["robust_acc"]] == [("l2", 1.0, "pgd"), ("linf", 0.1, "pgd")]
+    assert [(r["norm"], r["eps"]) for r in rob["robust_acc"]] == [("l2", 0.5), ("l2", 1.0), ("linf", 0.1)]
+    std_l2, rob_l2 = std["robust_acc"][0]["acc"], rob["robust_acc"][1]["acc"]
     # measured (2 epochs, 3000 images, CPU): eps 0 clean 0.872, PGD-10 at L2 eps 1 0.314;
     # eps 0.5 clean 0.868, PGD-10 at eps 1 0.618
     assert std["clean_acc"] > 0.75 and rob["clean_acc"] > 0.7
-    assert std["adv_acc"]["1"] < std["clean_acc"] - 0.35
-    assert rob["adv_acc"]["1"] > std["adv_acc"]["1"] + 0.15
+    assert std_l2 < std["clean_acc"] - 0.35
+    assert rob_l2 > std_l2 + 0.15
     log = [json.loads(line) for line in (tmp_path / "rob" / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [1, 2]
 
 
 def test_checkpoint_loads_weights_only(tiny_ckpt):
     ckpt = torch.load(tiny_ckpt, weights_only=True)
-    for key in ("model", "arch", "num_classes", "in_channels", "dataset", "classes", "norm", "eps",
-                "args", "epoch", "metrics", "optimizer", "scheduler"):
+    for key in ("model", "model_args", "arch", "num_classes", "in_channels", "dataset", "classes", "norm", "eps",
+                "args", "epoch", "optimizer", "provenance"):
         assert key in ckpt
-    model, ckpt2 = advtrain.load_checkpoint(tiny_ckpt)
+    model, ckpt2 = models.load_checkpoint(tiny_ckpt)
     assert not model.training and ckpt2["classes"] == [0, 1, 2, 3, 4]
     x = torch.rand(4, 1, 28, 28)
-    reference = small_model()
+    reference = models.build_model(**ckpt["model_args"])
     reference.load_state_dict(ckpt["model"])
     assert torch.equal(model(x), reference.eval()(x))
 
@@ -152,7 +172,8 @@ def test_resume_matches_uninterrupted_run(tmp_path, monkeypatch):
     assert cut["epoch"] == 2
     for k in full["model"]:
         assert torch.equal(full["model"][k], cut["model"][k]), k
-    assert full["metrics"]["clean_acc"] == cut["metrics"]["clean_acc"]
+    metrics = [json.loads((tmp_path / run / "metrics.json").read_text()) for run in ("full", "cut")]
+    assert metrics[0]["clean_acc"] == metrics[1]["clean_acc"] and metrics[0]["robust_acc"] == metrics[1]["robust_acc"]
     assert len((tmp_path / "cut" / "log.jsonl").read_text().splitlines()) == 2
 
 
@@ -162,13 +183,16 @@ def test_corrupt_and_foreign_checkpoints_are_user_errors(tiny_ckpt, tmp_path):
     foreign = tmp_path / "foreign.pt"
     torch.save({"weights": torch.zeros(2)}, foreign)
     for path in (tmp_path / "missing.pt", truncated, foreign):
-        with pytest.raises(advtrain.UserError):
-            advtrain.load_checkpoint(path)
+        with pytest.raises(common.UserError):
+            models.load_checkpoint(path)
 
 
 @pytest.mark.parametrize("argv,expect", [
-    (["--dataset", "imagenet"], "unknown dataset"),
-    (["--arch", "vgg"], "unknown arch"),
+    (["--dataset", "imagenet"], "invalid choice"),
+    (["--arch", "vgg"], "invalid choice"),
+    (["--epochs", "0"], "must be >= 1"),
+    (["--train-size", "100000"], "has 60000"),
+    (["--eval-eps", "l3:0.5"], "radius must look like"),
     (["--classes", "3-12"], "out of range"),
     (["--classes", "4-2"], "select nothing"),
     (["--eps", "-0.5"], ">= 0"),
@@ -184,3 +208,15 @@ def test_user_errors_exit_with_one_line(argv, expect, tmp_path):
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     line = assert_user_error(run_script("advtrain.py", "--epochs", "1", "--train-size", "64", *argv))
     assert expect in line
+
+
+def test_resume_refuses_other_settings_and_names_them(tmp_path):
+    common_args = ["--classes", "0-4", "--train-size", "64", "--test-size", "32", "--epochs", "2",
+                   "--steps", "1", "--eval-steps", "1", "--out", str(tmp_path)]
+    advtrain.main(advtrain.get_args(common_args + ["--eps", "0.5"]))
+    for changed, name in ((["--eps", "0.25"], "eps="), (["--eps", "0.5", "--lr", "0.1"], "lr="),
+                          (["--eps", "0.5", "--eval-eps", "1.0"], "eval_eps=")):
+        with pytest.raises(common.UserError, match=name):
+            advtrain.main(advtrain.get_args(common_args + changed + ["--resume"]))
+    # the same settings (another device or data folder does not count) resume: nothing to redo
+    advtrain.main(advtrain.get_args(common_args + ["--eps", "0.5", "--resume", "--device", "cpu"]))

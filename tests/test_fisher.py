@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch.autograd.functional import jacobian
 
-import advtrain
+import models
 import fisher
-from advtrain import UserError
+from common import UserError
 from conftest import assert_user_error, run_script
 
 CLASSES, SIZE = 3, 8  # cnn on 8x8 grayscale: input and feature dimension 64
@@ -31,7 +31,7 @@ def one_thread(monkeypatch):
 def tiny():
     """(model in eval mode with non-trivial BatchNorm statistics, x [4, 1, 8, 8] in [0, 1])."""
     torch.manual_seed(0)
-    model = advtrain.build_model("cnn", CLASSES, 1, SIZE, (0.5,), (0.25,))
+    model = models.build_model("cnn", CLASSES, 1, SIZE, (0.5,), (0.25,))
     for m in model.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.uniform_(-0.5, 0.5)
@@ -147,11 +147,18 @@ def test_lanczos_small_eigengap_and_low_rank():
     assert rel_err(lam, torch.linalg.eigvalsh(ops.double())[:, -1]) < 1e-3
 
 
-def test_mean_se_and_ratio():
+def test_mean_se_and_ratio_se_against_simulation():
+    """ratio_mean_se's delta-method SE matches the spread of the ratio over many data sets
+    drawn from one distribution (correlated, noisy numerator and denominator)."""
     values = np.array([1.0, 2.0, 3.0, 6.0])
     assert fisher.mean_se(values) == pytest.approx((3.0, np.std(values, ddof=1) / 2))
-    ratio, se = fisher.ratio_mean_se(values, 2 * values)
-    assert ratio == pytest.approx(0.5) and se == pytest.approx(0.0, abs=1e-12)
+    rng = np.random.default_rng(0)
+    den = rng.gamma(4.0, 1.0, size=(2000, 200))
+    num = 0.5 * den + rng.normal(0, 1.0, size=den.shape)  # E num / E den = 0.5
+    ratios = num.mean(1) / den.mean(1)
+    ses = np.array([fisher.ratio_mean_se(n, d)[1] for n, d in zip(num[:200], den[:200])])
+    assert ratios.mean() == pytest.approx(0.5, abs=0.005)
+    assert ses.mean() == pytest.approx(ratios.std(), rel=0.1)
 
 
 def test_cli_writes_fisher_json_and_arrays(tiny_ckpt, tmp_path):
@@ -181,7 +188,7 @@ def test_cli_user_errors(tiny_ckpt, tmp_path):
     assert "not found" in line, line
     line = assert_user_error(run_script("fisher.py", "--ckpt", tiny_ckpt, "--n", 10 ** 6, "--out", tmp_path,
                                         "--no-download"))
-    assert "larger than the test set" in line, line
+    assert "asked for 1000000 test examples" in line and "has 5000" in line, line
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(b"not a checkpoint")
     with pytest.raises(UserError, match="cannot read"):

@@ -9,7 +9,8 @@ import torch.nn as nn
 
 from conftest import assert_user_error, run_script
 import invert
-from advtrain import build_model, user_errors
+from common import user_errors
+from models import build_model
 
 
 def images(n=3, c=1, size=16, seed=0):
@@ -111,13 +112,18 @@ def test_noise_average_adds_the_jacobian_penalty():
 # ----------------------------------------------------------------------------- command line
 
 def test_cli_writes_grid_arrays_and_json(tiny_ckpt, tmp_path):
-    proc = run_script("invert.py", "--ckpt", tiny_ckpt, "--judge", tiny_ckpt, "--n-images", 5,
+    proc = run_script("invert.py", "--ckpt", tiny_ckpt, "--judge", tiny_ckpt, "--start", 62, "--n-images", 5,
                       "--method", "baseline,improved", "--steps", 4, "--out", tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "baseline:" in proc.stdout and "improved:" in proc.stdout
     result = json.loads((tmp_path / "invert.json").read_text())
-    assert set(result) == {"baseline", "improved"}
-    for method, entry in result.items():
+    assert set(result) == {"baseline", "improved", "images", "tuned_on", "disjoint", "provenance"}
+    assert result["images"] == {"split": "test", "start": 62, "n": 5}
+    # 4 steps are not the tuned defaults: where they were chosen is the user's to say
+    assert result["tuned_on"] == "user" and result["disjoint"] is None
+    assert result["provenance"]["settings"]["start"] == 62 and len(result["provenance"]["settings_hash"]) == 16
+    for method in ("baseline", "improved"):
+        entry = result[method]
         for key in ("psnr", "ssim", "feature_rel_err", "judge_acc", "psnr_se"):
             assert math.isfinite(entry[key]), (method, key)
         assert entry["n_images"] == 5 and entry["steps"] == 4
@@ -130,14 +136,25 @@ def test_cli_writes_grid_arrays_and_json(tiny_ckpt, tmp_path):
         assert grid.size == (5 * 29 + 1, 3 * 29 + 1)
 
 
-def test_user_errors_are_one_line(tmp_path, capsys):
+def test_user_errors_are_one_line(tiny_ckpt, tmp_path, capsys):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
     for argv in (["--ckpt", str(tmp_path / "missing.pt")], ["--ckpt", str(bad)],
-                 ["--ckpt", "x.pt", "--method", "baseline,magic"], ["--ckpt", "x.pt", "--n-images", "0"]):
+                 ["--ckpt", "x.pt", "--method", "baseline,magic"], ["--ckpt", "x.pt", "--n-images", "0"],
+                 ["--ckpt", str(tiny_ckpt), "--start", "4990", "--n-images", "20", "--out", str(tmp_path)]):
         with pytest.raises(SystemExit) as exit_info, user_errors():
             invert.main(invert.get_args(argv))
         assert exit_info.value.code != 0
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error:"), (argv, err)
     assert "magic" in assert_user_error(run_script("invert.py", "--ckpt", "x.pt", "--method", "magic"))
+    line = assert_user_error(run_script("invert.py", "--ckpt", tiny_ckpt, "--n-images", 100000, "--out", tmp_path))
+    assert "asked for 100000 test examples" in line and "has 5000" in line, line
+
+
+def test_tuning_record_says_whether_images_are_disjoint():
+    classes = [0, 1, 2, 3, 4]
+    assert invert.tuning_record("fashion-mnist", classes, 64, 32, invert.DEFAULTS) == (invert.TUNED_ON, True)
+    assert invert.tuning_record("fashion-mnist", classes, 63, 32, invert.DEFAULTS)[1] is False
+    assert invert.tuning_record("mnist", classes, 0, 32, invert.DEFAULTS)[1] is True
+    assert invert.tuning_record("fashion-mnist", classes, 0, 8, dict(invert.DEFAULTS, tv=0.3)) == ("user", None)

@@ -6,7 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import advtrain
+import common
+import data
+import models
 import transfer
 from conftest import assert_user_error, run_script
 from transfer import describe_adaptation, extract_features, linear_probe, parse_target
@@ -66,32 +68,44 @@ def test_parse_target_and_adaptation_text():
     assert describe_adaptation(1, 28, 3, 32) == "1->3 channels, 28->32 px"
     assert describe_adaptation(3, 32, 3, 32) == "none"
     for bad in ("mnist:", ":1-2", "mnist:1:2", "nope:0-1", "mnist:8-12"):
-        with pytest.raises(advtrain.UserError):
+        with pytest.raises(common.UserError):
             parse_target(bad)
 
 
+def test_adapt_images_known_values():
+    """Grayscale -> RGB copies the channel, RGB -> grayscale averages, resizing keeps constants
+    and the layout of an image (left dark, right bright)."""
+    grey = torch.full((2, 1, 28, 28), 0.3)
+    rgb = data.adapt_images(grey, 3, 32)
+    assert rgb.shape == (2, 3, 32, 32) and torch.allclose(rgb, torch.tensor(0.3))
+    colour = torch.tensor([0.1, 0.5, 0.9]).view(1, 3, 1, 1).expand(2, 3, 32, 32)
+    assert torch.allclose(data.adapt_images(colour, 1, 28), torch.tensor(0.5))
+    halves = torch.zeros(1, 1, 28, 28)
+    halves[..., 14:] = 1
+    big = data.adapt_images(halves, 1, 32)
+    assert big[..., :14].max() < 0.05 and big[..., 18:].min() > 0.95
+    assert 0 <= big.min() and big.max() <= 1
+    assert data.adapt_images(halves, 1, 28) is not halves and torch.equal(data.adapt_images(halves, 1, 28), halves)
+
+
 @pytest.mark.parametrize("arch,channels,size", [("resnet18", 3, 32), ("cnn", 1, 28)])
-def test_features_adapt_grayscale_and_rgb(arch, channels, size):
+def test_features_batched_equal_one_batch(arch, channels, size):
+    """Batches of 3 (a ragged last batch) give the features of the whole adapted set at once."""
     torch.manual_seed(0)
-    model = advtrain.build_model(arch, 10, channels, size, (0.5,) * channels, (0.25,) * channels)
-    # the other kind of image: grayscale 28 px for the RGB 32 px model and vice versa
-    x = torch.rand(4, 4 - channels, 60 - size, 60 - size)
+    model = models.build_model(arch, 10, channels, size, (0.5,) * channels, (0.25,) * channels, width=8)
+    x = torch.rand(7, 4 - channels, 60 - size, 60 - size)  # the other kind of image
     feats = extract_features(model, x, channels, size, batch_size=3)
-    assert feats.shape == (4, 512 if arch == "resnet18" else 784) and feats.dtype == torch.float32
-    if channels == 3:  # grayscale copied to 3 channels and resized with antialiasing
-        manual = F.interpolate(x.expand(-1, 3, -1, -1), size=(32, 32), mode="bilinear", antialias=True)
-    else:  # RGB averaged to grey and shrunk
-        manual = F.interpolate(x.mean(1, keepdim=True), size=(28, 28), mode="bilinear", antialias=True)
+    assert feats.shape == (7, 64 if arch == "resnet18" else 784) and feats.dtype == torch.float32
     with torch.no_grad():
-        expected = model.eval().features(manual.clamp(0, 1))
-    torch.testing.assert_close(feats, expected)
+        expected = model.eval().features(data.adapt_images(x, channels, size))
+    torch.testing.assert_close(feats, expected, rtol=1e-4, atol=1e-5)
 
 
 def run_transfer(capsys, *argv):
     """transfer.py in process (a subprocess costs seconds of imports): (exit code, stdout, stderr)."""
     code = 0
     try:
-        with advtrain.user_errors():
+        with common.user_errors():
             transfer.main(transfer.get_args([str(a) for a in argv]))
     except SystemExit as e:
         code = e.code
@@ -120,16 +134,16 @@ def test_cached_features_reused_correct_and_checkpoint_untouched(tiny_ckpt, tmp_
     after = torch.load(tiny_ckpt, weights_only=True)["model"]
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     # the cached arrays are the frozen features of the first 300 target images
-    model, _ = advtrain.load_checkpoint(tiny_ckpt)
-    x, _ = advtrain.load_split("fashion-mnist", True, classes=[5, 6, 7, 8, 9], size=300, download=False)
+    model, _ = models.load_checkpoint(tiny_ckpt)
+    x, _ = data.load_split("fashion-mnist", True, classes=[5, 6, 7, 8, 9], size=300, download=False)
     np.testing.assert_allclose(cached, extract_features(model, x, 1, 28).numpy(), rtol=1e-5, atol=1e-6)
 
 
 def test_extraction_leaves_batchnorm_alone(tiny_ckpt):
-    model, _ = advtrain.load_checkpoint(tiny_ckpt)
+    model, _ = models.load_checkpoint(tiny_ckpt)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     model.train()  # even a model left in train mode keeps its BatchNorm statistics
-    x, _ = advtrain.load_split("fashion-mnist", True, classes=[5, 6], size=64, download=False)
+    x, _ = data.load_split("fashion-mnist", True, classes=[5, 6], size=64, download=False)
     extract_features(model, x, 1, 28, batch_size=32)
     assert model.training  # mode restored
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())

@@ -1,0 +1,233 @@
+"""Helpers every script shares that need only numpy and the standard library: user errors,
+the command-line vocabulary, eps and class parsing, mean and standard error, atomic writes,
+provenance and progress lines. report.py imports this module alone, so it starts without
+torch; data.py (datasets) and models.py (models, checkpoints) hold the torch parts.
+"""
+import argparse
+import contextlib
+import functools
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent
+
+
+class UserError(Exception):
+    """An error the user caused (bad argument, missing file): one line, no traceback."""
+
+
+@contextlib.contextmanager
+def user_errors():
+    """Turn UserError into one line on stderr and exit status 2."""
+    try:
+        yield
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows every default once (from add_argument), help wrapped at about 100 columns."""
+
+    def __init__(self, prog):
+        super().__init__(prog, width=100, max_help_position=32)
+
+    def _get_help_string(self, action):
+        if action.default is None or isinstance(action.default, bool):
+            return action.help  # "(default: None)" / "(default: False)" say nothing
+        return super()._get_help_string(action)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line on stderr (exit 2), not usage + error, and
+    --help shows every default."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        print(f"error: {message} (see --help)", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def positive_int(text):
+    """argparse type: an integer >= 1."""
+    return _int_at_least(text, 1)
+
+
+def nonnegative_int(text):
+    """argparse type: an integer >= 0."""
+    return _int_at_least(text, 0)
+
+
+def _int_at_least(text, low):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}")
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+    return value
+
+
+def nonnegative_float(text):
+    """argparse type: a finite float >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be finite and >= 0, got {text!r}")
+    return value
+
+
+def parse_eps(text):
+    """'0.5', '8/255' -> float >= 0 (pixel units, images in [0, 1])."""
+    try:
+        num, _, den = str(text).partition("/")
+        value = float(num) / float(den) if den else float(num)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"eps must be a number or a fraction like 8/255, got {text!r}")
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"eps must be finite and >= 0, got {text!r}")
+    return value
+
+
+def parse_classes(text, num_classes):
+    """'0-4' -> [0, 1, 2, 3, 4]; '0,3,7' -> [0, 3, 7]; None or '' -> all classes."""
+    if not text:
+        return list(range(num_classes))
+    classes = []
+    try:
+        for part in str(text).split(","):
+            lo, sep, hi = part.partition("-")
+            classes += list(range(int(lo), int(hi) + 1)) if sep else [int(lo)]
+    except ValueError:
+        raise UserError(f"classes must look like 0-4 or 0,3,7, got {text!r}")
+    if not classes or len(set(classes)) != len(classes):
+        raise UserError(f"classes {text!r} select nothing or repeat a class")
+    bad = [c for c in classes if not 0 <= c < num_classes]
+    if bad:
+        raise UserError(f"classes {bad} out of range: the dataset has classes 0-{num_classes - 1}")
+    return classes
+
+
+def add_common_args(p, download=True):
+    """The shared --device, --data-dir (and --no-download) options of every script."""
+    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda or cuda:N")
+    p.add_argument("--data-dir", default="./data", help="where datasets are looked up and downloaded")
+    if download:
+        p.add_argument("--no-download", action="store_true", help="never download; fail if a dataset is absent")
+
+
+def mean_se(values):
+    """(mean, standard error of the mean) of the finite values of a 1-d array or tensor;
+    SE = 0.0 (no noise estimate) for a single value. Used for every reported number."""
+    v = np.asarray(values, dtype=np.float64).ravel()
+    v = v[np.isfinite(v)]
+    se = float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else 0.0
+    return float(v.mean()), se
+
+
+def format_eps(eps):
+    """The key of an eps in file names and tables: '0.5', '0.0313725' (8/255)."""
+    return f"{eps:.6g}"
+
+
+def writable_dir(path):
+    """Create path if needed and check that files can be written in it; returns a Path."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        probe = Path(path) / ".write_test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write to output folder {path}: {e.strerror}")
+    return Path(path)
+
+
+def atomic_save(path, obj):
+    """Write obj to path atomically (temporary file, then os.replace): .pt via torch.save,
+    .json via json.dump, .npy via np.save, bytes or text otherwise. A killed run never leaves
+    a truncated file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        if path.suffix == ".pt":
+            import torch  # only the scripts that write checkpoints need it
+            torch.save(obj, f)
+        elif path.suffix == ".json":
+            f.write(json.dumps(obj, indent=2).encode() + b"\n")
+        elif path.suffix == ".npy":
+            np.save(f, np.asarray(obj))
+        else:
+            f.write(obj if isinstance(obj, bytes) else str(obj).encode())
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- provenance
+
+@functools.lru_cache(maxsize=1)
+def code_revision():
+    """The git commit of this code ('+dirty' with uncommitted changes), or 'unknown'."""
+    try:
+        rev = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short=12", "HEAD"],
+                             capture_output=True, text=True, timeout=10)
+        if rev.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return rev.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+# Options that change where or how fast a script runs, never what it computes.
+NOT_SETTINGS = ("device", "data_dir", "no_download", "out", "resume", "ckpt", "judge")
+
+
+def provenance(settings):
+    """{settings, settings_hash, code_revision} for an output file. settings: a dict (vars of
+    the parsed arguments); options in NOT_SETTINGS are left out, so moving a run elsewhere
+    does not change its hash."""
+    kept = {k: v for k, v in sorted(settings.items()) if k not in NOT_SETTINGS}
+    digest = hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
+    return {"settings": kept, "settings_hash": digest[:16], "code_revision": code_revision()}
+
+
+# ----------------------------------------------------------------------------- progress
+
+class Clock:
+    """Plain progress lines: `clock.log(text)` prints text with the elapsed time, flushed;
+    `clock.progress(items, label)` also reports rate and time left every `every` seconds."""
+
+    def __init__(self, prefix="", every=10.0):
+        self.t0, self.prefix, self.every = time.time(), prefix, every
+
+    def elapsed(self):
+        return time.time() - self.t0
+
+    def log(self, text):
+        print(f"{self.prefix}{text} ({self.elapsed():.1f}s)", flush=True)
+
+    def progress(self, items, label, unit="batches"):
+        """Yield from items (a sized iterable), with a line every `every` seconds."""
+        total, start = len(items), time.time()
+        last = start
+        for i, item in enumerate(items):
+            yield item
+            now = time.time()
+            if now - last >= self.every and i + 1 < total:
+                rate = (i + 1) / (now - start)
+                self.log(f"{label}: {i + 1}/{total} {unit}, {rate:.2f}/s, {(total - i - 1) / rate:.0f}s left")
+                last = now
