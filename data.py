@@ -82,7 +82,9 @@ def _load_mnist_like(name, train, data_dir, download):
     try:
         getattr(torchvision.datasets, tv_name)(root=data_dir, train=train, download=True)
     except Exception as e:  # no network, disk full, ...
-        raise UserError(f"could not download {name} to {data_dir}: {str(e).splitlines()[0]}")
+        hint = ("install the Debian/Ubuntu package dataset-fashion-mnist, or " if name == "fashion-mnist" else "")
+        raise UserError(f"{name} not found and its download failed ({str(e).splitlines()[0][:120]}): "
+                        f"{hint}run once with internet access to fetch it into {data_dir}")
     files = _find_idx(folders[0], train)
     return _read_idx(files[0])[:, None], _read_idx(files[1])
 

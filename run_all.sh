@@ -8,7 +8,8 @@
 #   bash run_all.sh paper --smoke   # the paper code path on tiny synthetic CIFAR-shaped data
 #
 # Environment: SEEDS (default "0"), FORCE=1 (redo every step), OUT (default
-# results/<preset>[-smoke]), PYTHON (default python), DATA_DIR (default ./data).
+# results/<preset>[-smoke]), PYTHON (default python3; without torch a .venv is made, see
+# setup_python.sh), DATA_DIR (default ./data).
 # A step is skipped when its output exists and was made by the same command (recorded in a
 # hidden .<output>.cmd file beside it, with the command of the training it depends on); a
 # changed setting redoes exactly the steps it affects. Training resumes from its last epoch,
@@ -20,7 +21,7 @@ PRESET=${1:-quick}
 SMOKE=${2:-}
 SEEDS=${SEEDS:-0}
 FORCE=${FORCE:-0}
-PY=${PYTHON:-python}
+source setup_python.sh torch torchvision numpy  # sets PY: $PYTHON if it has them, else .venv
 DATA=(--data-dir "${DATA_DIR:-./data}")
 T0=$SECONDS
 

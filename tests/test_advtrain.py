@@ -220,3 +220,18 @@ def test_resume_refuses_other_settings_and_names_them(tmp_path):
             advtrain.main(advtrain.get_args(common_args + changed + ["--resume"]))
     # the same settings (another device or data folder does not count) resume: nothing to redo
     advtrain.main(advtrain.get_args(common_args + ["--eps", "0.5", "--resume", "--device", "cpu"]))
+
+
+def test_absent_fashion_mnist_names_both_remedies(tmp_path, monkeypatch):
+    """No data-dir copy, no system copy, no network: one line with both ways to get the data."""
+    import torchvision
+
+    def offline(*args, **kwargs):
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz: network unreachable")
+
+    monkeypatch.setattr(data, "SYSTEM_FASHION_MNIST", str(tmp_path / "absent"))
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", offline)
+    with pytest.raises(common.UserError) as info:
+        data.load_split("fashion-mnist", True, data_dir=str(tmp_path / "data"))
+    message = str(info.value)
+    assert "\n" not in message and "dataset-fashion-mnist" in message and "internet" in message

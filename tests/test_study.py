@@ -14,6 +14,7 @@ from conftest import ROOT
 FAKE_PYTHON = textwrap.dedent("""\
     #!/usr/bin/env bash
     # Stand-in interpreter: records the call and writes the output the real script would.
+    [ "$1" = -c ] && exit 0  # setup_python.sh asks whether it imports torch: it does
     echo "$1" >> "$CALLS"
     script=$1; shift
     out=""
@@ -58,6 +59,7 @@ def test_run_all_skips_done_steps_and_forces(tmp_path):
 def test_run_all_redoes_exactly_the_steps_whose_settings_changed(tmp_path):
     script = tmp_path / "run_all.sh"
     shutil.copy(ROOT / "run_all.sh", script)
+    shutil.copy(ROOT / "setup_python.sh", tmp_path)
     assert run_all(tmp_path, script=script)[0].returncode == 0
 
     def edit(old, new):  # the first occurrence: the quick preset's

@@ -1,0 +1,41 @@
+# Sourced by run_all.sh and tests/run.sh: `source setup_python.sh MODULE...` sets PY to a
+# Python that can import every MODULE.
+#
+#   - $PYTHON (default python3) is used as it is when it imports them (an active virtual
+#     environment included: it is never modified; one that lacks them is an error).
+#   - Else a project-local virtual environment ($VENV, default .venv beside this file) is
+#     created with the standard library's venv and requirements.txt (plus matplotlib, for the
+#     report's plots) installed into it, once; later runs find it and install nothing.
+# It never runs apt-get or sudo. A failed install stops with one line saying how to install by hand.
+_setup_root=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+_setup_modules=("$@")
+_setup_list=$(IFS=,; echo "${_setup_modules[*]}")
+_setup_imports() { "$1" -c "import $_setup_list" > /dev/null 2>&1; }
+_setup_python=${PYTHON:-python3}
+_setup_venv=${VENV:-$_setup_root/.venv}
+if _setup_imports "$_setup_python"; then
+  PY=$_setup_python
+elif [[ -n "${VIRTUAL_ENV:-}" && -z "${PYTHON:-}" ]]; then
+  echo "error: the active virtual environment $VIRTUAL_ENV lacks one of $_setup_list;" \
+       "install them with: python -m pip install -r $_setup_root/requirements.txt" >&2
+  exit 1
+elif [[ -x "$_setup_venv/bin/python" ]] && _setup_imports "$_setup_venv/bin/python"; then
+  PY=$_setup_venv/bin/python
+else
+  if ! command -v "$_setup_python" > /dev/null 2>&1; then
+    echo "error: no Python found ($_setup_python); install Python 3 or set PYTHON=/path/to/python" >&2
+    exit 1
+  fi
+  echo "setup: $_setup_python cannot import $_setup_list; installing requirements.txt into $_setup_venv (once)"
+  if ! { "$_setup_python" -m venv "$_setup_venv" &&
+         "$_setup_venv/bin/python" -m pip install -q -r "$_setup_root/requirements.txt"; }; then
+    echo "error: could not create $_setup_venv with requirements.txt; install by hand:" \
+         "$_setup_python -m pip install -r $_setup_root/requirements.txt" >&2
+    exit 1
+  fi
+  "$_setup_venv/bin/python" -m pip install -q matplotlib > /dev/null 2>&1 ||
+    echo "setup: matplotlib not installed: the report will have no plots"
+  PY=$_setup_venv/bin/python
+fi
+unset -f _setup_imports
+unset _setup_root _setup_modules _setup_python _setup_venv _setup_list

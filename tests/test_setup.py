@@ -1,0 +1,90 @@
+"""setup_python.sh: which Python run_all.sh and tests/run.sh use, and when a .venv is made.
+Stub interpreters record their calls, so nothing is installed and no network is needed."""
+import os
+import subprocess
+import textwrap
+
+from conftest import ROOT
+
+STUB = textwrap.dedent("""\\
+    #!/usr/bin/env bash
+    # Stand-in Python: imports succeed when its folder holds a file `has-packages`;
+    # `-m venv DIR` makes DIR/bin/python (a copy of itself); `-m pip install` "installs".
+    here=$(cd "$(dirname "$0")" && pwd)
+    echo "$here $*" >> "$CALLS"
+    case "$1 $2" in
+      "-c "*) [ -f "$here/has-packages" ] ;;
+      "-m venv") mkdir -p "$3/bin" && cp "$0" "$3/bin/python" ;;
+      "-m pip") [ "$PIP_FAILS" != 1 ] && touch "$here/has-packages" ;;
+      *) exit 9 ;;
+    esac
+""")
+
+
+def stub_python(folder, has_packages):
+    folder.mkdir(parents=True, exist_ok=True)
+    stub = folder / "python3"
+    stub.write_text(STUB)
+    stub.chmod(0o755)
+    if has_packages:
+        (folder / "has-packages").write_text("")
+    return stub
+
+
+def setup(tmp_path, python=None, pip_fails=False, virtual_env=None, path_first=None):
+    """Source setup_python.sh as run_all.sh does; (exit code, PY it chose, stdout, stderr, calls)."""
+    calls = tmp_path / "calls"
+    calls.write_text("")
+    env = dict(os.environ, CALLS=str(calls), VENV=str(tmp_path / "venv"), PIP_FAILS="1" if pip_fails else "0")
+    env.pop("PYTHON", None)
+    env.pop("VIRTUAL_ENV", None)
+    if python:
+        env["PYTHON"] = str(python)
+    if virtual_env:
+        env["VIRTUAL_ENV"] = str(virtual_env)
+    if path_first:
+        env["PATH"] = f"{path_first}:{env['PATH']}"
+    proc = subprocess.run(["bash", "-c", 'set -euo pipefail; source "$0" torch numpy; echo "PY=$PY"',
+                           str(ROOT / "setup_python.sh")], env=env, capture_output=True, text=True)
+    chosen = [line[3:] for line in proc.stdout.splitlines() if line.startswith("PY=")]
+    return proc.returncode, (chosen or [None])[0], proc.stdout, proc.stderr, calls.read_text().splitlines()
+
+
+def test_python_with_the_packages_is_used_as_it_is(tmp_path):
+    stub = stub_python(tmp_path / "sys", has_packages=True)
+    code, py, out, err, calls = setup(tmp_path, python=stub)
+    assert code == 0 and py == str(stub), err
+    assert not (tmp_path / "venv").exists() and all(" -c " in c for c in calls)
+
+
+def test_python_without_them_gets_a_venv_once(tmp_path):
+    stub = stub_python(tmp_path / "sys", has_packages=False)
+    code, py, out, err, calls = setup(tmp_path, python=stub)
+    venv_python = tmp_path / "venv" / "bin" / "python"
+    assert code == 0 and py == str(venv_python), out + err
+    assert "installing requirements.txt" in out
+    assert any("-m venv" in c for c in calls) and any("-m pip install -q -r" in c and "requirements.txt" in c
+                                                      for c in calls)
+    # the second run finds the venv: nothing is created or installed
+    code, py, out, err, calls = setup(tmp_path, python=stub)
+    assert code == 0 and py == str(venv_python)
+    assert not any("-m venv" in c or "-m pip" in c for c in calls) and "installing" not in out
+
+
+def test_failed_install_is_one_line_naming_the_manual_route(tmp_path):
+    stub = stub_python(tmp_path / "sys", has_packages=False)
+    code, py, out, err, _ = setup(tmp_path, python=stub, pip_fails=True)
+    assert code != 0 and py is None
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "pip install -r" in lines[0] and "requirements.txt" in lines[0], err
+
+
+def test_active_virtual_environment_is_never_modified(tmp_path):
+    active = tmp_path / "active"
+    stub_python(active / "bin", has_packages=False)
+    code, py, out, err, calls = setup(tmp_path, virtual_env=active, path_first=active / "bin")
+    assert code != 0 and "active virtual environment" in err and len(err.strip().splitlines()) == 1
+    assert not any("-m venv" in c or "-m pip" in c for c in calls)
+    (active / "bin" / "has-packages").write_text("")
+    code, py, out, err, calls = setup(tmp_path, virtual_env=active, path_first=active / "bin")
+    assert code == 0 and py == "python3" and not (tmp_path / "venv").exists()
