@@ -42,29 +42,29 @@ def _check_eval(model):
 
 # ----------------------------------------------------------------------------- weights
 
-def log_prob_grad_sqnorms(model, x, labels, chunk=64):
-    """Squared norm of grad_w log p(labels[n, j] | x_n), per example, per label, per layer.
+def logit_vjp_sqnorms(model, x, directions, chunk=64):
+    """Squared norms ||J_w(x_n)^T u_{n,l}||^2 per example, per direction, per layer, with
+    J_w = d logits / d w.
 
-    x [N, C, H, W], labels int64 [N, L] -> {layer: [N, L]}, one gradient per (example,
-    label) with torch.func: vmap over examples of jacrev (a vmap over labels of vjps) of
-    functional_call, so the forward pass is shared by the labels of an example. w is every
-    parameter of the model, BatchNorm's weight and bias included (not its running
-    statistics, which are buffers); a layer is the module that owns the parameters
-    ("body.0.0", "head"). Memory ~ chunk * L * (number of parameters) floats.
+    x [N, C, H, W], directions [N, L, k] (constant vectors in logit space) -> {layer: [N, L]}.
+    grad_w log p(y|x) = J_w^T (e_y - p), so u = e_y - p gives the gradient norms of log
+    p(y|x), and the rows of a factor of diag p - p p^T give the Fisher's trace (see
+    fisher_trace_weights). torch.func: vmap over examples of jacrev (L vjps sharing one
+    forward pass) of functional_call. w is every parameter of the model, BatchNorm's weight and
+    bias included (not its running statistics, which are buffers); a layer is the module
+    that owns the parameters ("body.0.0", "head"). Memory ~ chunk * L * (parameters) floats.
     """
     _check_eval(model)
     params = {k: v.detach() for k, v in model.named_parameters()}
     buffers = {k: v.detach() for k, v in model.named_buffers()}
 
-    def log_probs(params, xi, yi):  # xi [C, H, W], yi [L] -> log p(yi | xi) [L]
-        logits = functional_call(model, (params, buffers), (xi[None],))[0]
-        return torch.log_softmax(logits, -1).gather(0, yi)
+    def projected_logits(params, xi, ui):  # xi [C, H, W], ui [L, k] -> ui @ logits [L]
+        return ui @ functional_call(model, (params, buffers), (xi[None],))[0]
 
-    # jacrev: one forward per example, then L vjps (vmapped); name -> [c, L, *shape]
-    per_label_grads = vmap(jacrev(log_probs), in_dims=(None, 0, 0))
+    per_direction_grads = vmap(jacrev(projected_logits), in_dims=(None, 0, 0))
     chunks = []
     for i in range(0, len(x), chunk):
-        grads = per_label_grads(params, x[i:i + chunk], labels[i:i + chunk])
+        grads = per_direction_grads(params, x[i:i + chunk], directions[i:i + chunk])  # name -> [c, L, *shape]
         sqnorms = {}
         for name, g in grads.items():
             layer = name.rpartition(".")[0]  # "body.0.1.weight" -> "body.0.1"
@@ -73,27 +73,45 @@ def log_prob_grad_sqnorms(model, x, labels, chunk=64):
     return {layer: torch.cat([c[layer] for c in chunks]) for layer in chunks[0]}
 
 
+def fisher_factor(probs):
+    """L [N, k, k - 1] with L L^T = diag p - p p^T for each row p of probs [N, k].
+
+    diag p - p p^T has the constant vector in its null space (rank <= k - 1), so k - 1
+    columns suffice: its eigenvectors scaled by the square roots of the other k - 1
+    eigenvalues (eigh in float64; the smallest eigenvalue, ~0, is the one dropped).
+    """
+    p = probs.double()
+    p = p / p.sum(1, keepdim=True)  # a float32 softmax sums to 1 only within ~1e-7
+    cov = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    eigenvalues, eigenvectors = torch.linalg.eigh(cov)  # ascending
+    return (eigenvectors[:, :, 1:] * eigenvalues[:, None, 1:].clamp_min(0).sqrt()).to(probs.dtype)
+
+
 def fisher_trace_weights(model, x, y=None, chunk=64, label_samples=None, generator=None):
     """Per-example trace of the weights' Fisher, eq. (1): tr F_w(x) = E_y ||grad_w log p(y|x)||^2.
 
     x [N, C, H, W] -> (trace [N], {layer: [N]}), the per-layer traces summing to the trace.
-    y=None: y ~ p(y|x), exactly (sum over the k classes weighted by p, k gradients per
-    example) if label_samples is None, else the mean over `label_samples` draws from p.
-    y [N] given: the empirical Fisher ||grad_w log p(y_n|x_n)||^2 of those (true) labels.
-    All parameters count, BatchNorm's included. Model in eval mode.
+    y=None: y ~ p(y|x), exactly if label_samples is None: E_y g_y g_y^T = J_w^T (diag p - p p^T)
+    J_w, so the trace is ||L^T J_w||_F^2 with L L^T = diag p - p p^T (fisher_factor): k - 1
+    vjps per example instead of one per class. With label_samples, the mean over that many
+    draws from p (for many classes). y [N] given: the empirical Fisher ||grad_w log
+    p(y_n|x_n)||^2 of those (true) labels. All parameters count, BatchNorm's included. Model
+    in eval mode.
     """
     _check_eval(model)
     with torch.no_grad():
         probs = torch.cat([torch.softmax(model(x[i:i + chunk]), -1) for i in range(0, len(x), chunk)])
     n, k = probs.shape
+    if y is None and label_samples is None:
+        directions = fisher_factor(probs).transpose(1, 2)  # [N, k - 1, k]
+        per_layer = {layer: sq.sum(1) for layer, sq in logit_vjp_sqnorms(model, x, directions, chunk).items()}
+        return sum(per_layer.values()), per_layer
     if y is not None:
-        labels, weights = y.view(n, 1), torch.ones(n, 1, device=x.device)
-    elif label_samples is None:
-        labels, weights = torch.arange(k, device=x.device).expand(n, k), probs
+        labels = y.view(n, 1)
     else:
         labels = torch.multinomial(probs.cpu(), label_samples, replacement=True, generator=generator).to(x.device)
-        weights = torch.full((n, label_samples), 1 / label_samples, device=x.device)
-    per_layer = {layer: (sq * weights).sum(1) for layer, sq in log_prob_grad_sqnorms(model, x, labels, chunk).items()}
+    directions = torch.eye(k, device=x.device)[labels] - probs[:, None, :]  # e_y - p [N, L, k]
+    per_layer = {layer: sq.mean(1) for layer, sq in logit_vjp_sqnorms(model, x, directions, chunk).items()}
     return sum(per_layer.values()), per_layer
 
 

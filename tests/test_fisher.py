@@ -70,6 +70,15 @@ def test_weights_trace_exact_matches_per_example_loop(tiny):
     assert rel_err(trace, sum((probs * sq).sum(1) for sq in expected.values())) < 1e-4
 
 
+def test_fisher_factor_has_k_minus_1_columns_and_reproduces_the_covariance():
+    probs = torch.softmax(torch.randn(6, 5, generator=torch.Generator().manual_seed(0)).double() * 3, -1)
+    probs[0] = torch.tensor([1.0, 0, 0, 0, 0], dtype=torch.float64)  # a certain prediction: M = 0
+    factor = fisher.fisher_factor(probs)
+    assert factor.shape == (6, 5, 4)
+    expected = torch.diag_embed(probs) - probs[:, :, None] * probs[:, None, :]
+    torch.testing.assert_close(factor @ factor.transpose(1, 2), expected, atol=1e-12, rtol=0)
+
+
 def test_weights_trace_empirical_uses_the_given_labels(tiny):
     model, x = tiny
     y = torch.tensor([2, 0, 1, 2])
