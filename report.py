@@ -439,7 +439,10 @@ def judge_c1(rows, norm):
     else:
         radius = REFERENCE_RADIUS[norm]
         robust = trend(g, robust_at(norm, radius), f"robust acc ({norm} {format_eps(radius)})", +1)
-    others = [e for e in radii(g, norm) if not same(e, REFERENCE_RADIUS.get(norm, -1.0))]
+    # other radii at which every run was attacked (a training radius attacked on its own run
+    # only has no paired contrast): evidence only
+    common = [e for e in radii(g, norm) if all(robust_acc(r, norm, e) is not None for r in g)]
+    others = [e for e in common if not same(e, REFERENCE_RADIUS.get(norm, -1.0))]
     extra = [trend(g, robust_at(norm, e), f"robust acc ({norm} {format_eps(e)})", +1)["evidence"]
              for e in others]
     return with_extra(combine([clean, robust]), extra)
@@ -596,17 +599,19 @@ def cell(values):
 
 
 def columns(rows):
-    """(header, value of a row) for every quantity present in some run."""
-    cols = [("clean acc", clean_acc)]
+    """{table title: [(header, value of a row)]} for every quantity present in some run."""
+    accuracy = [("clean acc", clean_acc)]
     for norm in sorted({r["norm"] for row in rows for r in row["robust_acc"]}):
         for e in radii(rows, norm):
-            cols.append((f"robust {norm} {format_eps(e)}", robust_at(norm, e)))
-    cols += [(k, fisher_of(k)) for k in FISHER_KEYS if any(k in r["fisher"] for r in rows)]
-    cols += [(f"transfer {t}", transfer_to(t)) for t in sorted({t for r in rows for t in r["transfer"]})]
+            accuracy.append((f"robust {norm} {format_eps(e)}", robust_at(norm, e)))
+    fisher = [(k, fisher_of(k)) for k in FISHER_KEYS if any(k in r["fisher"] for r in rows)]
+    transfer = [(f"transfer {t}", transfer_to(t)) for t in sorted({t for r in rows for t in r["transfer"]})]
+    inversion = []
     for method in sorted({m for r in rows for m in r["invert"]}):
         for k in ("ssim", "psnr", "judge_acc"):
-            cols.append((f"{method} {k}", (lambda m, k: lambda r: r["invert"].get(m, {}).get(k))(method, k)))
-    return cols
+            inversion.append((f"{method} {k}", (lambda m, k: lambda r: r["invert"].get(m, {}).get(k))(method, k)))
+    return {"Accuracy": accuracy, "Fisher information": fisher, "Linear transfer": transfer,
+            "Inversion": inversion}
 
 
 def table_cells(rows):
@@ -622,11 +627,19 @@ def table_cells(rows):
 
 
 def results_table(rows):
-    cols = columns(rows)
-    lines = ["| norm | eps | seeds | " + " | ".join(h for h, _ in cols) + " |", "|" + "---|" * (3 + len(cols))]
-    for label, e, runs in table_cells(rows):
-        values = [cell([f(r) for r in runs]) for _, f in cols]
-        lines.append(f"| {label} | {format_eps(e)} | {len({r['seed'] for r in runs})} | " + " | ".join(values) + " |")
+    """One Markdown table per group of columns; a row per (norm, eps), skipping rows with no value."""
+    lines = []
+    for title, cols in columns(rows).items():
+        if not cols:
+            continue
+        lines += [f"## {title}", "", "| norm | eps | seeds | " + " | ".join(h for h, _ in cols) + " |",
+                  "|" + "---|" * (3 + len(cols))]
+        for label, e, runs in table_cells(rows):
+            values = [cell([f(r) for r in runs]) for _, f in cols]
+            if any(values):
+                lines.append(f"| {label} | {format_eps(e)} | {len({r['seed'] for r in runs})} | "
+                             + " | ".join(values) + " |")
+        lines.append("")
     return lines
 
 

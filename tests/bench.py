@@ -2,6 +2,7 @@
 
     python tests/bench.py            # full run, a few minutes on two CPU cores
     python tests/bench.py --quick    # smaller sizes, under a minute (run by the test suite)
+    python tests/bench.py --study results/quick   # and the quick study's time split (after run_all.sh)
 
 Prints a Markdown table. Ratios compare two timings taken on the same inputs in the same
 process (medians over repeats after a warm-up), so they stay meaningful on a noisy machine.
@@ -78,14 +79,74 @@ def trained_cnn(n=5000, epochs=1):
     return model.eval()
 
 
+def nngeometry_trace(model, x):
+    """tr F_w by nngeometry's diagonal FIM (the true Fisher, k - 1 backward passes per
+    example), or None when nngeometry is not importable (it is not a dependency)."""
+    try:
+        from nngeometry.metrics import FIM
+        from nngeometry.object import PMatDiag
+    except ImportError:
+        return None
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=64)
+    return FIM(model, loader, PMatDiag, variant="classif_logits", device="cpu").trace().item()
+
+
 def bench_fisher(model, n, repeats):
-    """vmap(jacrev) weights trace vs the per-example Python loop of the tests, same data."""
+    """Weights trace: ours (k - 1 vjps per example, vmap(jacrev)) vs one vjp per class (the
+    same vmap with e_y - p directions), the per-example Python loop of the tests, and
+    nngeometry's diagonal FIM when importable; same data, one thread. Returns {name: (seconds, trace)}."""
     from test_fisher import loop_grad_sqnorms
     x, _ = fashion_mnist(n, train=False)
-    fast = median_time(lambda: fisher.fisher_trace_weights(model, x, chunk=64), repeats)
-    loop = median_time(lambda: loop_grad_sqnorms(model, x), 1, warmup=0)
+    with torch.no_grad():
+        probs = torch.softmax(model(x), -1)
+    k = probs.shape[1]
+
+    def per_class():  # E_y ||J^T (e_y - p)||^2 with one vjp per class
+        directions = torch.eye(k)[None] - probs[:, None, :]
+        sq = sum(fisher.logit_vjp_sqnorms(model, x, directions).values())
+        return (probs * sq).sum(1)
+
+    def loop():
+        return (probs * sum(loop_grad_sqnorms(model, x).values())).sum(1)
+
+    results = {}
+    for name, fn in (("ours, k - 1 vjps", lambda: fisher.fisher_trace_weights(model, x)[0]),
+                     ("one vjp per class", per_class), ("per-example loop", loop)):
+        results[name] = (median_time(fn, repeats if name != "per-example loop" else 1), fn().mean().item())
+    if nngeometry_trace(model, x[:8]) is not None:
+        results["nngeometry PMatDiag"] = (median_time(lambda: nngeometry_trace(model, x), repeats),
+                                          nngeometry_trace(model, x))
     power = median_time(lambda: fisher.input_fisher_lambda_max(model, x), repeats)
-    return fast, loop, power / n
+    return results, power / n
+
+
+def bench_channels_last(batch, repeats):
+    """Time of a PGD-3 training step of the cnn in channels_last / contiguous layout."""
+    x, y = fashion_mnist(batch)
+    times = []
+    for layout in (torch.contiguous_format, torch.channels_last):
+        model = model_for("cnn").to(memory_format=layout)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
+        times.append(median_time(lambda: advtrain.train_epoch(
+            model, opt, x, y, batch_size=batch, eps=0.5, steps=3,
+            channels_last=layout == torch.channels_last), repeats))
+    return times
+
+
+def study_split(results_dir):
+    """The study's wall time and its split by stage and seed, from run_all.sh's steps.tsv
+    (cell, step, seconds per step; `total study` is the wall time)."""
+    lines = [line.split("\t") for line in (Path(results_dir) / "steps.tsv").read_text().splitlines()]
+    wall = sum(int(s) for cell, step, s in lines if cell == "total")
+    stages, seeds = {}, {}
+    for cell, step, seconds in lines:
+        if cell == "total":
+            continue
+        stage = {"metrics": "train"}.get(step, step)
+        stages[stage] = stages.get(stage, 0) + int(seconds)
+        seed = cell.rpartition("_seed")[2] if "_seed" in cell else cell
+        seeds[seed] = seeds.get(seed, 0) + int(seconds)
+    return wall, stages, seeds
 
 
 def sgd_linear_head(model, x, y, x_test, y_test, epochs, batch=128, lr=0.1):
@@ -139,6 +200,8 @@ def bench_inversion(model, n, steps, repeats):
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small sizes, under a minute")
+    p.add_argument("--study", default=None, help="also split the wall time of a run_all.sh results folder "
+                   "(its steps.tsv) by stage and seed, e.g. results/quick")
     return p.parse_args(argv)
 
 
@@ -159,14 +222,25 @@ def main(args):
                          f"{ratio:.2f}", "<= 1.0", "met" if ratio <= 1.0 else "missed"))
             print(f"  {rows[-1]}", flush=True)
 
+    before, after = bench_channels_last(128, reps)
+    rows.append(("PGD-3 training step, cnn, batch 128: channels_last vs contiguous",
+                 f"{after * 1e3:.0f} ms vs {before * 1e3:.0f} ms", f"{after / before:.2f}", "< 1",
+                 "met" if after < before else "missed"))
+    print(f"  {rows[-1]}", flush=True)
+
     model = trained_cnn(2000 if q else 5000)
     n = 32 if q else 128
-    fast, loop, power = bench_fisher(model, n, reps)
-    rows.append((f"Fisher weights trace, cnn, {n} examples, exact over 5 classes",
-                 f"vmap {fast:.2f} s vs per-example loop {loop:.2f} s", f"{loop / fast:.1f}x", ">= 5x",
-                 "met" if loop / fast >= 5 else "missed"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the Fisher comparison is on one thread, as run_all.sh runs it
+    fisher_times, power = bench_fisher(model, n, reps)
+    torch.set_num_threads(threads)
+    ours = fisher_times["ours, k - 1 vjps"][0]
+    for name, (seconds, trace) in fisher_times.items():
+        rows.append((f"Fisher weights trace, cnn, {n} examples, 5 classes, 1 thread: {name}",
+                     f"{seconds:.2f} s (mean trace {trace:.4g})", f"{seconds / ours:.2f}x ours", "", ""))
+        print(f"  {rows[-1]}", flush=True)
     rows.append(("input-Fisher lambda_max (Lanczos, jvp/vjp), cnn", f"{power * 1e3:.1f} ms per example", "", "", ""))
-    print(f"  {rows[-2]}\n  {rows[-1]}", flush=True)
+    print(f"  {rows[-1]}", flush=True)
 
     n_train, epochs = (2000, 30) if q else (5000, 150)
     probe_time, probe_acc, sgd_time, sgd_acc = bench_transfer(model, n_train, epochs)
@@ -186,6 +260,13 @@ def main(args):
     print("\n| stage | measured | ratio | target | |\n|---|---|---|---|---|")
     for r in rows:
         print("| " + " | ".join(r) + " |")
+    if args.study:
+        wall, stages, seeds = study_split(args.study)
+        print(f"\nstudy {args.study}: wall time {wall // 60} min {wall % 60} s; step seconds summed over jobs:")
+        print("| stage | seconds |\n|---|---|")
+        for stage, seconds in stages.items():
+            print(f"| {stage} | {seconds} |")
+        print("| " + " | ".join(f"seed {k}: {v} s" if k.isdigit() else f"{k}: {v} s" for k, v in seeds.items()) + " |")
 
 
 if __name__ == "__main__":
