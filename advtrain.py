@@ -15,16 +15,20 @@ eps is in pixel units. pgd_attack, accuracy, train_epoch and evaluate take a mod
 """
 import argparse
 import json
+import math
+import os
 import time
+from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from common import (ArgumentParser, Clock, UserError, add_common_args, atomic_save, format_eps,
                     nonnegative_int, parse_classes, parse_eps, positive_int, provenance, user_errors,
                     writable_dir)
 from data import DATASETS, load_split, random_crop_flip
-from models import ARCHS, build_model, get_device, read_checkpoint
+from models import ARCHS, build_model, get_device, load_checkpoint, read_checkpoint
 
 NORMS = ("l2", "linf")
 
@@ -75,17 +79,154 @@ def pgd_attack(model, x, y, norm, eps, steps, step_size=None, random_start=True)
     return (x + delta).detach()
 
 
-def accuracy(model, x, y, batch_size=500, norm="l2", eps=0.0, steps=0, restarts=1, step_size=None):
-    """Accuracy on (x, y), clean (eps = 0) or under PGD; an example counts as correct only if
-    it survives every restart. Batched; x may live on any device, batches move to the model's."""
+def _project(x_adv, x, norm, eps):
+    """x_adv projected onto the eps-ball around x (per example) and onto [0, 1]."""
+    delta = x_adv - x
+    if norm == "linf":
+        delta = delta.clamp(-eps, eps)
+    else:
+        delta = delta * (eps / _per_sample_norm(delta)).clamp(max=1.0)
+    return (x + delta).clamp(0, 1)
+
+
+def dlr_targeted_loss(logits, y, target):
+    """Targeted difference-of-logits-ratio loss of Croce and Hein 2020, per example [N]:
+    -(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2), pi the logits sorted in decreasing order.
+    Invariant to shifts and scales of the logits; needs at least 4 classes."""
+    s = logits.sort(1, descending=True).values
+    z_y, z_t = logits.gather(1, y[:, None])[:, 0], logits.gather(1, target[:, None])[:, 0]
+    return -(z_y - z_t) / (s[:, 0] - 0.5 * (s[:, 2] + s[:, 3]) + 1e-12)
+
+
+def _apgd_checkpoints(steps):
+    """The iterations at which APGD may halve its step: p_0 = 0, p_1 = 0.22,
+    p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06), times the number of steps."""
+    p = [0.0, 0.22]
+    while p[-1] < 1:
+        p.append(p[-1] + max(p[-1] - p[-2] - 0.03, 0.06))
+    return {math.ceil(q * steps - 1e-9) for q in p[1:]}  # 0.22 * 100 is 22.000000000000004
+
+
+def apgd_single(model, x, y, norm, eps, steps=100, loss_fn=None, rho=0.75, momentum=0.75):
+    """One run of APGD (Croce and Hein 2020, Algorithm 1) maximising loss_fn(logits, y) [N]
+    (default cross-entropy) within the eps-ball around x [N, C, H, W] and [0, 1].
+
+    Step size 2 eps, halved for an example at a checkpoint when fewer than rho of its steps
+    since the last checkpoint raised its loss, or when its step and best loss did not change
+    (then it restarts from its best point); momentum 0.75 between successive iterates. Sign
+    steps for linf, normalised gradient steps for l2; random start in the ball; input-only
+    gradients, model in eval mode. Returns, per example, the first misclassified iterate
+    found, else the iterate of highest loss (detached).
+    """
+    loss_fn = loss_fn or (lambda logits, y: F.cross_entropy(logits, y, reduction="none"))
+    view = (-1,) + (1,) * (x.dim() - 1)
+
+    def loss_and_grad(x_adv):
+        with torch.enable_grad():
+            x_adv = x_adv.detach().requires_grad_(True)
+            logits = model(x_adv)
+            loss = loss_fn(logits, y)
+            (grad,) = torch.autograd.grad(loss.sum(), x_adv)
+        return loss.detach(), grad.detach(), logits.detach().argmax(1) != y
+
+    def ascent(grad):
+        return grad.sign() if norm == "linf" else grad / _per_sample_norm(grad)
+
+    x = x.detach()
+    start = (torch.rand_like(x) * 2 - 1) if norm == "linf" else torch.randn_like(x)
+    start = start * eps / (start.abs().flatten(1).amax(1) if norm == "linf" else start.flatten(1).norm(dim=1)).view(view)
+    x_cur = _project(x + start, x, norm, eps)
+    loss_cur, grad, fooled = loss_and_grad(x_cur)
+    x_adv = torch.where(fooled.view(view), x_cur, x)  # first misclassified point per example
+    x_best, loss_best, grad_best = x_cur, loss_cur, grad
+    x_prev, eta = x_cur, torch.full((len(x),), 2.0 * eps, device=x.device)
+    checkpoints, last, increases = _apgd_checkpoints(steps), 0, torch.zeros(len(x), device=x.device)
+    eta_last, loss_best_last = eta.clone(), loss_best.clone()
+    for k in range(steps):
+        z = _project(x_cur + eta.view(view) * ascent(grad), x, norm, eps)
+        a = momentum if k > 0 else 1.0
+        x_new = _project(x_cur + a * (z - x_cur) + (1 - a) * (x_cur - x_prev), x, norm, eps)
+        loss_new, grad_new, fooled_new = loss_and_grad(x_new)
+        x_adv = torch.where((fooled_new & ~fooled).view(view), x_new, x_adv)
+        fooled |= fooled_new
+        increases += (loss_new > loss_cur).float()
+        better = loss_new > loss_best
+        x_best = torch.where(better.view(view), x_new, x_best)
+        grad_best = torch.where(better.view(view), grad_new, grad_best)
+        loss_best = torch.where(better, loss_new, loss_best)
+        x_prev, x_cur, loss_cur, grad = x_cur, x_new, loss_new, grad_new
+        if k + 1 in checkpoints:
+            stalled = (eta == eta_last) & (loss_best <= loss_best_last)
+            halve = (increases < rho * (k + 1 - last)) | stalled
+            eta_last, loss_best_last = eta.clone(), loss_best.clone()
+            eta = torch.where(halve, eta / 2, eta)
+            x_cur = torch.where(halve.view(view), x_best, x_cur)
+            grad = torch.where(halve.view(view), grad_best, grad)
+            increases.zero_()
+            last = k + 1
+    return torch.where(fooled.view(view), x_adv, x_best).detach()
+
+
+def apgd_attack(model, x, y, norm, eps, steps=100, restarts=1, targets=3):
+    """APGD evaluation (Croce and Hein 2020): APGD on the cross-entropy, then targeted APGD on
+    the DLR loss towards each of the `targets` most likely other classes, each repeated over
+    `restarts` random starts; an example falls to the first run that misclassifies it, so the
+    result is each example's worst case over the runs. Calling convention of pgd_attack: x
+    [N, C, H, W] in [0, 1], y [N]; returns x_adv within the eps-ball and [0, 1] (for examples
+    no run fooled, the last run's point of highest loss). Targeted runs need >= 4 classes.
+    """
+    if norm not in ("l2", "linf"):
+        raise ValueError(f"norm must be 'l2' or 'linf', got {norm!r}")
+    was_training = model.training
+    model.eval()
+    x, x_adv = x.detach(), x.detach().clone()
+    with torch.no_grad():
+        logits = model(x)
+    robust = logits.argmax(1) == y  # a clean mistake needs no attack
+    others = logits.clone()
+    others[torch.arange(len(y)), y] = -float("inf")
+    ranked = others.argsort(1, descending=True)  # the other classes, most likely first
+    runs = [None] + (list(range(min(targets, logits.shape[1] - 1))) if logits.shape[1] >= 4 else [])
+    for _ in range(restarts):
+        for t in runs:
+            idx = robust.nonzero()[:, 0]
+            if len(idx) == 0:
+                break
+            loss_fn = None if t is None else (lambda lg, yy, tt=ranked[idx, t]: dlr_targeted_loss(lg, yy, tt))
+            xa = apgd_single(model, x[idx], y[idx], norm, eps, steps, loss_fn)
+            with torch.no_grad():
+                fooled = model(xa).argmax(1) != y[idx]
+            x_adv[idx] = xa
+            robust[idx[fooled]] = False
+    model.train(was_training)
+    return x_adv
+
+
+EVAL_ATTACKS = ("pgd", "apgd", "apgd-ce")
+
+
+def accuracy(model, x, y, batch_size=500, norm="l2", eps=0.0, steps=0, restarts=1, step_size=None, attack="pgd"):
+    """Accuracy on (x, y), clean (eps = 0) or under attack: "pgd", "apgd" (APGD-CE and three
+    targeted APGD-DLR runs, the worst case per example) or "apgd-ce" (APGD on the cross-entropy
+    alone); an example counts as correct only if it survives every restart. Batched; x may
+    live on any device, batches move to the model's."""
     device = next(model.parameters()).device
     model.eval()
     correct = 0
     for i in range(0, len(x), batch_size):
         xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
+        if eps == 0:
+            with torch.no_grad():
+                correct += (model(xb).argmax(1) == yb).sum().item()
+            continue
+        if attack.startswith("apgd"):  # restarts are inside apgd_attack, which stops attacking fooled examples
+            xa = apgd_attack(model, xb, yb, norm, eps, steps, restarts, targets=0 if attack == "apgd-ce" else 3)
+            with torch.no_grad():
+                correct += (model(xa).argmax(1) == yb).sum().item()
+            continue
         ok = torch.ones_like(yb, dtype=torch.bool)
-        for _ in range(restarts if eps > 0 else 1):
-            xa = pgd_attack(model, xb, yb, norm, eps, steps, step_size) if eps > 0 else xb
+        for _ in range(restarts):
+            xa = pgd_attack(model, xb, yb, norm, eps, steps, step_size)
             with torch.no_grad():
                 ok &= model(xa).argmax(1) == yb
         correct += ok.sum().item()
@@ -101,7 +242,7 @@ def lr_at(step, total_steps, max_lr, warmup=0.25):
 
 
 def train_epoch(model, opt, x, y, *, batch_size=128, norm="l2", eps=0.0, steps=3, step_size=None,
-                lr_schedule=None, step0=0, augment=False, amp=False, channels_last=False):
+                lr_schedule=None, step0=0, augment=False, amp=False, channels_last=False, rank=0, world_size=1):
     """One epoch of (adversarial) training over in-memory tensors x [N, C, H, W], y [N].
 
     Each batch (in a random order from the global RNG) is replaced by its PGD adversarial
@@ -109,37 +250,59 @@ def train_epoch(model, opt, x, y, *, batch_size=128, norm="l2", eps=0.0, steps=3
     random crop and flip (augment). lr_schedule: global step -> learning rate, applied before
     every step (None leaves the optimizer's rate); step0 is the global step of the first batch.
     amp (bf16 autocast) is for CUDA; channels_last (the batch's memory layout) pays on CPU too.
+    Under torchrun (model wrapped in DistributedDataParallel, world_size processes), batch_size
+    is the global batch: every process draws the same order and takes every world_size-th
+    example of each batch from its rank on, and its loss is scaled so that DDP's average of the
+    gradients is the gradient of the global batch's mean loss.
     Returns (mean loss, train accuracy on the examples it trained on, next global step).
     """
     device = next(model.parameters()).device
+    attacked = getattr(model, "module", model)  # DDP's network: input gradients need no gradient sync
     order = torch.randperm(len(x))
-    loss_sum, correct, step = 0.0, 0, step0
+    loss_sum, correct, count, step = 0.0, 0, 0, step0
     for i in range(0, len(x), batch_size):
         idx = order[i:i + batch_size]
+        n_global = len(idx)
+        if world_size > 1:
+            idx = idx[rank::world_size]  # this process's share of the global batch
         xb, yb = x[idx].to(device, non_blocking=True), y[idx].to(device, non_blocking=True)
         if augment:
             xb = random_crop_flip(xb)
         if channels_last:
             xb = xb.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            xb = pgd_attack(model, xb, yb, norm, eps, steps, step_size)
+            xb = pgd_attack(attacked, xb, yb, norm, eps, steps, step_size)
             model.train()
             logits = model(xb)
             loss = F.cross_entropy(logits.float(), yb)
+        mean_loss = loss.item()
+        if world_size > 1:  # DDP averages over processes: weight each by its share of the batch
+            loss = loss * (len(yb) * world_size / n_global)
         if lr_schedule is not None:
             for group in opt.param_groups:
                 group["lr"] = lr_schedule(step)
+        if not math.isfinite(mean_loss):  # stop before the step: no poisoned weights are ever saved
+            raise FloatingPointError(f"loss is {mean_loss} at step {step - step0 + 1} of the epoch")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         step += 1
-        loss_sum += loss.item() * len(yb)
+        loss_sum += mean_loss * len(yb)
         correct += (logits.argmax(1) == yb).sum().item()
-    return loss_sum / len(x), correct / len(x), step
+        count += len(yb)
+    if world_size > 1:
+        # every process leaves with process 0's BatchNorm statistics, the ones the checkpoint
+        # saves: the guard, the next epoch's attacks and evaluation then agree across processes
+        broadcast_buffers(attacked)
+        totals = torch.tensor([loss_sum, correct, count], dtype=torch.float64, device=device)
+        dist.all_reduce(totals)
+        loss_sum, correct, count = totals.tolist()
+    return loss_sum / count, correct / count, step
 
 
-def evaluate(model, x, y, radii, *, batch_size=500, steps=20, restarts=1):
-    """Clean accuracy and PGD accuracy at every (norm, eps) of radii.
+def evaluate(model, x, y, radii, *, batch_size=500, steps=20, restarts=1, attack="pgd"):
+    """Clean accuracy and robust accuracy under `attack` ("pgd" or "apgd") at every (norm, eps)
+    of radii.
 
     Returns {"clean_acc": float, "robust_acc": [{"norm", "eps", "attack", "steps", "restarts",
     "acc"}, ...]}: each robust number names its norm, radius and attack, so radii of different
@@ -148,10 +311,51 @@ def evaluate(model, x, y, radii, *, batch_size=500, steps=20, restarts=1):
     robust = []
     for norm, eps in sorted(set(radii)):
         if eps > 0:
-            acc = accuracy(model, x, y, batch_size, norm, eps, steps, restarts)
-            robust.append({"norm": norm, "eps": eps, "attack": "pgd", "steps": steps,
+            acc = accuracy(model, x, y, batch_size, norm, eps, steps, restarts, attack=attack)
+            robust.append({"norm": norm, "eps": eps, "attack": attack, "steps": steps,
                            "restarts": restarts, "acc": acc})
     return {"clean_acc": accuracy(model, x, y, batch_size), "robust_acc": robust}
+
+
+def init_distributed(device):
+    """Under torchrun (WORLD_SIZE, RANK, LOCAL_RANK set), join the process group: NCCL on CUDA
+    (one GPU per process, by LOCAL_RANK), gloo on CPU. Returns (rank, world_size, device);
+    (0, 1, device) for a plain single-process run, which pays nothing for this."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), world_size, device
+
+
+def broadcast_buffers(net):
+    """Process 0's buffers (BatchNorm running statistics) to every process: each process's
+    training forward updates its own copy from its share of the batch."""
+    for buffer in net.buffers():
+        dist.broadcast(buffer, 0)
+
+
+def reduce_metrics(metrics, n_local, world_size):
+    """Evaluation sharded over processes: every accuracy of evaluate()'s result becomes the
+    accuracy over all shards (weighted by their sizes). Unchanged for one process."""
+    if world_size == 1:
+        return metrics
+    values = torch.tensor([n_local, metrics["clean_acc"] * n_local] + [r["acc"] * n_local for r in metrics["robust_acc"]],
+                          dtype=torch.float64)
+    dist.all_reduce(values)
+    metrics["clean_acc"] = (values[1] / values[0]).item()
+    for r, v in zip(metrics["robust_acc"], values[2:]):
+        r["acc"] = (v / values[0]).item()
+    return metrics
+
+
+def collapsed(history, drop):
+    """Catastrophic overfitting guard: True when the last guard accuracy fell more than `drop`
+    below the best so far (history: one robust accuracy per epoch)."""
+    return len(history) > 1 and history[-1] < max(history) - drop
 
 
 # ----------------------------------------------------------------------------- script
@@ -165,7 +369,8 @@ def parse_radius(text):
 
 
 def get_args(argv=None):
-    p = ArgumentParser(description="PGD adversarial training (eps 0 = standard training) and evaluation.")
+    p = ArgumentParser(description="Adversarial training (eps 0 = standard training) and evaluation; "
+                       "--eval-only evaluates any checkpoint.")
     p.add_argument("--dataset", default="fashion-mnist", choices=list(DATASETS), help="training dataset")
     p.add_argument("--classes", default=None, help="classes to keep and relabel 0..k-1, e.g. 0-4 or 0,3,7 (default all)")
     p.add_argument("--train-size", type=positive_int, default=None, help="use the first N training examples (default all)")
@@ -175,26 +380,48 @@ def get_args(argv=None):
     p.add_argument("--norm", default="l2", choices=NORMS, help="threat model of training")
     p.add_argument("--eps", type=parse_eps, default=0.0,
                    help="training radius in pixel units (images in [0, 1]), fractions ok (8/255); 0 = standard training")
+    p.add_argument("--attack", default="pgd", choices=("pgd", "fgsm"),
+                   help="training attack: pgd (--steps steps) or fgsm (one step of 1.25 eps from a random start, "
+                        "Wong et al. 2020, with the catastrophic-overfitting guard)")
     p.add_argument("--steps", type=nonnegative_int, default=3, help="PGD steps during training")
-    p.add_argument("--step-size", type=parse_eps, default=None, help="PGD step size (default 2.5 * eps / steps)")
+    p.add_argument("--step-size", type=parse_eps, default=None,
+                   help="attack step size (default 2.5 * eps / steps for pgd, 1.25 * eps for fgsm)")
+    p.add_argument("--guard-size", type=positive_int, default=512,
+                   help="fgsm: the last N training examples are held out to watch PGD accuracy after every epoch")
+    p.add_argument("--guard-drop", type=float, default=0.2,
+                   help="fgsm: stop, keeping the best epoch's weights, when held-out PGD accuracy falls this much "
+                        "below its best (accuracy units)")
     p.add_argument("--epochs", type=positive_int, default=5, help="training epochs")
     p.add_argument("--batch-size", type=positive_int, default=128, help="examples per step")
     p.add_argument("--lr", type=float, default=0.05, help="peak learning rate of the one-cycle schedule")
     p.add_argument("--momentum", type=float, default=0.9, help="Nesterov momentum")
     p.add_argument("--weight-decay", type=float, default=5e-4, help="L2 weight decay (not on BatchNorm and biases)")
     p.add_argument("--augment", action="store_true", help="random crop (pad 4) and horizontal flip (for CIFAR/SVHN)")
+    p.add_argument("--sync-bn", action="store_true", help="under torchrun on CUDA: BatchNorm statistics over the "
+                   "global batch (SyncBatchNorm)")
     p.add_argument("--eval-eps", type=parse_radius, nargs="*", default=[],
                    help="more radii for the final evaluation, besides the training eps: 0.5 (training norm) "
                         "or norm:eps, e.g. l2:0.5 linf:8/255 (default none)")
-    p.add_argument("--eval-steps", type=positive_int, default=20, help="PGD steps at evaluation")
-    p.add_argument("--eval-restarts", type=positive_int, default=1, help="PGD random restarts at evaluation")
+    p.add_argument("--eval-attack", default="pgd", choices=EVAL_ATTACKS,
+                   help="evaluation attack: pgd, apgd (APGD-CE and 3 targeted APGD-DLR runs, worst case per "
+                        "example) or apgd-ce (APGD-CE alone)")
+    p.add_argument("--eval-steps", type=positive_int, default=20, help="attack steps at evaluation (per APGD run)")
+    p.add_argument("--eval-restarts", type=positive_int, default=1, help="random restarts at evaluation")
     p.add_argument("--seed", type=int, default=0, help="random seed (initialisation and data order)")
     add_common_args(p)
-    p.add_argument("--out", default="runs/default", help="output folder")
+    p.add_argument("--out", default=None, help="output folder (default runs/default; with --eval-only, "
+                   "eval-<attack> beside the checkpoint)")
     p.add_argument("--resume", action="store_true", help="continue from --out/model.pt if it holds an unfinished run "
                    "trained with the same settings")
+    p.add_argument("--eval-only", action="store_true", help="evaluate --ckpt at its training eps and --eval-eps, "
+                   "on its dataset's test split: metrics.json under --out, no training")
+    p.add_argument("--ckpt", default=None, help="with --eval-only: the checkpoint to evaluate")
     args = p.parse_args(argv)
     args.eval_eps = [(norm or args.norm, eps) for norm, eps in args.eval_eps]
+    if args.eval_only and not args.ckpt:
+        p.error("--eval-only needs --ckpt")
+    if args.attack == "fgsm":
+        args.steps = 1
     return args
 
 
@@ -214,7 +441,15 @@ def check_resumable(ckpt, settings, path):
                             f"not {value!r}; use another --out or drop --resume")
 
 
-def make_checkpoint(model, opt, args, classes, model_args, epoch, train_seconds):
+def make_optimizer(model, lr, momentum, weight_decay):
+    """SGD with Nesterov momentum; weight decay on weights, not on BatchNorm parameters and biases."""
+    decay = [p for p in model.parameters() if p.dim() > 1]
+    rest = [p for p in model.parameters() if p.dim() <= 1]
+    return torch.optim.SGD([{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}],
+                           lr=lr, momentum=momentum, nesterov=True)
+
+
+def make_checkpoint(model, opt, args, classes, model_args, epoch, train_seconds, guard):
     """Plain dict of tensors and plain types: loads with torch.load(weights_only=True). The
     learning rate is a pure function of the step (lr_at), so the epoch is the schedule's state."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -222,71 +457,143 @@ def make_checkpoint(model, opt, args, classes, model_args, epoch, train_seconds)
             "in_channels": model_args["in_channels"], "image_size": model_args["image_size"],
             "dataset": args.dataset, "classes": classes, "norm": args.norm, "eps": args.eps,
             "args": settings_of(args), "provenance": provenance(settings_of(args)), "epoch": epoch,
-            "train_seconds": train_seconds, "optimizer": opt.state_dict()}
+            "train_seconds": train_seconds, "optimizer": opt.state_dict(), "guard": guard}
+
+
+def eval_only(args):
+    """--eval-only: any checkpoint of ours, at its training radius and --eval-eps, on the test
+    split of its dataset and classes; metrics.json under --out."""
+    clock = Clock()
+    device = get_device(args.device)
+    model, ckpt = load_checkpoint(args.ckpt, device)
+    out = writable_dir(args.out or Path(args.ckpt).parent / f"eval-{args.eval_attack}")
+    x, y = load_split(ckpt["dataset"], False, args.data_dir, ckpt["classes"], args.test_size, not args.no_download)
+    radii = [(ckpt["norm"], ckpt["eps"]), *args.eval_eps]
+    metrics = evaluate(model, x, y, radii, batch_size=args.batch_size, steps=args.eval_steps,
+                       restarts=args.eval_restarts, attack=args.eval_attack)
+    metrics.update(eps=ckpt["eps"], norm=ckpt["norm"], arch=ckpt["arch"], dataset=ckpt["dataset"],
+                   classes=ckpt["classes"], seed=ckpt["args"].get("seed"), test_size=len(x), ckpt=str(args.ckpt),
+                   provenance=provenance(settings_of(args)))
+    atomic_save(out / "metrics.json", metrics)
+    robust = " ".join(f"{r['attack']} {r['norm']}@{format_eps(r['eps'])} {r['acc']:.4f}" for r in metrics["robust_acc"])
+    clock.log(f"eval clean {metrics['clean_acc']:.4f} {robust}; wrote {out / 'metrics.json'}")
 
 
 def main(args):
+    if args.eval_only:
+        return eval_only(args)
+    rank, world_size, device = init_distributed(get_device(args.device))
+    main_process = rank == 0  # it alone writes checkpoints, logs and metrics
     clock = Clock()
-    out = writable_dir(args.out)
-    device = get_device(args.device)
+    say = clock.log if main_process else (lambda text: None)
+    out = writable_dir(args.out or "runs/default")
     ds = DATASETS[args.dataset]
     classes = parse_classes(args.classes, ds.num_classes)
     load = dict(data_dir=args.data_dir, classes=classes, download=not args.no_download)
     x_train, y_train = load_split(args.dataset, True, size=args.train_size, **load)
     x_test, y_test = load_split(args.dataset, False, size=args.test_size, **load)
+    guard = None
+    if args.attack == "fgsm":  # hold out the last guard-size training examples to watch for collapse
+        if args.guard_size >= len(x_train):
+            raise UserError(f"--guard-size {args.guard_size} leaves no training example of {len(x_train)}")
+        x_guard, y_guard = x_train[-args.guard_size:].to(device), y_train[-args.guard_size:].to(device)
+        x_train, y_train = x_train[:-args.guard_size], y_train[:-args.guard_size]
+        guard = {"history": [], "best_epoch": None, "stopped_epoch": None, "best_model": None}
     x_train, y_train = x_train.to(device), y_train.to(device)  # whole dataset on the device
-    clock.log(f"data {args.dataset} classes {args.classes or 'all'}: train {len(x_train)} test {len(x_test)} on {device}")
+    say(f"data {args.dataset} classes {args.classes or 'all'}: train {len(x_train)} test {len(x_test)} on {device}"
+        + (f", {world_size} processes" if world_size > 1 else ""))
 
     torch.manual_seed(args.seed)
     model_args = dict(arch=args.arch, num_classes=len(classes), in_channels=ds.channels, image_size=ds.size,
                       mean=list(ds.mean), std=list(ds.std), width=args.width)
     # channels_last: faster convolutions on CUDA and, measured, on CPU too (tests/bench.py)
-    model = build_model(**model_args).to(device, memory_format=torch.channels_last)
+    net = build_model(**model_args).to(device, memory_format=torch.channels_last)
     cuda = device.type == "cuda"
-    decay = [p for p in model.parameters() if p.dim() > 1]  # no decay on BatchNorm and biases
-    rest = [p for p in model.parameters() if p.dim() <= 1]
-    opt = torch.optim.SGD([{"params": decay, "weight_decay": args.weight_decay},
-                           {"params": rest, "weight_decay": 0.0}], lr=args.lr,
-                          momentum=args.momentum, nesterov=True)
+    if args.sync_bn:
+        if not (cuda and world_size > 1):
+            raise UserError("--sync-bn needs torchrun with CUDA (SyncBatchNorm does not run on the CPU)")
+        net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    model = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if cuda else None) \
+        if world_size > 1 else net
+    opt = make_optimizer(net, args.lr, args.momentum, args.weight_decay)
     steps_per_epoch = -(-len(x_train) // args.batch_size)
     total_steps = args.epochs * steps_per_epoch
+    step_size = args.step_size if args.step_size is not None or args.attack == "pgd" else 1.25 * args.eps
     start_epoch, log, train_seconds = 1, [], 0.0
     ckpt_path = out / "model.pt"
     if args.resume and ckpt_path.exists():
         ckpt = read_checkpoint(ckpt_path)
         check_resumable(ckpt, settings_of(args), ckpt_path)
-        model.load_state_dict(ckpt["model"])
+        net.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
-        start_epoch, train_seconds = ckpt["epoch"] + 1, ckpt["train_seconds"]
+        start_epoch, train_seconds, guard = ckpt["epoch"] + 1, ckpt["train_seconds"], ckpt["guard"]
         log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()][:ckpt["epoch"]]
-        clock.log(f"resumed from epoch {ckpt['epoch']}")
+        say(f"resumed from epoch {ckpt['epoch']}")
 
     ckpt = None
     for epoch in range(start_epoch, args.epochs + 1):
         torch.manual_seed(args.seed * 100003 + epoch)  # per-epoch RNG: resuming gives the same run
         te = time.time()
-        loss, acc, _ = train_epoch(model, opt, x_train, y_train, batch_size=args.batch_size, norm=args.norm,
-                                   eps=args.eps, steps=args.steps, step_size=args.step_size,
-                                   lr_schedule=lambda step: lr_at(step, total_steps, args.lr),
-                                   step0=(epoch - 1) * steps_per_epoch, augment=args.augment,
-                                   amp=cuda, channels_last=True)
+        try:
+            loss, acc, _ = train_epoch(model, opt, x_train, y_train, batch_size=args.batch_size, norm=args.norm,
+                                       eps=args.eps, steps=args.steps, step_size=step_size,
+                                       lr_schedule=lambda step: lr_at(step, total_steps, args.lr),
+                                       step0=(epoch - 1) * steps_per_epoch, augment=args.augment,
+                                       amp=cuda, channels_last=True, rank=rank, world_size=world_size)
+        except FloatingPointError as e:
+            raise UserError(f"epoch {epoch}: {e}; {ckpt_path} keeps the last finished epoch")
         train_seconds += time.time() - te
         log.append({"epoch": epoch, "loss": loss, "train_acc": acc, "seconds": time.time() - te})
-        ckpt = make_checkpoint(model, opt, args, classes, model_args, epoch, train_seconds)
-        atomic_save(ckpt_path, ckpt)
-        atomic_save(out / "log.jsonl", "".join(json.dumps(r) + "\n" for r in log).encode())
-        clock.log(f"epoch {epoch}/{args.epochs} loss {loss:.4f} train_acc {acc:.4f} epoch_time {time.time() - te:.1f}s")
+        stop = guard is not None and watch_guard(guard, net, x_guard, y_guard, epoch, args)
+        if guard is not None:
+            log[-1]["guard_acc"] = guard["history"][-1]
+        ckpt = make_checkpoint(net, opt, args, classes, model_args, args.epochs if stop else epoch,
+                               train_seconds, guard)
+        if main_process:
+            atomic_save(ckpt_path, ckpt)
+            atomic_save(out / "log.jsonl", "".join(json.dumps(r) + "\n" for r in log).encode())
+        if world_size > 1:
+            dist.barrier()  # the checkpoint is complete before any process goes on
+        say(f"epoch {epoch}/{args.epochs} loss {loss:.4f} train_acc {acc:.4f} epoch_time {time.time() - te:.1f}s"
+            + (f" guard pgd acc {guard['history'][-1]:.4f}" if guard is not None else ""))
+        if stop:
+            say(f"guard: held-out PGD accuracy fell from {max(guard['history']):.4f} to {guard['history'][-1]:.4f} "
+                f"(catastrophic overfitting); stopped, kept epoch {guard['best_epoch']}'s weights")
+            break
 
-    ckpt = ckpt or make_checkpoint(model, opt, args, classes, model_args, args.epochs, train_seconds)
-    atomic_save(ckpt_path, ckpt)
-    metrics = evaluate(model, x_test, y_test, [(args.norm, args.eps), *args.eval_eps],
-                       batch_size=args.batch_size, steps=args.eval_steps, restarts=args.eval_restarts)
+    ckpt = ckpt or make_checkpoint(net, opt, args, classes, model_args, args.epochs, train_seconds, guard)
+    x_shard, y_shard = x_test[rank::world_size], y_test[rank::world_size]  # evaluation sharded over processes
+    metrics = evaluate(net, x_shard, y_shard, [(args.norm, args.eps), *args.eval_eps], batch_size=args.batch_size,
+                       steps=args.eval_steps, restarts=args.eval_restarts, attack=args.eval_attack)
+    metrics = reduce_metrics(metrics, len(x_shard), world_size)
     metrics.update(eps=args.eps, norm=args.norm, arch=args.arch, dataset=args.dataset, classes=classes,
                    epochs=args.epochs, seed=args.seed, train_size=len(x_train), test_size=len(x_test),
-                   train_seconds=train_seconds, provenance=ckpt["provenance"])
-    atomic_save(out / "metrics.json", metrics)
+                   train_seconds=train_seconds, attack=args.attack, provenance=ckpt["provenance"])
+    if guard is not None:
+        metrics["guard"] = {k: v for k, v in guard.items() if k != "best_model"}
+    if main_process:
+        atomic_save(ckpt_path, ckpt)
+        atomic_save(out / "metrics.json", metrics)
     robust = " ".join(f"{r['norm']}@{format_eps(r['eps'])} {r['acc']:.4f}" for r in metrics["robust_acc"])
-    clock.log(f"eval clean {metrics['clean_acc']:.4f} {robust}")
+    say(f"eval clean {metrics['clean_acc']:.4f} {args.eval_attack} {robust}")
+    if world_size > 1:
+        dist.destroy_process_group()
+
+
+def watch_guard(guard, model, x, y, epoch, args):
+    """FGSM's catastrophic-overfitting guard, after an epoch: PGD-10 accuracy on the held-out
+    batch; keeps the best epoch's weights in guard; on a collapse (collapsed()) loads them back
+    into model and returns True (stop training)."""
+    acc = accuracy(model, x, y, args.batch_size, args.norm, args.eps, steps=10)
+    guard["history"].append(acc)
+    if acc >= max(guard["history"]):
+        guard["best_epoch"] = epoch
+        guard["best_model"] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    if collapsed(guard["history"], args.guard_drop):
+        model.load_state_dict(guard["best_model"])
+        guard["stopped_epoch"] = epoch
+        return True
+    return False
 
 
 if __name__ == "__main__":

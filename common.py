@@ -147,7 +147,7 @@ def writable_dir(path):
     """Create path if needed and check that files can be written in it; returns a Path."""
     try:
         Path(path).mkdir(parents=True, exist_ok=True)
-        probe = Path(path) / ".write_test"
+        probe = Path(path) / f".write_test.{os.getpid()}"  # one per process: torchrun starts several
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:

@@ -40,7 +40,7 @@ case "$PRESET" in
   paper)
     GRID=("l2 0" "l2 0.25" "l2 0.5" "l2 1.0" "linf 2/255" "linf 4/255" "linf 8/255")
     TRAIN=(--dataset cifar10 --arch resnet18 --epochs 30 --steps 7 --batch-size 128 --lr 0.1
-           --augment --eval-eps l2:0.5 linf:8/255 --eval-steps 20 --eval-restarts 1)
+           --augment --eval-eps l2:0.5 linf:8/255 --eval-attack apgd --eval-steps 100 --eval-restarts 1)
     JUDGE=(--norm l2 --eps 0.5)
     TARGETS=(--target cifar100 --target svhn --target fashion-mnist --target mnist)
     FISHER=(--n 512)
@@ -48,7 +48,8 @@ case "$PRESET" in
     if [[ "$SMOKE" == "--smoke" ]]; then  # same code path, tiny synthetic data, CPU
       GRID=("l2 0" "l2 0.5" "linf 8/255")
       TRAIN=(--dataset synthetic --arch resnet18 --width 8 --train-size 64 --test-size 32 --epochs 1
-             --steps 1 --batch-size 32 --augment --eval-eps l2:0.5 linf:8/255 --eval-steps 2 --device cpu)
+             --steps 1 --batch-size 32 --augment --eval-eps l2:0.5 linf:8/255 --eval-attack apgd --eval-steps 2
+             --device cpu)
       TARGETS=(--target synthetic:0-4 --target fashion-mnist:5-9 --train-size 64 --test-size 32)
       FISHER=(--n 4 --chunk 4 --power-iters 5 --device cpu)
       INVERT=(--n-images 4 --steps 5 --method baseline,tv,noise,noise-tv --device cpu)

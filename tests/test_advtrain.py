@@ -235,3 +235,89 @@ def test_absent_fashion_mnist_names_both_remedies(tmp_path, monkeypatch):
         data.load_split("fashion-mnist", True, data_dir=str(tmp_path / "data"))
     message = str(info.value)
     assert "\n" not in message and "dataset-fashion-mnist" in message and "internet" in message
+
+
+# ----------------------------------------------------------------------------- APGD, FGSM, guards
+
+@pytest.mark.parametrize("norm,eps", [("linf", 0.1), ("l2", 1.0)])
+def test_apgd_stays_in_ball_and_beats_pgd_with_the_same_budget(norm, eps, tiny_ckpt):
+    """On a trained model, APGD-CE alone with PGD's step budget finds at least as many
+    adversarial examples as PGD (up to 2 points of noise); the full worst case, with targeted
+    DLR runs, at least as many as APGD-CE."""
+    model, _ = models.load_checkpoint(tiny_ckpt)
+    x, y = data.load_split("fashion-mnist", False, classes=[0, 1, 2, 3, 4], size=200, download=False)
+    torch.manual_seed(0)
+    x_adv = advtrain.apgd_attack(model, x, y, norm, eps, steps=10)
+    delta = (x_adv - x).flatten(1)
+    size = delta.abs().amax(1) if norm == "linf" else delta.norm(dim=1)
+    assert (size <= eps + 1e-5).all() and x_adv.min() >= 0 and x_adv.max() <= 1
+    assert all(p.grad is None for p in model.parameters())  # input gradients only
+    pgd = advtrain.accuracy(model, x, y, 100, norm, eps, steps=10)
+    apgd_ce = advtrain.accuracy(model, x, y, 100, norm, eps, steps=10, attack="apgd-ce")
+    apgd = advtrain.accuracy(model, x, y, 100, norm, eps, steps=10, attack="apgd")
+    clean = advtrain.accuracy(model, x, y, 100)
+    assert apgd <= apgd_ce <= pgd + 0.02, (clean, pgd, apgd_ce, apgd)
+    assert pgd < clean
+
+
+def test_apgd_against_torchattacks_when_importable(tiny_ckpt):
+    torchattacks = pytest.importorskip("torchattacks")
+    model, _ = models.load_checkpoint(tiny_ckpt)
+    x, y = data.load_split("fashion-mnist", False, classes=[0, 1, 2, 3, 4], size=200, download=False)
+    torch.manual_seed(0)
+    ours = advtrain.accuracy(model, x, y, 200, "linf", 0.1, steps=20, attack="apgd-ce")
+    reference = torchattacks.APGD(model, norm="Linf", eps=0.1, steps=20, n_restarts=1, loss="ce", seed=0)
+    with torch.no_grad():
+        theirs = (model(reference(x, y)).argmax(1) == y).float().mean().item()
+    assert abs(ours - theirs) <= 0.03, (ours, theirs)
+
+
+def test_dlr_targeted_loss_known_values():
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]])
+    # -(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2) = -(4 - 3) / (4 - 1.5)
+    assert advtrain.dlr_targeted_loss(logits, torch.tensor([0]), torch.tensor([1])).item() == pytest.approx(-0.4)
+    scaled = advtrain.dlr_targeted_loss(3 * logits + 7, torch.tensor([0]), torch.tensor([1]))
+    assert scaled.item() == pytest.approx(-0.4)  # invariant to shifts and scales
+    assert sorted(advtrain._apgd_checkpoints(100)) == [22, 41, 57, 70, 80, 87, 93, 99, 105]
+
+
+def test_fgsm_guard_stops_at_a_forced_collapse_and_keeps_the_best_weights(tmp_path, monkeypatch):
+    """Guard accuracies 0.5, 0.7, then 0.1 (forced): training stops after epoch 3 of 4 with
+    epoch 2's weights, and says so in the log and metrics.json."""
+    forced, real = iter([0.5, 0.7, 0.1]), advtrain.accuracy
+
+    def guard_then_real(model, x, y, batch_size=500, norm="l2", eps=0.0, steps=0, *args, **kwargs):
+        if steps == 10:  # the guard's PGD-10
+            return next(forced)
+        return real(model, x, y, batch_size, norm, eps, steps, *args, **kwargs)
+
+    monkeypatch.setattr(advtrain, "accuracy", guard_then_real)
+    advtrain.main(advtrain.get_args(["--classes", "0-4", "--train-size", "700", "--test-size", "64", "--epochs", "4",
+                                     "--norm", "linf", "--eps", "0.1", "--attack", "fgsm", "--guard-size", "200",
+                                     "--eval-steps", "2", "--out", str(tmp_path)]))
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["guard"] == {"history": [0.5, 0.7, 0.1], "best_epoch": 2, "stopped_epoch": 3}
+    assert metrics["train_size"] == 500 and metrics["attack"] == "fgsm"
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2, 3] and log[-1]["guard_acc"] == 0.1
+    ckpt = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert ckpt["epoch"] == 4  # finished: --resume does not train on
+    assert all(torch.equal(ckpt["model"][k], ckpt["guard"]["best_model"][k]) for k in ckpt["model"])
+
+
+def test_non_finite_loss_stops_with_one_line_and_no_checkpoint(tmp_path):
+    line = assert_user_error(run_script("advtrain.py", "--classes", "0-4", "--train-size", "512", "--epochs", "1",
+                                        "--lr", "1e38", "--out", tmp_path))
+    assert "epoch 1: loss is" in line and "step" in line, line
+    assert not (tmp_path / "model.pt").exists()
+
+
+def test_eval_only_any_checkpoint_with_apgd(tiny_ckpt, tmp_path):
+    advtrain.main(advtrain.get_args(["--eval-only", "--ckpt", str(tiny_ckpt), "--eval-eps", "linf:0.05",
+                                     "--eval-attack", "apgd", "--eval-steps", "3", "--test-size", "50",
+                                     "--out", str(tmp_path)]))
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert [(r["norm"], r["eps"], r["attack"]) for r in metrics["robust_acc"]] == [("l2", 0.5, "apgd"),
+                                                                                  ("linf", 0.05, "apgd")]
+    assert metrics["test_size"] == 50 and metrics["eps"] == 0.5 and 0 <= metrics["clean_acc"] <= 1
+    assert "needs --ckpt" in assert_user_error(run_script("advtrain.py", "--eval-only"))
