@@ -10,11 +10,14 @@ on them. Higher target accuracy = more linearly transferable representation.
     # paper preset: CIFAR-10 ResNet-18 to CIFAR-100, SVHN, Fashion-MNIST and MNIST
     python transfer.py --ckpt runs/cifar_linf8/model.pt --target cifar100 --target svhn \
         --target fashion-mnist --target mnist --out runs/cifar_linf8
+    # and few-shot probes: K = 1, 10, 100 labelled examples per class, 5 seeded draws each
+    python transfer.py --ckpt runs/eps0.5/model.pt --target fashion-mnist:5-9 --shots 1 10 100
 
-Outputs under --out (default: the checkpoint's folder): transfer.json (target name ->
-{acc, l2, val_acc, n_train, n_test, feature_dim, classes, adapt, fit_seconds, grad_max}, and
-`provenance`) and features/<dataset>_<classes>_<split>.npy (float32 [N, d], reused by later
-runs while newer than the checkpoint).
+Outputs under --out (default: the checkpoint's folder): transfer.json (target name -> {acc,
+l2, val_acc, n_train, n_test, feature_dim, classes, adapt, fit_seconds, grad_max, and with
+--shots few_shot: K -> {acc, acc_se, draws, l2, at_edge}}, and `provenance`) and
+features/<dataset>_<classes>_<split>.npy (float32 [N, d], reused by later runs while newer
+than the checkpoint).
 """
 import time
 from pathlib import Path
@@ -23,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import (ArgumentParser, Clock, UserError, add_common_args, atomic_save, parse_classes,
+from common import (ArgumentParser, Clock, UserError, add_common_args, atomic_save, mean_se, parse_classes,
                     positive_int, provenance, user_errors, writable_dir)
 from data import DATASETS, adapt_images, load_split
 from models import get_device, load_checkpoint
@@ -70,54 +73,58 @@ def extract_features(model, x, channels, size, batch_size=500, progress=None):
     return torch.cat(feats)
 
 
+def fit_logistic(x, y, l2, num_classes, init=None, max_iter=1000, tol=1e-4):
+    """Multinomial logistic regression on features x [N, d] standardised with their own mean
+    and std: minimises mean cross-entropy + l2 / 2 * ||W||^2 (bias not penalised), full
+    batch, by L-BFGS with a strong-Wolfe line search until the largest gradient entry is below
+    `tol` (or `max_iter` iterations). init: a previous fit to warm-start from (the problem is
+    convex, so only the number of iterations changes). Returns a dict: weight [k, d], bias
+    [k], mean [d], std [d] (z = (x - mean) / std), grad_max, iterations."""
+    mean, std = x.mean(0), x.std(0).clamp_min(1e-6)  # dead (constant) features stay 0
+    z = (x - mean) / std  # [N, d]
+    if init is None:
+        weight = x.new_zeros(num_classes, x.shape[1]).requires_grad_()  # [k, d]
+        bias = x.new_zeros(num_classes).requires_grad_()
+    else:
+        weight, bias = init["weight"].clone().requires_grad_(), init["bias"].clone().requires_grad_()
+    opt = torch.optim.LBFGS([weight, bias], lr=1, max_iter=max_iter, history_size=20,
+                            tolerance_grad=tol, tolerance_change=1e-15, line_search_fn="strong_wolfe")
+
+    def objective():
+        opt.zero_grad()
+        logits = z @ weight.T + bias  # [N, k]
+        loss = F.cross_entropy(logits, y) + 0.5 * l2 * weight.square().sum()
+        loss.backward()
+        return loss
+
+    opt.step(objective)
+    objective()  # gradient at the final weights, to report convergence
+    grad_max = max(weight.grad.abs().max().item(), bias.grad.abs().max().item())
+    return dict(weight=weight.detach(), bias=bias.detach(), mean=mean, std=std,
+                grad_max=grad_max, iterations=opt.state[weight]["n_iter"])
+
+
+def probe_accuracy(probe, x, y):
+    """Accuracy of a fitted probe (fit_logistic) on features x [N, d], labels y [N]."""
+    logits = ((x - probe["mean"]) / probe["std"]) @ probe["weight"].T + probe["bias"]
+    return (logits.argmax(1) == y).double().mean().item()
+
+
 def linear_probe(train_feats, train_labels, test_feats, test_labels,
                  l2_grid=(1e-4, 1e-3, 1e-2, 1e-1), val_fraction=0.2, seed=0,
                  max_iter=1000, tol=1e-4, dtype=torch.float32):
-    """Multinomial logistic regression probe; returns test accuracy and the fitted model.
+    """Multinomial logistic regression probe (fit_logistic); returns test accuracy and the fit.
 
     Features [N, d] are standardised with the mean and std of the training features only.
-    Objective: mean cross-entropy + l2 / 2 * ||W||^2 (bias not penalised), minimised
-    full-batch in `dtype` by L-BFGS with a strong-Wolfe line search until the largest
-    gradient entry is below `tol` (or `max_iter` iterations; float32 is twice as fast as
-    float64 and stalls near 1e-5, so ask for float64 to go tighter). The penalty is the l2_grid
-    value with the best accuracy on a random `val_fraction` of the training set (ties go
-    to the larger penalty), then the probe is refitted on the whole training set.
-    Deterministic for a seed. Returns a dict: acc, l2, val_acc {l2: accuracy}, weight
-    [k, d], bias [k], mean [d], std [d] (standardised input z = (x - mean) / std), grad_max
-    (largest |gradient| of the objective at the returned weights), iterations.
+    Fitted in `dtype` (float32 is twice as fast as float64 and stalls near max |gradient|
+    1e-5, so ask for float64 to go tighter). The penalty is the l2_grid value with the best
+    accuracy on a random `val_fraction` of the training set (ties go to the larger penalty),
+    then the probe is refitted on the whole training set. Deterministic for a seed. Returns a
+    dict: acc, l2, val_acc {l2: accuracy}, and fit_logistic's weight, bias, mean, std,
+    grad_max (largest |gradient| of the objective at the returned weights), iterations.
     """
     train_feats, test_feats = train_feats.to(dtype), test_feats.to(dtype)
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
-
-    def fit(x, y, l2, init=None):
-        mean, std = x.mean(0), x.std(0).clamp_min(1e-6)  # dead (constant) features stay 0
-        z = (x - mean) / std  # [N, d]
-        if init is None:
-            weight = x.new_zeros(num_classes, x.shape[1]).requires_grad_()  # [k, d]
-            bias = x.new_zeros(num_classes).requires_grad_()
-        else:  # warm start: the problem is convex, so only the number of iterations changes
-            weight, bias = init["weight"].clone().requires_grad_(), init["bias"].clone().requires_grad_()
-        opt = torch.optim.LBFGS([weight, bias], lr=1, max_iter=max_iter, history_size=20,
-                                tolerance_grad=tol, tolerance_change=1e-15, line_search_fn="strong_wolfe")
-
-        def objective():
-            opt.zero_grad()
-            logits = z @ weight.T + bias  # [N, k]
-            loss = F.cross_entropy(logits, y) + 0.5 * l2 * weight.square().sum()
-            loss.backward()
-            return loss
-
-        opt.step(objective)
-        objective()  # gradient at the final weights, to report convergence
-        grad_max = max(weight.grad.abs().max().item(), bias.grad.abs().max().item())
-        iterations = opt.state[weight]["n_iter"]
-        return dict(weight=weight.detach(), bias=bias.detach(), mean=mean, std=std,
-                    grad_max=grad_max, iterations=iterations)
-
-    def accuracy(probe, x, y):
-        logits = ((x - probe["mean"]) / probe["std"]) @ probe["weight"].T + probe["bias"]
-        return (logits.argmax(1) == y).double().mean().item()
-
     val_acc, val_probes = {}, {}
     if len(l2_grid) > 1:
         order = torch.randperm(len(train_feats), generator=torch.Generator().manual_seed(seed))
@@ -125,11 +132,69 @@ def linear_probe(train_feats, train_labels, test_feats, test_labels,
         val, fit_part = order[:n_val].to(train_feats.device), order[n_val:].to(train_feats.device)
         previous = None
         for l2 in sorted(l2_grid, reverse=True):  # strong to weak penalty, each warm-started
-            previous = val_probes[l2] = fit(train_feats[fit_part], train_labels[fit_part], l2, previous)
-            val_acc[l2] = accuracy(previous, train_feats[val], train_labels[val])
+            previous = val_probes[l2] = fit_logistic(train_feats[fit_part], train_labels[fit_part], l2,
+                                                     num_classes, previous, max_iter, tol)
+            val_acc[l2] = probe_accuracy(previous, train_feats[val], train_labels[val])
     best_l2 = max(l2_grid, key=lambda l2: (val_acc.get(l2, 0.0), l2))
-    probe = fit(train_feats, train_labels, best_l2, val_probes.get(best_l2))
-    return dict(acc=accuracy(probe, test_feats, test_labels), l2=best_l2, val_acc=val_acc, **probe)
+    probe = fit_logistic(train_feats, train_labels, best_l2, num_classes, val_probes.get(best_l2), max_iter, tol)
+    return dict(acc=probe_accuracy(probe, test_feats, test_labels), l2=best_l2, val_acc=val_acc, **probe)
+
+
+FEW_SHOT_L2_GRID = tuple(10.0 ** e for e in range(-3, 4))  # 1e-3 .. 1e3: wide, few examples
+
+
+def k_shot_indices(labels, shots, generator):
+    """`shots` distinct random examples of every class of labels [N] (classes 0..k-1), class by
+    class: indices [k * shots]; raises UserError when a class has fewer."""
+    counts = torch.bincount(labels.cpu(), minlength=int(labels.max()) + 1)
+    if (counts < shots).any():
+        short = int(counts.argmin())
+        raise UserError(f"{shots} shots per class asked for, but class {short} has "
+                        f"{int(counts[short])} training examples")
+    picks = []
+    for c in range(len(counts)):
+        members = (labels.cpu() == c).nonzero()[:, 0]
+        picks.append(members[torch.randperm(len(members), generator=generator)[:shots]])
+    return torch.cat(picks).to(labels.device)
+
+
+def few_shot_probe(train_feats, train_labels, test_feats, test_labels, shots, draws=5, seed=0,
+                   l2_grid=FEW_SHOT_L2_GRID, folds=5, dtype=torch.float32):
+    """Linear probe fitted on `shots` labelled examples per class, over `draws` seeded draws,
+    evaluated on the whole test set.
+
+    The penalty of each draw is chosen by stratified cross-validation within its K-shot set
+    (min(shots, folds) folds; fold f holds out the f-th, f + folds-th, ... example of every
+    class), never on test data: the grid value with the most correct held-out predictions,
+    ties to the larger penalty. With one shot per class no held-out example can be predicted
+    (its class would be absent), so the largest penalty is used. Returns {acc, acc_se (over
+    draws), draws, l2 (the chosen penalty of each draw), at_edge (draws whose penalty is the
+    grid's smallest or largest)}.
+    """
+    train_feats, test_feats = train_feats.to(dtype), test_feats.to(dtype)
+    num_classes = int(train_labels.max()) + 1
+    accs, chosen = [], []
+    for draw in range(draws):
+        g = torch.Generator().manual_seed(seed * 1000003 + shots * 1009 + draw)
+        idx = k_shot_indices(train_labels, shots, g)
+        x, y = train_feats[idx], train_labels[idx]
+        position = torch.arange(shots, device=y.device).repeat(num_classes)  # index within its class
+        best = max(l2_grid)
+        if shots > 1:
+            n_folds, correct = min(shots, folds), {}
+            for f in range(n_folds):
+                held = position % n_folds == f
+                previous = None
+                for l2 in sorted(l2_grid, reverse=True):  # strong to weak, each warm-started
+                    previous = fit_logistic(x[~held], y[~held], l2, num_classes, previous)
+                    correct[l2] = correct.get(l2, 0) + probe_accuracy(previous, x[held], y[held]) * int(held.sum())
+            best = max(l2_grid, key=lambda l2: (round(correct[l2]), l2))
+        accs.append(probe_accuracy(fit_logistic(x, y, best, num_classes), test_feats, test_labels))
+        chosen.append(best)
+    acc, acc_se = mean_se(accs)
+    edges = (min(l2_grid), max(l2_grid))
+    return {"acc": acc, "acc_se": acc_se, "draws": draws, "l2": chosen,
+            "at_edge": sum(l2 in edges for l2 in chosen) if shots > 1 else None}
 
 
 def cached_features(path, min_mtime, n, compute):
@@ -158,7 +223,10 @@ def get_args(argv=None):
     p.add_argument("--train-size", type=positive_int, default=None, help="use the first N target training examples (default all)")
     p.add_argument("--test-size", type=positive_int, default=None, help="use the first N target test examples (default all)")
     p.add_argument("--batch-size", type=positive_int, default=500, help="images per batch for feature extraction")
-    p.add_argument("--seed", type=int, default=0, help="random seed of the probe's validation split")
+    p.add_argument("--shots", type=positive_int, nargs="*", default=[],
+                   help="also fit few-shot probes on K labelled examples per class, for each K given (default none)")
+    p.add_argument("--draws", type=positive_int, default=5, help="seeded draws of the K-shot training set per K")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the probe's validation split and the K-shot draws")
     add_common_args(p)
     return p.parse_args(argv)
 
@@ -198,6 +266,12 @@ def main(args):
                              fit_seconds=fit_seconds, grad_max=probe["grad_max"])
         clock.log(f"{text} probe: acc {probe['acc']:.4f} l2 {probe['l2']:g} grad_max {probe['grad_max']:.1e} "
                   f"fit {fit_seconds:.1f}s")
+        if args.shots:
+            few = results[text]["few_shot"] = {}
+            for shots in args.shots:
+                few[str(shots)] = few_shot_probe(*split_feats["train"], *split_feats["test"], shots, args.draws, args.seed)
+                clock.log(f"{text} {shots}-shot: acc {few[str(shots)]['acc']:.4f} ± {few[str(shots)]['acc_se']:.4f} "
+                          f"over {args.draws} draws, l2 {few[str(shots)]['l2']}")
     # Written once, when every target is done: run_all.sh takes an existing transfer.json as a
     # finished step. A killed run restarts cheaply, from the cached features.
     results["provenance"] = provenance(vars(args))

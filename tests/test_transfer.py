@@ -168,3 +168,64 @@ def test_script_errors_one_line(tmp_path):
     bad.write_bytes(b"not a checkpoint")
     assert "checkpoint" in assert_user_error(run_script("transfer.py", "--ckpt", bad, "--target", "mnist"))
     assert "nope" in assert_user_error(run_script("transfer.py", "--ckpt", bad, "--target", "nope:0-4"))
+
+
+# ----------------------------------------------------------------------------- few-shot probes
+
+def blobs(n_per_class, k=4, d=12, seed=0, spread=0.5):
+    """Overlapping Gaussian classes (not separable): features [k * n, d], labels [k * n]."""
+    centres = spread * torch.randn(k, d, generator=torch.Generator().manual_seed(0))  # the same classes
+    y = torch.arange(k).repeat_interleave(n_per_class)
+    return centres[y] + torch.randn(len(y), d, generator=torch.Generator().manual_seed(seed + 1)), y
+
+
+def test_k_shot_draws_are_seeded_stratified_and_checked():
+    _, y = blobs(30)
+    a = transfer.k_shot_indices(y, 5, torch.Generator().manual_seed(3))
+    b = transfer.k_shot_indices(y, 5, torch.Generator().manual_seed(3))
+    c = transfer.k_shot_indices(y, 5, torch.Generator().manual_seed(4))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert len(set(a.tolist())) == 20 and torch.equal(torch.bincount(y[a]), torch.full((4,), 5))
+    with pytest.raises(common.UserError, match="class 0 has 30"):
+        transfer.k_shot_indices(y, 31, torch.Generator())
+    with pytest.raises(common.UserError, match="class 2 has 0"):
+        transfer.k_shot_indices(y[y != 2], 1, torch.Generator())
+
+
+def test_few_shot_probe_reproduces_and_reports_its_choices():
+    x, y = blobs(60)
+    xt, yt = blobs(50, seed=1)
+    a = transfer.few_shot_probe(x, y, xt, yt, shots=10, draws=3, seed=7)
+    b = transfer.few_shot_probe(x, y, xt, yt, shots=10, draws=3, seed=7)
+    assert a == b and a["draws"] == 3 and len(a["l2"]) == 3
+    assert all(l2 in transfer.FEW_SHOT_L2_GRID for l2 in a["l2"]) and 0 <= a["at_edge"] <= 3
+    one = transfer.few_shot_probe(x, y, xt, yt, shots=1, draws=2, seed=7)
+    assert one["l2"] == [max(transfer.FEW_SHOT_L2_GRID)] * 2 and one["at_edge"] is None
+    assert 0.25 < one["acc"] < a["acc"] <= 1  # more shots, better than chance and than one shot
+
+
+def test_few_shot_fit_agrees_with_scikit_learn_at_the_chosen_penalty():
+    """The probe's optimum on a K-shot set equals scikit-learn's multinomial logistic
+    regression with C = 1 / (l2 * n) on the same standardised features."""
+    linear_model = pytest.importorskip("sklearn.linear_model")
+    x, y = blobs(60)
+    xt, yt = blobs(50, seed=1)
+    idx = transfer.k_shot_indices(y, 10, torch.Generator().manual_seed(0))
+    xs, ys, l2 = x[idx].double(), y[idx], 0.1
+    probe = transfer.fit_logistic(xs, ys, l2, 4, tol=1e-9)
+    z, zt = (xs - probe["mean"]) / probe["std"], (xt.double() - probe["mean"]) / probe["std"]
+    reference = linear_model.LogisticRegression(C=1 / (l2 * len(ys)), tol=1e-10, max_iter=10000).fit(z.numpy(), ys.numpy())
+    np.testing.assert_allclose(probe["weight"].numpy(), reference.coef_, rtol=1e-4, atol=1e-5)
+    ours = (zt @ probe["weight"].T + probe["bias"]).argmax(1).numpy()
+    assert (ours == reference.predict(zt.numpy())).mean() == 1.0
+
+
+def test_cli_few_shot_entries_and_too_many_shots(tiny_ckpt, tmp_path, capsys):
+    code, out, err = run_transfer(capsys, "--ckpt", tiny_ckpt, "--out", tmp_path, *PROBE_ARGS,
+                                  "--shots", "1", "5", "--draws", "2")
+    assert code == 0, err
+    few = json.loads((tmp_path / "transfer.json").read_text())["fashion-mnist:5-9"]["few_shot"]
+    assert set(few) == {"1", "5"} and few["5"]["draws"] == 2 and len(few["5"]["l2"]) == 2
+    assert 0.2 <= few["1"]["acc"] <= 1 and few["5"]["acc_se"] >= 0 and "5-shot: acc" in out
+    code, out, err = run_transfer(capsys, "--ckpt", tiny_ckpt, "--out", tmp_path, *PROBE_ARGS, "--shots", "100")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "100 shots per class asked for" in err, err
