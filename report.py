@@ -38,6 +38,9 @@ EPS_TOL = 1e-6      # eps and radii are floats (8/255): equal when closer than t
 # standard CIFAR radii. Other radii are evidence only.
 REFERENCE_RADIUS = {"l2": 0.5, "linf": 8 / 255}
 # C2 is decided on the first of these targets present in the runs; other targets are evidence.
+# C2 is decided on the first of these transfer measures present in the runs; the others are
+# evidence. A measure is a target's full-data probe ("cifar100"), its K-shot probe ("... 10-shot",
+# mean over the draws) or its fine-tuning ("... fine-tuned").
 PRIMARY_TARGETS = ["fashion-mnist:5-9", "cifar100", "synthetic:0-4"]
 DECIDING_METHOD = "baseline"  # C5: the Engstrom et al. recipe; other methods are evidence
 # C6: (method with the noise-averaged objective, the same method without it)
@@ -54,7 +57,7 @@ RULES = {
                    "intersection-union, p = max of the two",
            "threshold": "both p < 0.05"},
     "C2": {"claim": "adversarial training improves linear transferability",
-           "metric": "linear-probe accuracy on the primary target (first present of "
+           "metric": "linear-probe accuracy on the primary transfer measure (first present of "
                      + ", ".join(PRIMARY_TARGETS) + ")",
            "contrast": "per-seed difference acc(eps) - acc(0), for every eps > 0",
            "test": "one-sided paired t per eps (difference > 0), Holm step-down over the eps > 0 family; "
@@ -229,6 +232,22 @@ def robust_records(path, records):
     return [{k: r[k] for k in keep if k in r} for r in records]
 
 
+def transfer_measures(transfer):
+    """{measure: accuracy} of a transfer.json: per target (an entry holding `acc`), its full-data
+    probe ("target"), its K-shot probes ("target K-shot") and its fine-tuning ("target fine-tuned")."""
+    measures = {}
+    for target, v in transfer.items():
+        if not isinstance(v, dict) or number(v.get("acc")) is None:
+            continue
+        measures[target] = number(v["acc"])
+        for shots, few in (v.get("few_shot") or {}).items():
+            if isinstance(few, dict) and number(few.get("acc")) is not None:
+                measures[f"{target} {shots}-shot"] = number(few["acc"])
+        if isinstance(v.get("finetune"), dict) and number(v["finetune"].get("acc")) is not None:
+            measures[f"{target} fine-tuned"] = number(v["finetune"]["acc"])
+    return measures
+
+
 def collect_run(run):
     """One row (nested dict) for the run folder `run`."""
     path = run / "metrics.json"
@@ -244,9 +263,7 @@ def collect_run(run):
     row.update({k: m[k] for k in ("arch", "dataset", "classes", "epochs", "train_seconds") if k in m})
     fisher = read_json(run / "fisher.json") or {}
     row["fisher"] = {k: number(fisher[k]) for k in FISHER_KEYS if number(fisher.get(k)) is not None}
-    transfer = read_json(run / "transfer.json") or {}
-    row["transfer"] = {t: number(v["acc"]) for t, v in transfer.items()
-                       if isinstance(v, dict) and number(v.get("acc")) is not None}
+    row["transfer"] = transfer_measures(read_json(run / "transfer.json") or {})
     invert = read_json(run / "invert.json") or {}
     row["invert"] = {meth: {k: number(v.get(k)) for k in ("ssim", "psnr", "judge_acc")}
                      for meth, v in invert.items() if isinstance(v, dict) and "ssim" in v}

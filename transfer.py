@@ -19,6 +19,7 @@ l2, val_acc, n_train, n_test, feature_dim, classes, adapt, fit_seconds, grad_max
 features/<dataset>_<classes>_<split>.npy (float32 [N, d], reused by later runs while newer
 than the checkpoint).
 """
+import copy
 import time
 from pathlib import Path
 
@@ -26,20 +27,32 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from advtrain import lr_at, make_optimizer, train_epoch  # fine-tuning trains as advtrain.py does
 from common import (ArgumentParser, Clock, UserError, add_common_args, atomic_save, mean_se, parse_classes,
                     positive_int, provenance, user_errors, writable_dir)
 from data import DATASETS, adapt_images, load_split
 from models import get_device, load_checkpoint
 
 
+# Distribution shifts a target may carry ("fashion-mnist:5-9+invert"): a target further from
+# the source than its classes alone, offline. Images [N, C, H, W] in [0, 1].
+SHIFTS = {
+    "invert": lambda x: 1 - x,  # contrast inversion: dark garments on a white background
+    "rot90": lambda x: x.rot90(1, (2, 3)),  # a quarter turn
+}
+
+
 def parse_target(text):
-    """'fashion-mnist:5-9' -> ('fashion-mnist', [5, 6, 7, 8, 9]); 'mnist' -> ('mnist', all)."""
-    name, sep, classes = text.partition(":")
-    if not name or (sep and not classes) or ":" in classes:
-        raise UserError(f"target must look like dataset or dataset:classes (e.g. fashion-mnist:5-9), got {text!r}")
+    """'fashion-mnist:5-9' -> ('fashion-mnist', [5, 6, 7, 8, 9], None); 'mnist' -> ('mnist', all,
+    None); 'fashion-mnist:5-9+invert' -> (..., 'invert'), the images shifted by SHIFTS['invert']."""
+    body, plus, shift = text.partition("+")
+    name, sep, classes = body.partition(":")
+    if not name or (sep and not classes) or ":" in classes or (plus and shift not in SHIFTS):
+        raise UserError(f"target must look like dataset[:classes][+shift] (e.g. fashion-mnist:5-9+invert; "
+                        f"shifts: {', '.join(SHIFTS)}), got {text!r}")
     if name not in DATASETS:
         raise UserError(f"unknown target dataset {name!r} in {text!r}; choose from {', '.join(DATASETS)}")
-    return name, parse_classes(classes, DATASETS[name].num_classes)
+    return name, parse_classes(classes, DATASETS[name].num_classes), shift or None
 
 
 def describe_adaptation(channels, size, model_channels, model_size):
@@ -197,6 +210,31 @@ def few_shot_probe(train_feats, train_labels, test_feats, test_labels, shots, dr
             "at_edge": sum(l2 in edges for l2 in chosen) if shots > 1 else None}
 
 
+def finetune(model, x, y, x_test, y_test, channels, size, epochs=2, lr=0.01, batch_size=128, seed=0,
+             weight_decay=5e-4):
+    """Test accuracy after fine-tuning a copy of model, every weight, with a new zero-initialised
+    linear head for the target's classes: SGD with Nesterov momentum 0.9, one-cycle learning
+    rate peaking at lr, BatchNorm in train mode (it adapts to the target, unlike the frozen
+    probe). Images x [N, C, H, W] in [0, 1] are adapted to the model per batch, as for the
+    probe. The model itself is left untouched."""
+    device = next(model.parameters()).device
+    net = copy.deepcopy(model)
+    net.head = torch.nn.Linear(net.head.in_features, int(y.max()) + 1).to(device)
+    torch.nn.init.zeros_(net.head.weight)
+    torch.nn.init.zeros_(net.head.bias)
+    opt = make_optimizer(net, lr, 0.9, weight_decay)
+    x = adapt_images(x, channels, size)
+    steps = epochs * -(-len(x) // batch_size)
+    torch.manual_seed(seed)
+    for epoch in range(epochs):
+        train_epoch(net, opt, x, y, batch_size=batch_size, eps=0.0, steps=0, step0=epoch * (steps // epochs),
+                    lr_schedule=lambda step: lr_at(step, steps, lr))
+    feats = extract_features(net, x_test, channels, size)
+    with torch.no_grad():
+        logits = net.head(feats.to(device))
+    return (logits.argmax(1).cpu() == y_test.cpu()).double().mean().item()
+
+
 def cached_features(path, min_mtime, n, compute):
     """Features [n, d] from the .npy at path if it holds at least n rows (the first n
     examples, as load_split keeps a prefix) and is newer than min_mtime (the checkpoint);
@@ -226,7 +264,14 @@ def get_args(argv=None):
     p.add_argument("--shots", type=positive_int, nargs="*", default=[],
                    help="also fit few-shot probes on K labelled examples per class, for each K given (default none)")
     p.add_argument("--draws", type=positive_int, default=5, help="seeded draws of the K-shot training set per K")
-    p.add_argument("--seed", type=int, default=0, help="random seed of the probe's validation split and the K-shot draws")
+    p.add_argument("--finetune", action="store_true", help="also fine-tune the whole network with a new head on each "
+                   "target (SGD, --finetune-lr, --finetune-epochs) and report its test accuracy")
+    p.add_argument("--finetune-epochs", type=positive_int, default=2, help="fine-tuning epochs")
+    p.add_argument("--finetune-lr", type=float, default=0.01, help="fine-tuning peak learning rate (one-cycle)")
+    p.add_argument("--finetune-size", type=positive_int, default=None,
+                   help="fine-tune on the first N target training images (default all)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the probe's validation split, the K-shot draws "
+                   "and fine-tuning")
     add_common_args(p)
     return p.parse_args(argv)
 
@@ -242,13 +287,15 @@ def main(args):
               f"on {device}")
 
     results = {}
-    for text, (name, classes) in targets.items():
+    for text, (name, classes, shift) in targets.items():
         ds = DATASETS[name]
         adapt = describe_adaptation(ds.channels, ds.size, ckpt["in_channels"], ckpt["image_size"])
-        cache_stem = text.replace(":", "_").replace(",", "_")  # fashion-mnist:5-9 -> fashion-mnist_5-9
-        split_feats = {}  # split -> (features [N, d], labels [N])
+        cache_stem = text.replace(":", "_").replace(",", "_")  # fashion-mnist:5-9+invert -> fashion-mnist_5-9+invert
+        split_feats, split_images = {}, {}  # split -> (features [N, d] or images, labels [N])
         for split, n_max in (("train", args.train_size), ("test", args.test_size)):
             x, y = load_split(name, split == "train", args.data_dir, classes, n_max, not args.no_download)
+            x = SHIFTS[shift](x) if shift else x
+            split_images[split] = (x, y)
             progress = lambda starts: clock.progress(starts, f"{text} {split} features")
             feats, cached = cached_features(
                 out / "features" / f"{cache_stem}_{split}.npy", ckpt_mtime, len(x),
@@ -266,6 +313,15 @@ def main(args):
                              fit_seconds=fit_seconds, grad_max=probe["grad_max"])
         clock.log(f"{text} probe: acc {probe['acc']:.4f} l2 {probe['l2']:g} grad_max {probe['grad_max']:.1e} "
                   f"fit {fit_seconds:.1f}s")
+        if args.finetune:
+            tf = time.time()
+            n = min(args.finetune_size or len(split_images["train"][0]), len(split_images["train"][0]))
+            acc = finetune(model, *[t[:n] for t in split_images["train"]], *split_images["test"],
+                           ckpt["in_channels"], ckpt["image_size"], epochs=args.finetune_epochs,
+                           lr=args.finetune_lr, batch_size=128, seed=args.seed)
+            results[text]["finetune"] = {"acc": acc, "epochs": args.finetune_epochs, "lr": args.finetune_lr,
+                                         "n_train": n, "seconds": time.time() - tf}
+            clock.log(f"{text} fine-tuned on {n} images: acc {acc:.4f} ({time.time() - tf:.1f}s)")
         if args.shots:
             few = results[text]["few_shot"] = {}
             for shots in args.shots:

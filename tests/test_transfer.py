@@ -63,11 +63,14 @@ def test_probe_deterministic_and_standardised_on_train_only():
 
 
 def test_parse_target_and_adaptation_text():
-    assert parse_target("fashion-mnist:5-9") == ("fashion-mnist", [5, 6, 7, 8, 9])
-    assert parse_target("mnist") == ("mnist", list(range(10)))
+    assert parse_target("fashion-mnist:5-9") == ("fashion-mnist", [5, 6, 7, 8, 9], None)
+    assert parse_target("mnist") == ("mnist", list(range(10)), None)
+    assert parse_target("fashion-mnist:5-9+invert") == ("fashion-mnist", [5, 6, 7, 8, 9], "invert")
+    x = torch.rand(2, 1, 4, 4)
+    assert torch.equal(transfer.SHIFTS["invert"](x), 1 - x) and torch.equal(transfer.SHIFTS["rot90"](x)[0, 0, 0], x[0, 0, :, -1])
     assert describe_adaptation(1, 28, 3, 32) == "1->3 channels, 28->32 px"
     assert describe_adaptation(3, 32, 3, 32) == "none"
-    for bad in ("mnist:", ":1-2", "mnist:1:2", "nope:0-1", "mnist:8-12"):
+    for bad in ("mnist:", ":1-2", "mnist:1:2", "nope:0-1", "mnist:8-12", "mnist+blur"):
         with pytest.raises(common.UserError):
             parse_target(bad)
 
@@ -229,3 +232,18 @@ def test_cli_few_shot_entries_and_too_many_shots(tiny_ckpt, tmp_path, capsys):
     assert 0.2 <= few["1"]["acc"] <= 1 and few["5"]["acc_se"] >= 0 and "5-shot: acc" in out
     code, out, err = run_transfer(capsys, "--ckpt", tiny_ckpt, "--out", tmp_path, *PROBE_ARGS, "--shots", "100")
     assert code == 2 and len(err.strip().splitlines()) == 1 and "100 shots per class asked for" in err, err
+
+
+def test_finetune_moves_every_weight_of_a_copy_and_beats_chance(tiny_ckpt, tmp_path, capsys):
+    model, _ = models.load_checkpoint(tiny_ckpt)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x, y = data.load_split("fashion-mnist", True, classes=[5, 6, 7, 8, 9], size=600, download=False)
+    xt, yt = data.load_split("fashion-mnist", False, classes=[5, 6, 7, 8, 9], size=300, download=False)
+    acc = transfer.finetune(model, x, y, xt, yt, 1, 28, epochs=2, lr=0.05)
+    assert acc > 0.5  # 5 classes: chance is 0.2
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the source model is untouched
+    code, out, err = run_transfer(capsys, "--ckpt", tiny_ckpt, "--out", tmp_path, *PROBE_ARGS, "--finetune",
+                                  "--finetune-epochs", "1", "--finetune-size", "200")
+    assert code == 0, err
+    entry = json.loads((tmp_path / "transfer.json").read_text())["fashion-mnist:5-9"]["finetune"]
+    assert entry["n_train"] == 200 and entry["epochs"] == 1 and 0 <= entry["acc"] <= 1
