@@ -371,7 +371,8 @@ def parse_radius(text):
 def get_args(argv=None):
     p = ArgumentParser(description="Adversarial training (eps 0 = standard training) and evaluation; "
                        "--eval-only evaluates any checkpoint.")
-    p.add_argument("--dataset", default="fashion-mnist", choices=list(DATASETS), help="training dataset")
+    p.add_argument("--dataset", default="fashion-mnist", choices=[d for d in DATASETS if d != "imagenet"],
+                   help="training dataset")
     p.add_argument("--classes", default=None, help="classes to keep and relabel 0..k-1, e.g. 0-4 or 0,3,7 (default all)")
     p.add_argument("--train-size", type=positive_int, default=None, help="use the first N training examples (default all)")
     p.add_argument("--test-size", type=positive_int, default=None, help="evaluate on the first N test examples (default all)")

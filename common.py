@@ -129,6 +129,17 @@ def add_common_args(p, download=True):
         p.add_argument("--no-download", action="store_true", help="never download; fail if a dataset is absent")
 
 
+def add_checkpoint_args(p):
+    """The --ckpt, --arch and --unsafe-load options of every script that reads a checkpoint."""
+    p.add_argument("--ckpt", required=True, help="checkpoint: ours (model.pt of advtrain.py), a robustness/RMT "
+                   "checkpoint, or a torchvision ResNet state dict (normalised for ImageNet)")
+    p.add_argument("--arch", default=None, help="architecture of a foreign checkpoint, e.g. resnet50, "
+                   "wide_resnet50_2, cifar_resnet18 (default: detected from its keys and shapes)")
+    p.add_argument("--unsafe-load", action="store_true", help="allow a checkpoint that needs unpickling of "
+                   "Python objects (robustness saves with dill): it can run arbitrary code, so only for "
+                   "files from a source you trust")
+
+
 def mean_se(values):
     """(mean, standard error of the mean) of the finite values of a 1-d array or tensor;
     SE = 0.0 (no noise estimate) for a single value. Used for every reported number."""

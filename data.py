@@ -15,7 +15,7 @@ from common import UserError
 
 class Dataset(NamedTuple):
     name: str
-    torchvision: Optional[str]  # class in torchvision.datasets (None: made here)
+    torchvision: Optional[str]  # class in torchvision.datasets (None: made here, or folders)
     num_classes: int
     channels: int
     size: int  # height = width, pixels
@@ -32,6 +32,9 @@ DATASETS = {d.name: d for d in (
     # CIFAR-shaped random images with class-dependent colour: exercises the CIFAR code
     # paths (resnet18, 3 channels, 32x32) offline, in tests and `run_all.sh paper --smoke`.
     Dataset("synthetic", None, 10, 3, 32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)),
+    # ImageFolder trees, too large for memory: the record gives published ImageNet models
+    # their normalisation and input size; load_split does not read it (see there).
+    Dataset("imagenet", None, 1000, 3, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 )}
 SYSTEM_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist
 
@@ -123,6 +126,9 @@ def load_split(name, train, data_dir="./data", classes=None, size=None, download
     than the split holds is a UserError that says how many there are.
     """
     dataset = get_dataset(name)
+    if name == "imagenet":
+        raise UserError("imagenet cannot be loaded into memory: ImageNet folders are read by a "
+                        "streaming loader that is not available yet")
     if name == "synthetic":
         x, y = _synthetic(train)
     elif name in ("mnist", "fashion-mnist"):

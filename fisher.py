@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from torch.func import functional_call, jacrev, jvp, vjp, vmap
 
-from common import (ArgumentParser, Clock, add_common_args, atomic_save, mean_se, parse_classes,
-                    positive_int, provenance, user_errors, writable_dir)
+from common import (ArgumentParser, Clock, add_checkpoint_args, add_common_args, atomic_save,
+                    mean_se, parse_classes, positive_int, provenance, user_errors, writable_dir)
 from data import DATASETS, adapt_images, load_split
 from models import get_device, load_checkpoint
 
@@ -245,7 +245,7 @@ def ratio_mean_se(num, den):
 def get_args(argv=None):
     p = ArgumentParser(description="Fisher information of weights, output and representation "
                                    "of a checkpoint, on the first --n test examples.")
-    p.add_argument("--ckpt", required=True, help="checkpoint written by advtrain.py (model.pt)")
+    add_checkpoint_args(p)
     p.add_argument("--n", type=positive_int, default=512, help="number of test examples, the first after class filtering")
     p.add_argument("--out", default=None, help="output folder (default: the checkpoint's folder)")
     p.add_argument("--dataset", default=None, choices=list(DATASETS), help="evaluation dataset (default: the checkpoint's)")
@@ -276,7 +276,7 @@ def main(args):
     # torch.func's jvp triggers torch's own deprecation warning of torch.jit.script: not ours.
     warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
     device = get_device(args.device)
-    model, ckpt = load_checkpoint(args.ckpt, device)
+    model, ckpt = load_checkpoint(args.ckpt, device, arch=args.arch, unsafe=args.unsafe_load)
     out = writable_dir(args.out if args.out is not None else Path(args.ckpt).parent)
     dataset = args.dataset or ckpt["dataset"]
     own_dataset = dataset == ckpt["dataset"]

@@ -34,8 +34,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import (ArgumentParser, Clock, UserError, add_common_args, atomic_save, mean_se,
-                    nonnegative_float, nonnegative_int, positive_int, provenance, user_errors, writable_dir)
+from common import (ArgumentParser, Clock, UserError, add_checkpoint_args, add_common_args,
+                    atomic_save, mean_se, nonnegative_float, nonnegative_int, positive_int,
+                    provenance, user_errors, writable_dir)
 from data import adapt_images, load_split
 from models import get_device, load_checkpoint
 
@@ -183,7 +184,7 @@ def png_bytes(rows, nrow):
 def get_args(argv=None):
     p = ArgumentParser(description="Invert a checkpoint's representation: reconstructions of test images by "
                        "several methods, with PSNR, SSIM and judge accuracy.")
-    p.add_argument("--ckpt", required=True, help="checkpoint of advtrain.py (model.pt)")
+    add_checkpoint_args(p)
     p.add_argument("--judge", default=None, help="checkpoint of a separately trained classifier that labels "
                    "the reconstructions (same dataset and classes; default none: judge_acc is null)")
     p.add_argument("--start", type=nonnegative_int, default=0, help="index of the first test image (after class filtering)")
@@ -213,7 +214,7 @@ def get_args(argv=None):
 def main(args):
     clock = Clock()
     device = get_device(args.device)
-    model, ckpt = load_checkpoint(args.ckpt, device)
+    model, ckpt = load_checkpoint(args.ckpt, device, arch=args.arch, unsafe=args.unsafe_load)
     out = writable_dir(args.out or Path(args.ckpt).parent)
     x0, y0 = load_split(ckpt["dataset"], False, args.data_dir, ckpt["classes"], args.start + args.n_images,
                         download=not args.no_download)

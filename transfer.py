@@ -28,8 +28,9 @@ import torch
 import torch.nn.functional as F
 
 from advtrain import lr_at, make_optimizer, train_epoch  # fine-tuning trains as advtrain.py does
-from common import (ArgumentParser, Clock, UserError, add_common_args, atomic_save, mean_se, parse_classes,
-                    positive_int, provenance, user_errors, writable_dir)
+from common import (ArgumentParser, Clock, UserError, add_checkpoint_args, add_common_args,
+                    atomic_save, mean_se, parse_classes, positive_int, provenance, user_errors,
+                    writable_dir)
 from data import DATASETS, adapt_images, load_split
 from models import get_device, load_checkpoint
 
@@ -254,7 +255,7 @@ def cached_features(path, min_mtime, n, compute):
 
 def get_args(argv=None):
     p = ArgumentParser(description="Linear-probe transfer of a frozen model's penultimate features.")
-    p.add_argument("--ckpt", required=True, help="model.pt written by advtrain.py")
+    add_checkpoint_args(p)
     p.add_argument("--target", action="append", required=True,
                    help="target task dataset[:classes], e.g. fashion-mnist:5-9 or cifar100; repeat for several")
     p.add_argument("--out", default=None, help="output folder for transfer.json and features/ (default: the checkpoint's folder)")
@@ -280,7 +281,7 @@ def main(args):
     clock = Clock()
     targets = {text: parse_target(text) for text in args.target}  # check them all before any work
     device = get_device(args.device)
-    model, ckpt = load_checkpoint(args.ckpt, device)
+    model, ckpt = load_checkpoint(args.ckpt, device, arch=args.arch, unsafe=args.unsafe_load)
     out = writable_dir(args.out or Path(args.ckpt).parent)
     ckpt_mtime = Path(args.ckpt).stat().st_mtime
     clock.log(f"model {args.ckpt}: {ckpt['arch']} on {ckpt['dataset']} classes {ckpt['classes']} eps {ckpt['eps']} "
