@@ -14,6 +14,7 @@ Inputs are images in [0, 1]; the dataset's normalisation is the first layer of t
 eps is in pixel units. pgd_attack, accuracy, train_epoch and evaluate take a model and tensors.
 """
 import argparse
+import gc
 import json
 import math
 import os
@@ -578,6 +579,9 @@ def main(args):
     robust = " ".join(f"{r['norm']}@{format_eps(r['eps'])} {r['acc']:.4f}" for r in metrics["robust_acc"])
     say(f"eval clean {metrics['clean_acc']:.4f} {args.eval_attack} {robust}")
     if world_size > 1:
+        del model
+        gc.collect()  # DDP's reducer goes before the group it talks to
+        dist.barrier()  # no process leaves the group while another still talks to it
         dist.destroy_process_group()
 
 
