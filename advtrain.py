@@ -463,18 +463,19 @@ def make_checkpoint(model, opt, args, classes, model_args, epoch, train_seconds,
 
 
 def eval_only(args):
-    """--eval-only: any checkpoint of ours, at its training radius and --eval-eps, on the test
-    split of its dataset and classes; metrics.json under --out."""
+    """--eval-only: any checkpoint (ours at its training radius and --eval-eps; a published one
+    at --eval-eps), on the test split of its dataset and classes; metrics.json under --out."""
     clock = Clock()
     device = get_device(args.device)
     model, ckpt = load_checkpoint(args.ckpt, device)
     out = writable_dir(args.out or Path(args.ckpt).parent / f"eval-{args.eval_attack}")
     x, y = load_split(ckpt["dataset"], False, args.data_dir, ckpt["classes"], args.test_size, not args.no_download)
-    radii = [(ckpt["norm"], ckpt["eps"]), *args.eval_eps]
+    # a published checkpoint records no training radius: only --eval-eps is attacked
+    radii = ([(ckpt["norm"], ckpt["eps"])] if ckpt["eps"] is not None else []) + args.eval_eps
     metrics = evaluate(model, x, y, radii, batch_size=args.batch_size, steps=args.eval_steps,
                        restarts=args.eval_restarts, attack=args.eval_attack)
     metrics.update(eps=ckpt["eps"], norm=ckpt["norm"], arch=ckpt["arch"], dataset=ckpt["dataset"],
-                   classes=ckpt["classes"], seed=ckpt["args"].get("seed"), test_size=len(x), ckpt=str(args.ckpt),
+                   classes=ckpt["classes"], seed=ckpt.get("args", {}).get("seed"), test_size=len(x), ckpt=str(args.ckpt),
                    provenance=provenance(settings_of(args)))
     atomic_save(out / "metrics.json", metrics)
     robust = " ".join(f"{r['attack']} {r['norm']}@{format_eps(r['eps'])} {r['acc']:.4f}" for r in metrics["robust_acc"])

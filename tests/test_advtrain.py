@@ -321,3 +321,18 @@ def test_eval_only_any_checkpoint_with_apgd(tiny_ckpt, tmp_path):
                                                                                   ("linf", 0.05, "apgd")]
     assert metrics["test_size"] == 50 and metrics["eps"] == 0.5 and 0 <= metrics["clean_acc"] <= 1
     assert "needs --ckpt" in assert_user_error(run_script("advtrain.py", "--eval-only"))
+
+
+def test_eval_only_a_published_checkpoint(tmp_path, monkeypatch):
+    """A robustness-layout CIFAR ResNet records no training radius: --eval-only attacks it at
+    --eval-eps only (on synthetic CIFAR-shaped data standing in for CIFAR-10, offline)."""
+    torch.manual_seed(0)
+    net = models.CifarResNet(models.FOREIGN_ARCHS["cifar_resnet18"].blocks, 10, 8)
+    torch.save(net.state_dict(), tmp_path / "published.pt")
+    monkeypatch.setattr(advtrain, "load_split", lambda name, train, data_dir, classes, size, download:
+                        data.load_split("synthetic", train, classes=classes, size=size))
+    advtrain.main(advtrain.get_args(["--eval-only", "--ckpt", str(tmp_path / "published.pt"), "--eval-eps",
+                                     "linf:8/255", "--eval-steps", "2", "--test-size", "20", "--out", str(tmp_path)]))
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["eps"] is None and metrics["seed"] is None and metrics["dataset"] == "cifar10"
+    assert [(r["norm"], r["attack"]) for r in metrics["robust_acc"]] == [("linf", "pgd")]

@@ -334,3 +334,23 @@ def test_user_errors(tmp_path):
     (tmp_path / "bad" / "metrics.json").write_text(
         '{"eps": 0.5, "norm": "l2", "clean_acc": 0.9, "seed": 0, "robust_acc": {"0.5": 0.3}}')
     assert "robust_acc" in assert_user_error(run_script("report.py", tmp_path))
+
+
+def first_version_c2(rows):
+    """The first version's C2 rule, for comparison: the best eps > 0 beats eps 0 when the gain
+    exceeds twice the SE of the two unpaired means over seeds (SE 0 with one seed)."""
+    by_eps = {}
+    for r in rows:
+        by_eps.setdefault(r["eps"], []).append(r["transfer"][TARGET])
+    stats = {e: report.mean_se(v) for e, v in by_eps.items()}
+    best = max((e for e in stats if e > 0), key=lambda e: stats[e][0])
+    return stats[best][0] - stats[0][0] > 2 * math.hypot(stats[best][1], stats[0][1])
+
+
+def test_first_version_c2_rule_says_holds_on_one_seed_where_the_new_rule_cannot():
+    """Null studies with one seed: the first version's rule said "holds" in most (SE 0), the
+    current rule never does (undetermined)."""
+    rng = np.random.default_rng(5)
+    studies = [make_rows(rng, 0.0, n_seeds=1) for _ in range(300)]
+    assert np.mean([first_version_c2(rows) for rows in studies]) > 0.5
+    assert all(report.judge_c2(rows, "l2")["holds"] is None for rows in studies)
