@@ -6,6 +6,10 @@
     # Linf on CIFAR-10 with a ResNet-18 (GPU), attacked at L2 0.5 and Linf 8/255 at the end
     python advtrain.py --dataset cifar10 --arch resnet18 --norm linf --eps 8/255 --steps 7 \
         --epochs 30 --augment --lr 0.1 --eval-eps l2:0.5 linf:8/255 --out runs/cifar_linf8
+    # a published robust ImageNet model (robustness/RMT file), attacked on DATA_DIR/val: its training
+    # radius comes from --norm/--eps (the file records none), robustness pickles with dill
+    python advtrain.py --eval-only --ckpt resnet50_l2_eps3.ckpt --dataset imagenet --data-dir DATA_DIR \
+        --norm l2 --eps 3 --test-size 1000 --eval-eps l2:0.5 linf:8/255 --unsafe-load --out runs/in_l2_3
 
 Outputs under --out: model.pt (checkpoint, rewritten every epoch; build_model(**ckpt["model_args"])
 rebuilds the network), log.jsonl (one line per epoch) and metrics.json (clean accuracy and
@@ -25,8 +29,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from common import (ArgumentParser, Clock, UserError, add_common_args, atomic_save, format_eps,
-                    nonnegative_int, parse_classes, parse_eps, positive_int, provenance, user_errors,
+from common import (CKPT_HELP, UNSAFE_LOAD_HELP, ArgumentParser, Clock, UserError, add_common_args, atomic_save,
+                    format_eps, nonnegative_int, parse_classes, parse_eps, positive_int, provenance, user_errors,
                     writable_dir)
 from data import DATASETS, load_split, random_crop_flip
 from models import ARCHS, build_model, get_device, load_checkpoint, read_checkpoint
@@ -372,16 +376,21 @@ def parse_radius(text):
 def get_args(argv=None):
     p = ArgumentParser(description="Adversarial training (eps 0 = standard training) and evaluation; "
                        "--eval-only evaluates any checkpoint.")
-    p.add_argument("--dataset", default="fashion-mnist", choices=[d for d in DATASETS if d != "imagenet"],
-                   help="training dataset")
+    # Defaults of None are resolved after parsing: for training to the stated defaults, for
+    # --eval-only against the checkpoint (eval_only), which may record the value itself.
+    p.add_argument("--dataset", default=None, choices=list(DATASETS),
+                   help="training dataset (default fashion-mnist); with --eval-only the test set (default the "
+                        "checkpoint's; imagenet, DATA_DIR/val, for published ImageNet checkpoints only)")
     p.add_argument("--classes", default=None, help="classes to keep and relabel 0..k-1, e.g. 0-4 or 0,3,7 (default all)")
     p.add_argument("--train-size", type=positive_int, default=None, help="use the first N training examples (default all)")
     p.add_argument("--test-size", type=positive_int, default=None, help="evaluate on the first N test examples (default all)")
     p.add_argument("--arch", default="cnn", choices=ARCHS, help="model")
     p.add_argument("--width", type=positive_int, default=64, help="resnet18 base width (channels of the first stage)")
-    p.add_argument("--norm", default="l2", choices=NORMS, help="threat model of training")
-    p.add_argument("--eps", type=parse_eps, default=0.0,
-                   help="training radius in pixel units (images in [0, 1]), fractions ok (8/255); 0 = standard training")
+    p.add_argument("--norm", default=None, choices=NORMS, help="threat model of training (default l2); with "
+                   "--eval-only, the training norm of a published checkpoint (ours record theirs)")
+    p.add_argument("--eps", type=parse_eps, default=None,
+                   help="training radius in pixel units (images in [0, 1]), fractions ok (8/255); 0 = standard "
+                        "training (default 0); with --eval-only, the training radius of a published checkpoint")
     p.add_argument("--attack", default="pgd", choices=("pgd", "fgsm"),
                    help="training attack: pgd (--steps steps) or fgsm (one step of 1.25 eps from a random start, "
                         "Wong et al. 2020, with the catastrophic-overfitting guard)")
@@ -409,19 +418,30 @@ def get_args(argv=None):
                         "example) or apgd-ce (APGD-CE alone)")
     p.add_argument("--eval-steps", type=positive_int, default=20, help="attack steps at evaluation (per APGD run)")
     p.add_argument("--eval-restarts", type=positive_int, default=1, help="random restarts at evaluation")
-    p.add_argument("--seed", type=int, default=0, help="random seed (initialisation and data order)")
+    p.add_argument("--seed", type=int, default=None, help="random seed (initialisation and data order; default 0); "
+                   "with --eval-only, the seed recorded for a published checkpoint")
     add_common_args(p)
     p.add_argument("--out", default=None, help="output folder (default runs/default; with --eval-only, "
                    "eval-<attack> beside the checkpoint)")
     p.add_argument("--resume", action="store_true", help="continue from --out/model.pt if it holds an unfinished run "
                    "trained with the same settings")
-    p.add_argument("--eval-only", action="store_true", help="evaluate --ckpt at its training eps and --eval-eps, "
-                   "on its dataset's test split: metrics.json under --out, no training")
-    p.add_argument("--ckpt", default=None, help="with --eval-only: the checkpoint to evaluate")
+    p.add_argument("--eval-only", action="store_true", help="evaluate --ckpt at its training eps (a published "
+                   "checkpoint's: --eps) and --eval-eps, on its dataset's test split: metrics.json under --out, "
+                   "no training")
+    p.add_argument("--ckpt", default=None, help="with --eval-only, the " + CKPT_HELP)
+    p.add_argument("--unsafe-load", action="store_true", help="with --eval-only: " + UNSAFE_LOAD_HELP)
     args = p.parse_args(argv)
-    args.eval_eps = [(norm or args.norm, eps) for norm, eps in args.eval_eps]
     if args.eval_only and not args.ckpt:
         p.error("--eval-only needs --ckpt")
+    if not args.eval_only:
+        if args.dataset == "imagenet":  # no in-memory ImageNet training set, and no epochs of it on a CPU
+            p.error("argument --dataset: invalid choice for training: 'imagenet' (published ImageNet checkpoints "
+                    "are evaluated with --eval-only)")
+        args.dataset = args.dataset or "fashion-mnist"
+        args.norm = args.norm or "l2"
+        args.eps = 0.0 if args.eps is None else args.eps
+        args.seed = 0 if args.seed is None else args.seed
+        args.eval_eps = [(norm or args.norm, eps) for norm, eps in args.eval_eps]
     if args.attack == "fgsm":
         args.steps = 1
     return args
@@ -431,6 +451,7 @@ def settings_of(args):
     """The settings that define a run (what provenance hashes and --resume compares)."""
     settings = vars(args).copy()
     settings["eval_eps"] = [f"{norm}:{format_eps(eps)}" for norm, eps in args.eval_eps]
+    settings.pop("unsafe_load", None)  # how a file is read, not what is computed (and older runs stay resumable)
     return settings
 
 
@@ -462,21 +483,51 @@ def make_checkpoint(model, opt, args, classes, model_args, epoch, train_seconds,
             "train_seconds": train_seconds, "optimizer": opt.state_dict(), "guard": guard}
 
 
+def training_of(ckpt, args):
+    """(norm, eps, seed) of the evaluated model's training: what the checkpoint records (ours),
+    else --norm, --eps and --seed (a published checkpoint records none; None where not given).
+    A value given that contradicts the checkpoint's is a UserError rather than a note: the
+    metrics would be filed under a training radius the model never had (run_all.sh names its
+    folders by them)."""
+    recorded = {"norm": ckpt["norm"], "eps": ckpt["eps"], "seed": (ckpt.get("args") or {}).get("seed")}
+    resolved = {}
+    for key, mine in recorded.items():
+        given = getattr(args, key)
+        if given is not None and mine is not None and not (
+                math.isclose(given, mine, abs_tol=1e-9) if key == "eps" else given == mine):
+            show = format_eps if key == "eps" else str
+            raise UserError(f"--{key} {show(given)} contradicts {args.ckpt}, trained with {key} {show(mine)}: "
+                            f"drop --{key}")
+        resolved[key] = mine if mine is not None else given
+    if resolved["eps"] is not None and resolved["norm"] is None:
+        raise UserError(f"--eps {format_eps(resolved['eps'])} for a published checkpoint needs --norm (l2 or linf)")
+    return resolved["norm"], resolved["eps"], resolved["seed"]
+
+
 def eval_only(args):
     """--eval-only: any checkpoint (ours at its training radius and --eval-eps; a published one
-    at --eval-eps), on the test split of its dataset and classes; metrics.json under --out."""
+    at --eps, if given, and --eval-eps), on the test split of its dataset and classes (or of
+    --dataset, which also normalises a published file that carries no normalizer: imagenet
+    for torchvision state dicts); metrics.json under --out."""
     clock = Clock()
     device = get_device(args.device)
-    model, ckpt = load_checkpoint(args.ckpt, device)
+    model, ckpt = load_checkpoint(args.ckpt, device, dataset=args.dataset, unsafe=args.unsafe_load)
+    if args.dataset not in (None, ckpt["dataset"]):  # ours ignore dataset: they record their own
+        raise UserError(f"--dataset {args.dataset} contradicts {args.ckpt}, which was trained on "
+                        f"{ckpt['dataset']}: drop --dataset")
+    args.norm, args.eps, args.seed = training_of(ckpt, args)
+    args.dataset = ckpt["dataset"]
+    if any(norm is None for norm, _ in args.eval_eps) and args.norm is None:
+        raise UserError("--eval-eps without a norm (e.g. 0.5) needs the training norm: write l2:0.5, or give --norm")
+    args.eval_eps = [(norm or args.norm, eps) for norm, eps in args.eval_eps]
     out = writable_dir(args.out or Path(args.ckpt).parent / f"eval-{args.eval_attack}")
-    x, y = load_split(ckpt["dataset"], False, args.data_dir, ckpt["classes"], args.test_size, not args.no_download)
-    # a published checkpoint records no training radius: only --eval-eps is attacked
-    radii = ([(ckpt["norm"], ckpt["eps"])] if ckpt["eps"] is not None else []) + args.eval_eps
+    x, y = load_split(args.dataset, False, args.data_dir, ckpt["classes"], args.test_size, not args.no_download)
+    # no training radius known (a published checkpoint without --eps): only --eval-eps is attacked
+    radii = ([(args.norm, args.eps)] if args.eps is not None else []) + args.eval_eps
     metrics = evaluate(model, x, y, radii, batch_size=args.batch_size, steps=args.eval_steps,
                        restarts=args.eval_restarts, attack=args.eval_attack)
-    metrics.update(eps=ckpt["eps"], norm=ckpt["norm"], arch=ckpt["arch"], dataset=ckpt["dataset"],
-                   classes=ckpt["classes"], seed=ckpt.get("args", {}).get("seed"), test_size=len(x), ckpt=str(args.ckpt),
-                   provenance=provenance(settings_of(args)))
+    metrics.update(eps=args.eps, norm=args.norm, arch=ckpt["arch"], dataset=args.dataset, classes=ckpt["classes"],
+                   seed=args.seed, test_size=len(x), ckpt=str(args.ckpt), provenance=provenance(settings_of(args)))
     atomic_save(out / "metrics.json", metrics)
     robust = " ".join(f"{r['attack']} {r['norm']}@{format_eps(r['eps'])} {r['acc']:.4f}" for r in metrics["robust_acc"])
     clock.log(f"eval clean {metrics['clean_acc']:.4f} {robust}; wrote {out / 'metrics.json'}")

@@ -129,15 +129,18 @@ def add_common_args(p, download=True):
         p.add_argument("--no-download", action="store_true", help="never download; fail if a dataset is absent")
 
 
+CKPT_HELP = ("checkpoint: ours (model.pt of advtrain.py), a robustness/RMT checkpoint, or a torchvision ResNet "
+             "state dict (normalised for ImageNet)")
+UNSAFE_LOAD_HELP = ("allow a checkpoint that needs unpickling of Python objects (robustness saves with dill): it "
+                    "can run arbitrary code, so only for files from a source you trust")
+
+
 def add_checkpoint_args(p):
     """The --ckpt, --arch and --unsafe-load options of every script that reads a checkpoint."""
-    p.add_argument("--ckpt", required=True, help="checkpoint: ours (model.pt of advtrain.py), a robustness/RMT "
-                   "checkpoint, or a torchvision ResNet state dict (normalised for ImageNet)")
+    p.add_argument("--ckpt", required=True, help=CKPT_HELP)
     p.add_argument("--arch", default=None, help="architecture of a foreign checkpoint, e.g. resnet50, "
                    "wide_resnet50_2, cifar_resnet18 (default: detected from its keys and shapes)")
-    p.add_argument("--unsafe-load", action="store_true", help="allow a checkpoint that needs unpickling of "
-                   "Python objects (robustness saves with dill): it can run arbitrary code, so only for "
-                   "files from a source you trust")
+    p.add_argument("--unsafe-load", action="store_true", help=UNSAFE_LOAD_HELP)
 
 
 def mean_se(values):

@@ -1,8 +1,10 @@
-"""Datasets as in-memory tensors: the registry, loading (data-dir, the Debian system copy of
-Fashion-MNIST, torchvision download), class selection, input adaptation and augmentation.
+"""Datasets: the registry, loading (data-dir, the Debian system copy of Fashion-MNIST,
+torchvision download, ImageNet-style folders), class selection, in-memory or streamed splits
+(STREAM_RULE), batches adapted to a model's input, and augmentation.
 Images are float32 in [0, 1]; normalisation lives inside the models (models.py).
 """
 import gzip
+import os
 from pathlib import Path
 from typing import NamedTuple, Optional, Tuple
 
@@ -32,8 +34,8 @@ DATASETS = {d.name: d for d in (
     # CIFAR-shaped random images with class-dependent colour: exercises the CIFAR code
     # paths (resnet18, 3 channels, 32x32) offline, in tests and `run_all.sh paper --smoke`.
     Dataset("synthetic", None, 10, 3, 32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)),
-    # ImageFolder trees, too large for memory: the record gives published ImageNet models
-    # their normalisation and input size; load_split does not read it (see there).
+    # ImageFolder trees (DATA_DIR/train, DATA_DIR/val), read by imagenet_folder; the record also
+    # gives published ImageNet models their normalisation and input size.
     Dataset("imagenet", None, 1000, 3, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 )}
 SYSTEM_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist
@@ -124,11 +126,12 @@ def load_split(name, train, data_dir="./data", classes=None, size=None, download
     classes: original class ids to keep, relabelled 0..k-1 in the given order (None = all).
     size: keep the first `size` examples after class filtering (None = all); asking for more
     than the split holds is a UserError that says how many there are.
+    imagenet: the folder data_dir/train or data_dir/val in imagenet_folder's seeded order, all
+    decoded into memory (never downloaded); open_split streams it when large.
     """
     dataset = get_dataset(name)
-    if name == "imagenet":
-        raise UserError("imagenet cannot be loaded into memory: ImageNet folders are read by a "
-                        "streaming loader that is not available yet")
+    if name == "imagenet":  # decoded file by file into memory, however large: open_split streams
+        return _read_all(imagenet_folder(train, data_dir, classes, size))
     if name == "synthetic":
         x, y = _synthetic(train)
     elif name in ("mnist", "fashion-mnist"):
@@ -142,12 +145,120 @@ def load_split(name, train, data_dir="./data", classes=None, size=None, download
         keep = relabel[y] >= 0
         x, y = x[keep], relabel[y[keep]]
     if size is not None:
-        if size > len(x):
-            split = "training" if train else "test"
-            raise UserError(f"asked for {size} {split} examples, but {name} classes "
-                            f"{classes if classes is not None else 'all'} has {len(x)}")
+        _check_size(size, len(x), name, train, classes)
         x, y = x[:size], y[:size]
     return x.float().div_(255), y
+
+
+def _check_size(size, available, name, train, classes):
+    if size > available:
+        split = "training" if train else "test"
+        which = "all" if classes is None else classes if len(classes) <= 20 else f"({len(classes)} of them)"
+        raise UserError(f"asked for {size} {split} examples, but {name} classes {which} has {available}")
+
+
+# ----------------------------------------------------------------------------- large data
+
+MEMORY_LIMIT_BYTES = 2 * 1024 ** 3
+STREAM_RULE = (f"a split is held in memory when N x C x H x W x 4 bytes (float32 at its stored size) is at "
+               f"most {MEMORY_LIMIT_BYTES / 2 ** 30:g} GiB, else streamed from disk batch by batch")
+FOLDER_ORDER_SEED = 0  # ImageFolder lists files class by class: a seeded shuffle makes prefixes mix classes
+
+
+def imagenet_folder(train, data_dir="./data", classes=None, size=None):
+    """The ImageNet-style folder data_dir/train or data_dir/val (torchvision ImageFolder: one
+    sub-folder per class, classes numbered in sorted order) as a lazy Dataset of (image float32
+    [3, 224, 224] in [0, 1], label int); Resize(256) + CenterCrop(224), as published ImageNet
+    models are evaluated.
+
+    Order: a fixed permutation of all files of the split (torch.randperm, seed FOLDER_ORDER_SEED
+    = 0), then `classes` (relabelled 0..k-1 in the given order), then the first `size`: a prefix
+    is a stable random sample over classes, and only its files are ever opened.
+    """
+    import torchvision
+    from torchvision import transforms as T
+    sub = "train" if train else "val"
+    root = Path(data_dir) / sub
+    if not root.is_dir():
+        raise UserError(f"imagenet needs DATA_DIR/{sub} with one sub-folder per class (ImageFolder layout): "
+                        f"not found: {root}")
+    try:  # lists the files; opens none
+        folder = torchvision.datasets.ImageFolder(root, T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor()]))
+    except FileNotFoundError as e:  # no class folders, or a class folder without images
+        raise UserError(f"imagenet folder {root} is not in ImageFolder layout: {str(e).splitlines()[0][:200]}")
+    order = torch.randperm(len(folder.samples), generator=torch.Generator().manual_seed(FOLDER_ORDER_SEED))
+    samples = [folder.samples[i] for i in order.tolist()]  # [(path, class index)]
+    if classes is not None:
+        bad = [c for c in classes if not 0 <= c < len(folder.classes)]
+        if bad:
+            raise UserError(f"classes {bad} out of range: {root} has classes 0-{len(folder.classes) - 1}")
+        relabel = {c: k for k, c in enumerate(classes)}
+        samples = [(path, relabel[c]) for path, c in samples if c in relabel]
+    if size is not None:
+        _check_size(size, len(samples), "imagenet", train, classes)
+        samples = samples[:size]
+    folder.samples = folder.imgs = samples  # what __getitem__ reads; folder.classes keeps all names
+    folder.targets = [label for _, label in samples]
+    return folder
+
+
+def _read_all(dataset, shape=(3, 224, 224)):
+    """A Dataset of (image [C, H, W], label) read item by item into x float32 [N, *shape], y int64 [N]."""
+    x, y = torch.empty(len(dataset), *shape), torch.empty(len(dataset), dtype=torch.long)
+    for i in range(len(dataset)):
+        x[i], y[i] = dataset[i]
+    return x, y
+
+
+def open_split(name, train, data_dir="./data", classes=None, size=None, download=True,
+               memory_limit=MEMORY_LIMIT_BYTES):
+    """One split, in memory or streamed by STREAM_RULE (memory_limit in bytes): either
+    (x float32 [N, C, H, W] in [0, 1], y int64 [N]) as load_split returns, or a Dataset of
+    (image float32 [C, H, W] in [0, 1], label int) read lazily; iterate_batches takes both.
+
+    Built-in datasets come in whole files and are always under the limit (the largest, SVHN
+    train, is 0.9 GB); ImageNet val (50000 x 3 x 224 x 224 x 4 = 30 GB) is streamed, a folder or
+    `size` of a few thousand images is loaded.
+    """
+    if name != "imagenet":
+        return load_split(name, train, data_dir, classes, size, download)
+    folder, d = imagenet_folder(train, data_dir, classes, size), DATASETS[name]
+    if len(folder) * d.channels * d.size * d.size * 4 <= memory_limit:
+        return _read_all(folder, (d.channels, d.size, d.size))
+    return folder
+
+
+def split_labels(split):
+    """Labels int64 [N] of a split, without reading images: tensors (x, y), or a Dataset with
+    `targets` (ImageFolder)."""
+    if isinstance(split, tuple):
+        return split[1]
+    return torch.as_tensor(split.targets, dtype=torch.long)
+
+
+def iterate_batches(split, batch_size, channels, size, device="cpu", workers=None, transform=None):
+    """Batches (x [B, channels, size, size] on device, adapted by adapt_images; y int64 [B] on
+    device) in dataset order, without materialising the whole set.
+
+    split: (x [N, C, H, W], y [N]) tensors, sliced; or any map-style Dataset of (image [C, H, W],
+    label) pairs, read by a DataLoader with `workers` processes (None: min(4, CPUs); 0: in this
+    process) and adapted as each batch arrives. transform: applied to each batch [B, C, H, W]
+    before adaptation (e.g. transfer.SHIFTS), on the device.
+    """
+    device = torch.device(device)
+    transform = transform or (lambda x: x)
+    if isinstance(split, tuple) and len(split) == 2 and torch.is_tensor(split[0]):
+        x, y = split
+        for i in range(0, len(x), batch_size):
+            yield (adapt_images(transform(x[i:i + batch_size].to(device)), channels, size),
+                   y[i:i + batch_size].to(device))
+        return
+    workers = min(4, os.cpu_count() or 1) if workers is None else workers
+    loader = torch.utils.data.DataLoader(split, batch_size, shuffle=False, num_workers=workers,
+                                         pin_memory=device.type == "cuda", persistent_workers=False)
+    for xb, yb in loader:
+        yield (adapt_images(transform(xb.to(device, non_blocking=True)), channels, size),
+               yb.to(device, torch.long, non_blocking=True))
 
 
 def adapt_images(x, channels, size):

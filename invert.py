@@ -28,6 +28,7 @@ differ) and `provenance`), recon_<method>.npy ([N, C, H, W] float32 in [0, 1]) a
 (rows: originals, then one per method).
 """
 import io
+import math
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +55,16 @@ METHODS["improved"] = METHODS[IMPROVED]
 # claims are judged on other images only (run_all.sh inverts test images from 64 on).
 DEFAULTS = dict(steps=400, step_size=1.0, sigma=0.05, tv=0.1)
 TUNED_ON = {"dataset": "fashion-mnist", "classes": [0, 1, 2, 3, 4], "split": "test", "start": 0, "n": 64}
+TUNED_VALUES = 1 * 28 * 28  # values per image where DEFAULTS["step_size"] was chosen
+
+
+def default_step_size(image_shape):
+    """DEFAULTS' first L2 step for images of image_shape [C, H, W]: the L2 distance between
+    two images grows as the square root of their number of values, so the step does too, and
+    every size moves each value as far per step as where it was tuned (CIFAR: x 1.98; 224-px
+    RGB: x 13.9). The number of steps stays: with the step scaled, the path measured per value
+    is the same at every size."""
+    return DEFAULTS["step_size"] * math.sqrt(math.prod(image_shape) / TUNED_VALUES)
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -192,8 +203,10 @@ def get_args(argv=None):
     p.add_argument("--method", default="baseline,improved",
                    help=f"comma-separated, from {', '.join(METHODS)}; improved = {IMPROVED}")
     p.add_argument("--steps", type=nonnegative_int, default=DEFAULTS["steps"], help="gradient steps per method")
-    p.add_argument("--step-size", type=nonnegative_float, default=DEFAULTS["step_size"],
-                   help="first L2 step per image in pixel units (images in [0,1]), decays linearly to 0")
+    p.add_argument("--step-size", type=nonnegative_float, default=None,
+                   help=f"first L2 step per image in pixel units (images in [0,1]), decays linearly to 0 (default "
+                        f"{DEFAULTS['step_size']:g} for {TUNED_VALUES} values per image, as Fashion-MNIST, scaled by "
+                        f"the square root of the number of values: 224-px RGB images get 13.9)")
     p.add_argument("--sigma", type=nonnegative_float, default=DEFAULTS["sigma"],
                    help="std of the input noise of the noise methods, pixel units")
     p.add_argument("--n-noise", type=positive_int, default=1, help="noise draws averaged per step; with 1, a fresh "
@@ -222,7 +235,7 @@ def main(args):
     y0 = y0[args.start:].to(device)
     judge = None
     if args.judge:
-        judge_model, jckpt = load_checkpoint(args.judge, device)
+        judge_model, jckpt = load_checkpoint(args.judge, device, unsafe=args.unsafe_load)
         if (jckpt["dataset"], list(jckpt["classes"])) != (ckpt["dataset"], list(ckpt["classes"])):
             raise UserError(f"--judge {args.judge} was trained on {jckpt['dataset']} classes {jckpt['classes']}, "
                             f"the checkpoint on {ckpt['dataset']} classes {ckpt['classes']}: labels differ")
@@ -239,7 +252,9 @@ def main(args):
         clock.log(f"judge on originals {acc:.3f}, on the grey start {start_acc:.3f}; start psnr "
                   f"{psnr(x_start, x0).mean():.2f} dB ssim {ssim(x_start, x0).mean():.3f}")
 
-    hyper = dict(steps=args.steps, step_size=args.step_size, sigma=args.sigma, tv=args.tv)
+    hyper = dict(steps=args.steps, step_size=DEFAULTS["step_size"] if args.step_size is None else args.step_size,
+                 sigma=args.sigma, tv=args.tv)
+    step_size = default_step_size(x0.shape[1:]) if args.step_size is None else args.step_size
     tuned_on, disjoint = tuning_record(ckpt["dataset"], ckpt["classes"], args.start, len(x0), hyper)
     results = {"images": {"split": "test", "start": args.start, "n": len(x0)}, "tuned_on": tuned_on,
                "disjoint": disjoint}
@@ -248,7 +263,7 @@ def main(args):
         terms = METHODS[method]
         gen = torch.Generator(device=device).manual_seed(args.seed + 1)  # same noise draws for every run
         tm = clock.elapsed()
-        x = invert_features(model, z0, x_start, args.steps, args.step_size,
+        x = invert_features(model, z0, x_start, args.steps, step_size,
                             noise_std=args.sigma if terms["noise"] else 0.0, n_noise=args.n_noise,
                             tv_weight=args.tv if terms["tv"] else 0.0, generator=gen)
         metrics = {"psnr": psnr(x, x0), "ssim": ssim(x, x0), "feature_rel_err": feature_rel_err(model, x, z0)}
@@ -258,7 +273,7 @@ def main(args):
         for name, values in metrics.items():
             entry[name], entry[name + "_se"] = mean_se(values.cpu())
         entry.setdefault("judge_acc", None)
-        entry.update(n_images=len(x0), steps=args.steps, step_size=args.step_size,
+        entry.update(n_images=len(x0), steps=args.steps, step_size=step_size,
                      sigma=args.sigma if terms["noise"] else 0.0, n_noise=args.n_noise if terms["noise"] else 0,
                      tv=args.tv if terms["tv"] else 0.0, seconds=round(clock.elapsed() - tm, 2))
         results[method] = entry

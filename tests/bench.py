@@ -184,6 +184,21 @@ def bench_transfer(model, n_train, sgd_epochs):
     return probe_time, probe["acc"], time.perf_counter() - t, sgd_acc
 
 
+def bench_few_shot_and_finetune(model, shots, n_finetune, repeats):
+    """Seconds of one few-shot probe draw (penalty by cross-validation on the K-shot set) on
+    the cnn's 784-d features, and of transfer.finetune on n_finetune images (2 epochs; the
+    quick preset's setting), evaluated on 1000 test images."""
+    x, y = fashion_mnist(5000, classes=(5, 6, 7, 8, 9))
+    x_test, y_test = fashion_mnist(1000, train=False, classes=(5, 6, 7, 8, 9))
+    with torch.no_grad():
+        f_train, f_test = model.features(x), model.features(x_test)
+    few = {k: median_time(lambda: transfer.few_shot_probe(f_train, y, f_test, y_test, k, draws=1), repeats)
+           for k in shots}
+    finetune = median_time(lambda: transfer.finetune(model, x[:n_finetune], y[:n_finetune], (x_test, y_test), 1, 28),
+                           repeats)
+    return few, finetune
+
+
 def bench_inversion(model, n, steps, repeats):
     """images x steps per second for each method of invert.py."""
     x0, _ = fashion_mnist(n, train=False)
@@ -250,6 +265,15 @@ def main(args):
                  f"{sgd_time / probe_time:.0f}x", ">= 20x at equal accuracy (0.5 points)",
                  "met" if sgd_time / probe_time >= 20 and equal else
                  ("missed" if equal else f"accuracies differ by {abs(probe_acc - sgd_acc) * 100:.1f} points")))
+    print(f"  {rows[-1]}", flush=True)
+
+    few, finetune = bench_few_shot_and_finetune(model, (1, 10, 100), 1000, 1 if q else 3)
+    for k, seconds in few.items():
+        rows.append((f"few-shot probe, {k} per class, one draw with its cross-validated penalty, cnn features",
+                     f"{seconds:.2f} s", "", "< 1 s", "met" if seconds < 1 else "missed"))
+        print(f"  {rows[-1]}", flush=True)
+    rows.append(("fine-tuning every weight, cnn, 1000 images x 2 epochs (quick preset), 1000 test images",
+                 f"{finetune:.2f} s", "", "", ""))
     print(f"  {rows[-1]}", flush=True)
 
     steps = 20 if q else 100

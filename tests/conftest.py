@@ -22,6 +22,16 @@ def assert_user_error(proc):
     return lines[0]
 
 
+def one_line_error(match, fn, *args, **kwargs):
+    """fn(...) raises a one-line UserError containing `match`; returns the message."""
+    import common
+    with pytest.raises(common.UserError) as info:
+        fn(*args, **kwargs)
+    message = str(info.value)
+    assert "\n" not in message and match in message, message
+    return message
+
+
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory):
     """A cnn trained for two epochs on 1024 Fashion-MNIST images of classes 0-4 (seconds)."""

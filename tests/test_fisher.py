@@ -120,6 +120,20 @@ def test_input_fisher_trace_and_lambda_max_match_full_jacobian(tiny):
     assert steps <= CLASSES + 2  # rank < k: Lanczos is exact after k steps
 
 
+def test_input_fisher_trace_sampled_labels_within_3_se(tiny):
+    """Label sampling (for many classes): unbiased, within 3 SE of the exact sum over classes."""
+    model, x = tiny
+    jac = torch.stack([jacobian(lambda v: torch.log_softmax(model(v[None])[0], -1), xi).flatten(1) for xi in x])
+    sq = jac.pow(2).sum(2).double()  # ||grad_x log p(y|x)||^2 [N, k]
+    probs = torch.softmax(model(x), -1).detach().double()
+    exact = (probs * sq).sum(1)
+    samples = 50
+    variance = (probs * (sq - exact[:, None]) ** 2).sum(1) / samples  # of the per-example mean
+    trace = fisher.input_fisher_trace(model, x, label_samples=samples, generator=torch.Generator().manual_seed(0))
+    assert abs((trace - exact).sum()) < 3 * variance.sum().sqrt()
+    assert not torch.allclose(trace.double(), exact, rtol=1e-4)  # really sampled
+
+
 def repr_jacobians(model, x):
     return torch.stack([jacobian(lambda v: model.features(v[None])[0], xi).flatten(1) for xi in x])  # [N, d, D]
 

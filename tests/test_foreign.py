@@ -9,39 +9,15 @@ import types
 
 import pytest
 import torch
-import torch.nn as nn
 import torchvision
 
-import common
 import data
 import models
+from conftest import one_line_error
+from make_fake_imagenet import randomize_bn, robustness_file  # the fixture script's builders
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 UNPICKLED = []  # what Tripwire objects did when unpickled
-
-
-def randomize_bn(net, seed=0):
-    """Random BatchNorm statistics and affine parameters: at init they are the identity, which
-    would hide a BN loaded into the wrong place."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                n = m.num_features
-                m.running_mean.copy_(0.1 * torch.randn(n, generator=g))
-                m.running_var.copy_(0.5 + torch.rand(n, generator=g))
-                m.weight.copy_(0.5 + torch.rand(n, generator=g))
-                m.bias.copy_(0.1 * torch.randn(n, generator=g))
-    return net.eval()
-
-
-def robustness_file(state, mean, std, **extra):
-    """A checkpoint in the robustness library's layout: the network twice (model and the
-    attacker's copy) under a DataParallel prefix, plus the normalizer [3, 1, 1]."""
-    model = {f"module.{part}.{k}": v for part in ("model", "attacker.model") for k, v in state.items()}
-    model["module.normalizer.new_mean"] = torch.tensor(mean).view(3, 1, 1)
-    model["module.normalizer.new_std"] = torch.tensor(std).view(3, 1, 1)
-    return {"model": model, "epoch": 3, **extra}
 
 
 def meta_state(build):
@@ -59,15 +35,6 @@ def check_same_logits(model, original, x, mean, std):
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(composed, logits, rtol=0, atol=1e-6)
     assert model.features(x).shape == (len(x), model.head.in_features)
-
-
-def one_line_error(match, fn, *args, **kwargs):
-    """fn(...) raises a one-line UserError containing `match`; returns the message."""
-    with pytest.raises(common.UserError) as info:
-        fn(*args, **kwargs)
-    message = str(info.value)
-    assert "\n" not in message and match in message, message
-    return message
 
 
 # ----------------------------------------------------------------------------- loading
@@ -279,7 +246,7 @@ def test_imagenet_record_and_load_split():
     ds = data.DATASETS["imagenet"]
     assert (ds.torchvision, ds.num_classes, ds.channels, ds.size) == (None, 1000, 3, 224)
     assert (ds.mean, ds.std) == (IMAGENET_MEAN, IMAGENET_STD)
-    one_line_error("streaming loader", data.load_split, "imagenet", True)
+    one_line_error("DATA_DIR/train", data.load_split, "imagenet", True, "no-such-folder")
 
 
 def test_scripts_run_end_to_end_on_a_robustness_cifar_checkpoint(tmp_path):

@@ -152,6 +152,16 @@ def test_user_errors_are_one_line(tiny_ckpt, tmp_path, capsys):
     assert "asked for 100000 test examples" in line and "has 5000" in line, line
 
 
+def test_default_step_size_scales_with_the_square_root_of_the_image_values():
+    """Tuned at 1 x 28 x 28; the per-value step is the same at every size (ImageNet: x 13.9)."""
+    assert invert.default_step_size((1, 28, 28)) == invert.DEFAULTS["step_size"]
+    for shape in ((3, 32, 32), (3, 224, 224)):
+        a, b = torch.zeros(shape), torch.ones(shape)  # the L2 distance between black and white
+        ratio = invert.default_step_size(shape) / invert.DEFAULTS["step_size"]
+        assert ratio == pytest.approx((a - b).norm().item() / torch.ones(1, 28, 28).norm().item())
+    assert invert.default_step_size((3, 224, 224)) == pytest.approx(13.86, abs=0.01)
+
+
 def test_tuning_record_says_whether_images_are_disjoint():
     classes = [0, 1, 2, 3, 4]
     assert invert.tuning_record("fashion-mnist", classes, 64, 32, invert.DEFAULTS) == (invert.TUNED_ON, True)

@@ -104,6 +104,36 @@ def test_features_batched_equal_one_batch(arch, channels, size):
     torch.testing.assert_close(feats, expected, rtol=1e-4, atol=1e-5)
 
 
+class Images(torch.utils.data.Dataset):
+    """A map-style Dataset of (image, label) over tensors: what data.open_split streams."""
+    def __init__(self, x, y):
+        self.x, self.y, self.targets = x, y, y.tolist()
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], int(self.y[i])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_streamed_split_gives_the_in_memory_features_and_fine_tuning(tiny_ckpt, workers):
+    """A split read batch by batch from a Dataset (with a SHIFTS transform, resized per batch)
+    gives the features, and the fine-tuned accuracy, of the same images held in memory."""
+    model, _ = models.load_checkpoint(tiny_ckpt)
+    x, y = data.load_split("fashion-mnist", False, classes=[5, 6, 7, 8, 9], size=70, download=False)
+    shift = transfer.SHIFTS["invert"]
+    in_memory = extract_features(model, shift(x), 1, 28, batch_size=32)
+    streamed = extract_features(model, Images(x, y), 1, 28, batch_size=32, transform=shift, workers=workers)
+    torch.testing.assert_close(streamed, in_memory, rtol=0, atol=0)
+    upsampled = extract_features(model, Images(x[:, :, ::2, ::2], y), 1, 28, batch_size=32, workers=workers)
+    torch.testing.assert_close(upsampled, extract_features(model, data.adapt_images(x[:, :, ::2, ::2], 1, 28), 1, 28))
+    if workers == 0:
+        args = dict(epochs=1, lr=0.05, transform=shift)
+        assert (transfer.finetune(model, x, y, Images(x, y), 1, 28, **args)
+                == transfer.finetune(model, x, y, (x, y), 1, 28, **args))
+
+
 def run_transfer(capsys, *argv):
     """transfer.py in process (a subprocess costs seconds of imports): (exit code, stdout, stderr)."""
     code = 0
@@ -157,6 +187,7 @@ def test_extraction_leaves_batchnorm_alone(tiny_ckpt):
     ["--target", "mnist:5-12"],
     ["--target", "mnist:"],
     ["--target", "fashion-mnist", "--train-size", "0"],
+    ["--target", "fashion-mnist:5-9", "--train-size", "3"],  # classes absent from the training split
     [],  # no --target
 ])
 def test_user_errors_one_line(args, tiny_ckpt, tmp_path, capsys):
@@ -239,7 +270,7 @@ def test_finetune_moves_every_weight_of_a_copy_and_beats_chance(tiny_ckpt, tmp_p
     before = {k: v.clone() for k, v in model.state_dict().items()}
     x, y = data.load_split("fashion-mnist", True, classes=[5, 6, 7, 8, 9], size=600, download=False)
     xt, yt = data.load_split("fashion-mnist", False, classes=[5, 6, 7, 8, 9], size=300, download=False)
-    acc = transfer.finetune(model, x, y, xt, yt, 1, 28, epochs=2, lr=0.05)
+    acc = transfer.finetune(model, x, y, (xt, yt), 1, 28, epochs=2, lr=0.05)
     assert acc > 0.5  # 5 classes: chance is 0.2
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the source model is untouched
     code, out, err = run_transfer(capsys, "--ckpt", tiny_ckpt, "--out", tmp_path, *PROBE_ARGS, "--finetune",
