@@ -265,8 +265,9 @@ def get_args(argv=None):
     p.add_argument("--chunk", type=positive_int, default=64,
                    help="examples per vmapped per-sample-gradient call; memory ~ chunk x classes x parameters x 4 bytes")
     p.add_argument("--label-samples", type=positive_int, default=8,
-                   help=f"labels drawn from p(y|x) per example for the weights' and the input's Fisher trace when the model has more than "
-                        f"{EXACT_MAX_CLASSES} classes; with fewer the sum over classes is exact")
+                   help=f"labels drawn from p(y|x) per example for the weights' and the input's Fisher trace "
+                        f"when the model has more than {EXACT_MAX_CLASSES} classes; with fewer the sum over "
+                        f"classes is exact")
     p.add_argument("--probes", type=positive_int, default=16,
                    help="Hutchinson probes for ||J_f||_F^2; exact if the feature dimension is <= probes")
     p.add_argument("--power-iters", type=positive_int, default=100,

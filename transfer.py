@@ -164,14 +164,21 @@ def linear_probe(train_feats, train_labels, test_feats, test_labels,
 FEW_SHOT_L2_GRID = tuple(10.0 ** e for e in range(-3, 4))  # 1e-3 .. 1e3: wide, few examples
 
 
-def k_shot_indices(labels, shots, generator):
-    """`shots` distinct random examples of every class of labels [N] (classes 0..k-1), class by
-    class: indices [k * shots]; raises UserError when a class has fewer."""
+def check_shots(labels, shots):
+    """Per-class counts of labels [N] (classes 0..k-1); UserError when a class has fewer than
+    `shots` examples."""
     counts = torch.bincount(labels.cpu(), minlength=int(labels.max()) + 1)
     if (counts < shots).any():
         short = int(counts.argmin())
         raise UserError(f"{shots} shots per class asked for, but class {short} has "
                         f"{int(counts[short])} training examples")
+    return counts
+
+
+def k_shot_indices(labels, shots, generator):
+    """`shots` distinct random examples of every class of labels [N] (classes 0..k-1), class by
+    class: indices [k * shots]; raises UserError when a class has fewer."""
+    counts = check_shots(labels, shots)
     picks = []
     for c in range(len(counts)):
         members = (labels.cpu() == c).nonzero()[:, 0]
@@ -314,6 +321,8 @@ def main(args):
             if absent:  # a probe could never predict it; few-shot draws could not stratify
                 raise UserError(f"target {text}: {split} split has no example of class "
                                 f"{', '.join(str(classes[c]) for c in absent)} (of {len(labels)} examples)")
+            if split == "train" and args.shots:  # before any features are extracted
+                check_shots(labels, max(args.shots))
             progress = lambda starts: clock.progress(starts, f"{text} {split} features")
             feats, cached = cached_features(
                 out / "features" / f"{cache_stem}_{split}.npy", ckpt_mtime, len(labels),

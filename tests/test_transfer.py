@@ -263,6 +263,7 @@ def test_cli_few_shot_entries_and_too_many_shots(tiny_ckpt, tmp_path, capsys):
     assert 0.2 <= few["1"]["acc"] <= 1 and few["5"]["acc_se"] >= 0 and "5-shot: acc" in out
     code, out, err = run_transfer(capsys, "--ckpt", tiny_ckpt, "--out", tmp_path, *PROBE_ARGS, "--shots", "100")
     assert code == 2 and len(err.strip().splitlines()) == 1 and "100 shots per class asked for" in err, err
+    assert "features" not in out  # checked before any work
 
 
 def test_finetune_moves_every_weight_of_a_copy_and_beats_chance(tiny_ckpt, tmp_path, capsys):
