@@ -1,4 +1,4 @@
-"""Adversarial training with PGD (eps = 0 is standard training), its attack and evaluation.
+"""Adversarial training with PGD (eps = 0 is standard training), its attacks and evaluation.
 
     # standard training (eps = 0) and L2 adversarial training on Fashion-MNIST tops
     python advtrain.py --dataset fashion-mnist --classes 0-4 --eps 0   --epochs 4 --out runs/eps0
@@ -6,16 +6,22 @@
     # Linf on CIFAR-10 with a ResNet-18 (GPU), attacked at L2 0.5 and Linf 8/255 at the end
     python advtrain.py --dataset cifar10 --arch resnet18 --norm linf --eps 8/255 --steps 7 \
         --epochs 30 --augment --lr 0.1 --eval-eps l2:0.5 linf:8/255 --out runs/cifar_linf8
-    # a published robust ImageNet model (robustness/RMT file), attacked on DATA_DIR/val: its training
-    # radius comes from --norm/--eps (the file records none), robustness pickles with dill
-    python advtrain.py --eval-only --ckpt resnet50_l2_eps3.ckpt --dataset imagenet --data-dir DATA_DIR \
-        --norm l2 --eps 3 --test-size 1000 --eval-eps l2:0.5 linf:8/255 --unsafe-load --out runs/in_l2_3
+    # the same on 2 GPUs of one machine (--batch-size is the global batch)
+    torchrun --standalone --nproc_per_node 2 advtrain.py --dataset cifar10 --arch resnet18 ...
+    # a published robust ImageNet model (robustness/RMT file, pickled with dill) attacked on
+    # DATA_DIR/val; the file records no training radius, --trained-norm/--trained-eps give it
+    python advtrain.py --eval-only --ckpt resnet50_l2_eps3.ckpt --dataset imagenet \
+        --data-dir DATA_DIR --trained-norm l2 --trained-eps 3 --test-size 1000 \
+        --eval-eps l2:0.5 linf:8/255 --unsafe-load --out runs/in_l2_3
 
-Outputs under --out: model.pt (checkpoint, rewritten every epoch; build_model(**ckpt["model_args"])
-rebuilds the network), log.jsonl (one line per epoch) and metrics.json (clean accuracy and
-robust accuracy at every evaluation radius, each record naming its norm, radius and attack).
-Inputs are images in [0, 1]; the dataset's normalisation is the first layer of the model, so
-eps is in pixel units. pgd_attack, accuracy, train_epoch and evaluate take a model and tensors.
+Outputs under --out: model.pt (checkpoint, rewritten every epoch;
+build_model(**ckpt["model_args"]) rebuilds the network), log.jsonl (one line per epoch) and
+metrics.json (clean accuracy and robust accuracy at every evaluation radius, each record
+naming its norm, radius and attack). Inputs are images in [0, 1]; the dataset's
+normalisation is the first layer of the model, so eps is in pixel units.
+
+Functions to copy (they take a model and tensors; with common.lr_at, models.eval_mode and
+models.make_optimizer): project, pgd_attack, apgd_attack, accuracy, train_epoch, evaluate.
 """
 import argparse
 import gc
@@ -29,11 +35,13 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from common import (CKPT_HELP, UNSAFE_LOAD_HELP, ArgumentParser, Clock, UserError, add_common_args, atomic_save,
-                    format_eps, nonnegative_int, parse_classes, parse_eps, positive_int, provenance, user_errors,
+from common import (CKPT_HELP, UNSAFE_LOAD_HELP, ArgumentParser, Clock, UserError,
+                    add_common_args, atomic_save, checked, format_eps, lr_at, nonnegative_int,
+                    parse_classes, parse_eps, positive_int, provenance, user_errors,
                     writable_dir)
 from data import DATASETS, load_split, random_crop_flip
-from models import ARCHS, build_model, get_device, load_checkpoint, read_checkpoint
+from models import (ARCHS, build_model, eval_mode, get_device, load_checkpoint, make_optimizer,
+                    read_checkpoint)
 
 NORMS = ("l2", "linf")
 
@@ -41,57 +49,63 @@ NORMS = ("l2", "linf")
 # ----------------------------------------------------------------------------- attacks
 
 def _per_sample_norm(t):
+    """The L2 norm of each example of t [N, ...], shaped [N, 1, ..., 1]; at least 1e-12."""
     return t.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (t.dim() - 1))
 
 
-def pgd_attack(model, x, y, norm, eps, steps, step_size=None, random_start=True):
-    """Projected gradient ascent on the cross-entropy within the eps-ball around x.
-
-    x [N, C, H, W] in [0, 1], y [N]; norm 'linf' (sign steps) or 'l2' (normalised steps).
-    Model in eval mode (BatchNorm running statistics); gradients are taken with respect to
-    the input only, so no parameter gradient is computed or accumulated. Returns x_adv,
-    detached, with ||x_adv - x|| <= eps and x_adv in [0, 1].
-    """
-    if norm not in ("l2", "linf"):
-        raise ValueError(f"norm must be 'l2' or 'linf', got {norm!r}")
-    if eps == 0 or steps == 0:
-        return x.detach()
-    step_size = 2.5 * eps / steps if step_size is None else step_size
-    was_training = model.training
-    model.eval()
-    x = x.detach()
-    if not random_start:
-        delta = torch.zeros_like(x)
-    elif norm == "linf":
-        delta = (torch.rand_like(x) * 2 - 1) * eps
-    else:  # uniform direction, radius eps * U
-        delta = torch.randn_like(x)
-        delta *= eps * torch.rand(len(x), *[1] * (x.dim() - 1), device=x.device) / _per_sample_norm(delta)
-    delta = ((x + delta).clamp(0, 1) - x).requires_grad_(True)
-    for _ in range(steps):
-        with torch.enable_grad():  # also works when called under torch.no_grad()
-            loss = F.cross_entropy(model(x + delta), y, reduction="sum")
-            (grad,) = torch.autograd.grad(loss, delta)
-        with torch.no_grad():
-            if norm == "linf":
-                delta += step_size * grad.sign()
-                delta.clamp_(-eps, eps)
-            else:
-                delta += step_size * grad / _per_sample_norm(grad)
-                delta *= (eps / _per_sample_norm(delta)).clamp(max=1.0)
-            delta.copy_((x + delta).clamp(0, 1) - x)  # stay an image; shrinks the norm only
-    model.train(was_training)
-    return (x + delta).detach()
-
-
-def _project(x_adv, x, norm, eps):
-    """x_adv projected onto the eps-ball around x (per example) and onto [0, 1]."""
-    delta = x_adv - x
+def project(x, delta, norm, eps):
+    """The point x + delta moved into the threat model around x: delta onto the eps-ball of
+    its example (linf: clipped to [-eps, eps]; l2: scaled down to norm eps), then the image
+    clipped to [0, 1], which only shrinks the perturbation. x, delta [N, C, H, W] ->
+    x_adv [N, C, H, W]. The one projection of every attack here."""
     if norm == "linf":
         delta = delta.clamp(-eps, eps)
     else:
         delta = delta * (eps / _per_sample_norm(delta)).clamp(max=1.0)
     return (x + delta).clamp(0, 1)
+
+
+def _check_norm(norm):
+    if norm not in NORMS:
+        raise ValueError(f"norm must be 'l2' or 'linf', got {norm!r}")
+
+
+def pgd_attack(model, x, y, norm, eps, steps, step_size=None, random_start=True):
+    """Projected gradient ascent on the cross-entropy within the eps-ball around x.
+
+    x [N, C, H, W] in [0, 1], y [N]; norm 'linf' (sign steps) or 'l2' (normalised steps);
+    step_size default 2.5 eps / steps; random start uniform in the ball (l2: uniform
+    direction, radius eps * U). Runs the model in eval mode (BatchNorm running statistics)
+    and leaves its mode as found; gradients are taken with respect to the input only, so no
+    parameter gradient is computed or accumulated. Returns x_adv, detached, with
+    ||x_adv - x|| <= eps and x_adv in [0, 1].
+    """
+    _check_norm(norm)
+    if eps == 0 or steps == 0:
+        return x.detach()
+    step_size = 2.5 * eps / steps if step_size is None else step_size
+    x = x.detach()
+    if not random_start:
+        delta = torch.zeros_like(x)
+    elif norm == "linf":
+        delta = (torch.rand_like(x) * 2 - 1) * eps
+    else:
+        delta = torch.randn_like(x)
+        radius = eps * torch.rand(len(x), *[1] * (x.dim() - 1), device=x.device)
+        delta *= radius / _per_sample_norm(delta)
+    delta = ((x + delta).clamp(0, 1) - x).requires_grad_(True)
+    with eval_mode(model):
+        for _ in range(steps):
+            with torch.enable_grad():  # also works when called under torch.no_grad()
+                loss = F.cross_entropy(model(x + delta), y, reduction="sum")
+                (grad,) = torch.autograd.grad(loss, delta)
+            with torch.no_grad():
+                if norm == "linf":
+                    delta += step_size * grad.sign()
+                else:
+                    delta += step_size * grad / _per_sample_norm(grad)
+                delta.copy_(project(x, delta, norm, eps) - x)
+    return (x + delta).detach()
 
 
 def dlr_targeted_loss(logits, y, target):
@@ -120,9 +134,10 @@ def apgd_single(model, x, y, norm, eps, steps=100, loss_fn=None, rho=0.75, momen
     since the last checkpoint raised its loss, or when its step and best loss did not change
     (then it restarts from its best point); momentum 0.75 between successive iterates. Sign
     steps for linf, normalised gradient steps for l2; random start in the ball; input-only
-    gradients, model in eval mode. Returns, per example, the first misclassified iterate
-    found, else the iterate of highest loss (detached).
+    gradients, model in eval mode (its mode is given back). Returns, per example, the first
+    misclassified iterate found, else the iterate of highest loss (detached).
     """
+    _check_norm(norm)
     loss_fn = loss_fn or (lambda logits, y: F.cross_entropy(logits, y, reduction="none"))
     view = (-1,) + (1,) * (x.dim() - 1)
 
@@ -137,38 +152,43 @@ def apgd_single(model, x, y, norm, eps, steps=100, loss_fn=None, rho=0.75, momen
     def ascent(grad):
         return grad.sign() if norm == "linf" else grad / _per_sample_norm(grad)
 
-    x = x.detach()
-    start = (torch.rand_like(x) * 2 - 1) if norm == "linf" else torch.randn_like(x)
-    start = start * eps / (start.abs().flatten(1).amax(1) if norm == "linf" else start.flatten(1).norm(dim=1)).view(view)
-    x_cur = _project(x + start, x, norm, eps)
-    loss_cur, grad, fooled = loss_and_grad(x_cur)
-    x_adv = torch.where(fooled.view(view), x_cur, x)  # first misclassified point per example
-    x_best, loss_best, grad_best = x_cur, loss_cur, grad
-    x_prev, eta = x_cur, torch.full((len(x),), 2.0 * eps, device=x.device)
-    checkpoints, last, increases = _apgd_checkpoints(steps), 0, torch.zeros(len(x), device=x.device)
-    eta_last, loss_best_last = eta.clone(), loss_best.clone()
-    for k in range(steps):
-        z = _project(x_cur + eta.view(view) * ascent(grad), x, norm, eps)
-        a = momentum if k > 0 else 1.0
-        x_new = _project(x_cur + a * (z - x_cur) + (1 - a) * (x_cur - x_prev), x, norm, eps)
-        loss_new, grad_new, fooled_new = loss_and_grad(x_new)
-        x_adv = torch.where((fooled_new & ~fooled).view(view), x_new, x_adv)
-        fooled |= fooled_new
-        increases += (loss_new > loss_cur).float()
-        better = loss_new > loss_best
-        x_best = torch.where(better.view(view), x_new, x_best)
-        grad_best = torch.where(better.view(view), grad_new, grad_best)
-        loss_best = torch.where(better, loss_new, loss_best)
-        x_prev, x_cur, loss_cur, grad = x_cur, x_new, loss_new, grad_new
-        if k + 1 in checkpoints:
-            stalled = (eta == eta_last) & (loss_best <= loss_best_last)
-            halve = (increases < rho * (k + 1 - last)) | stalled
-            eta_last, loss_best_last = eta.clone(), loss_best.clone()
-            eta = torch.where(halve, eta / 2, eta)
-            x_cur = torch.where(halve.view(view), x_best, x_cur)
-            grad = torch.where(halve.view(view), grad_best, grad)
-            increases.zero_()
-            last = k + 1
+    def onto_ball(point):  # a point [N, C, H, W] moved into the threat model around x
+        return project(x, point - x, norm, eps)
+
+    with eval_mode(model):
+        x = x.detach()
+        start = (torch.rand_like(x) * 2 - 1) if norm == "linf" else torch.randn_like(x)
+        size = start.abs().flatten(1).amax(1) if norm == "linf" else start.flatten(1).norm(dim=1)
+        x_cur = onto_ball(x + start * eps / size.view(view))
+        loss_cur, grad, fooled = loss_and_grad(x_cur)
+        x_adv = torch.where(fooled.view(view), x_cur, x)  # first misclassified point per example
+        x_best, loss_best, grad_best = x_cur, loss_cur, grad
+        x_prev, eta = x_cur, torch.full((len(x),), 2.0 * eps, device=x.device)
+        checkpoints, last = _apgd_checkpoints(steps), 0
+        increases = torch.zeros(len(x), device=x.device)
+        eta_last, loss_best_last = eta.clone(), loss_best.clone()
+        for k in range(steps):
+            z = onto_ball(x_cur + eta.view(view) * ascent(grad))
+            a = momentum if k > 0 else 1.0
+            x_new = onto_ball(x_cur + a * (z - x_cur) + (1 - a) * (x_cur - x_prev))
+            loss_new, grad_new, fooled_new = loss_and_grad(x_new)
+            x_adv = torch.where((fooled_new & ~fooled).view(view), x_new, x_adv)
+            fooled |= fooled_new
+            increases += (loss_new > loss_cur).float()
+            better = loss_new > loss_best
+            x_best = torch.where(better.view(view), x_new, x_best)
+            grad_best = torch.where(better.view(view), grad_new, grad_best)
+            loss_best = torch.where(better, loss_new, loss_best)
+            x_prev, x_cur, loss_cur, grad = x_cur, x_new, loss_new, grad_new
+            if k + 1 in checkpoints:
+                stalled = (eta == eta_last) & (loss_best <= loss_best_last)
+                halve = (increases < rho * (k + 1 - last)) | stalled
+                eta_last, loss_best_last = eta.clone(), loss_best.clone()
+                eta = torch.where(halve, eta / 2, eta)
+                x_cur = torch.where(halve.view(view), x_best, x_cur)
+                grad = torch.where(halve.view(view), grad_best, grad)
+                increases.zero_()
+                last = k + 1
     return torch.where(fooled.view(view), x_adv, x_best).detach()
 
 
@@ -179,97 +199,94 @@ def apgd_attack(model, x, y, norm, eps, steps=100, restarts=1, targets=3):
     result is each example's worst case over the runs. Calling convention of pgd_attack: x
     [N, C, H, W] in [0, 1], y [N]; returns x_adv within the eps-ball and [0, 1] (for examples
     no run fooled, the last run's point of highest loss). Targeted runs need >= 4 classes.
+    The model runs in eval mode; its mode is given back.
     """
-    if norm not in ("l2", "linf"):
-        raise ValueError(f"norm must be 'l2' or 'linf', got {norm!r}")
-    was_training = model.training
-    model.eval()
+    _check_norm(norm)
     x, x_adv = x.detach(), x.detach().clone()
-    with torch.no_grad():
-        logits = model(x)
-    robust = logits.argmax(1) == y  # a clean mistake needs no attack
-    others = logits.clone()
-    others[torch.arange(len(y)), y] = -float("inf")
-    ranked = others.argsort(1, descending=True)  # the other classes, most likely first
-    runs = [None] + (list(range(min(targets, logits.shape[1] - 1))) if logits.shape[1] >= 4 else [])
-    for _ in range(restarts):
-        for t in runs:
-            idx = robust.nonzero()[:, 0]
-            if len(idx) == 0:
-                break
-            loss_fn = None if t is None else (lambda lg, yy, tt=ranked[idx, t]: dlr_targeted_loss(lg, yy, tt))
-            xa = apgd_single(model, x[idx], y[idx], norm, eps, steps, loss_fn)
-            with torch.no_grad():
-                fooled = model(xa).argmax(1) != y[idx]
-            x_adv[idx] = xa
-            robust[idx[fooled]] = False
-    model.train(was_training)
+    with eval_mode(model):
+        with torch.no_grad():
+            logits = model(x)
+        robust = logits.argmax(1) == y  # a clean mistake needs no attack
+        others = logits.clone()
+        others[torch.arange(len(y)), y] = -float("inf")
+        ranked = others.argsort(1, descending=True)  # the other classes, most likely first
+        n_targeted = min(targets, logits.shape[1] - 1) if logits.shape[1] >= 4 else 0
+        runs = [None] + list(range(n_targeted))
+        for _ in range(restarts):
+            for t in runs:
+                idx = robust.nonzero()[:, 0]
+                if len(idx) == 0:
+                    break
+                loss_fn = None if t is None else (
+                    lambda lg, yy, tt=ranked[idx, t]: dlr_targeted_loss(lg, yy, tt))
+                xa = apgd_single(model, x[idx], y[idx], norm, eps, steps, loss_fn)
+                with torch.no_grad():
+                    fooled = model(xa).argmax(1) != y[idx]
+                x_adv[idx] = xa
+                robust[idx[fooled]] = False
     return x_adv
 
 
 EVAL_ATTACKS = ("pgd", "apgd", "apgd-ce")
 
 
-def accuracy(model, x, y, batch_size=500, norm="l2", eps=0.0, steps=0, restarts=1, step_size=None, attack="pgd"):
+def accuracy(model, x, y, batch_size=500, norm="l2", eps=0.0, steps=0, restarts=1,
+             step_size=None, attack="pgd"):
     """Accuracy on (x, y), clean (eps = 0) or under attack: "pgd", "apgd" (APGD-CE and three
-    targeted APGD-DLR runs, the worst case per example) or "apgd-ce" (APGD on the cross-entropy
-    alone); an example counts as correct only if it survives every restart. Batched; x may
-    live on any device, batches move to the model's."""
+    targeted APGD-DLR runs, the worst case per example) or "apgd-ce" (APGD on the
+    cross-entropy alone); an example counts as correct only if it survives every restart.
+    Batched; x may live on any device, batches move to the model's. Eval mode; the model's
+    mode is given back."""
     device = next(model.parameters()).device
-    model.eval()
     correct = 0
-    for i in range(0, len(x), batch_size):
-        xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
-        if eps == 0:
-            with torch.no_grad():
-                correct += (model(xb).argmax(1) == yb).sum().item()
-            continue
-        if attack.startswith("apgd"):  # restarts are inside apgd_attack, which stops attacking fooled examples
-            xa = apgd_attack(model, xb, yb, norm, eps, steps, restarts, targets=0 if attack == "apgd-ce" else 3)
-            with torch.no_grad():
-                correct += (model(xa).argmax(1) == yb).sum().item()
-            continue
-        ok = torch.ones_like(yb, dtype=torch.bool)
-        for _ in range(restarts):
-            xa = pgd_attack(model, xb, yb, norm, eps, steps, step_size)
-            with torch.no_grad():
-                ok &= model(xa).argmax(1) == yb
-        correct += ok.sum().item()
+    with eval_mode(model):
+        for i in range(0, len(x), batch_size):
+            xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
+            if eps == 0:
+                with torch.no_grad():
+                    correct += (model(xb).argmax(1) == yb).sum().item()
+                continue
+            if attack.startswith("apgd"):  # restarts inside: fooled examples are not attacked again
+                targets = 0 if attack == "apgd-ce" else 3
+                xa = apgd_attack(model, xb, yb, norm, eps, steps, restarts, targets=targets)
+                with torch.no_grad():
+                    correct += (model(xa).argmax(1) == yb).sum().item()
+                continue
+            ok = torch.ones_like(yb, dtype=torch.bool)
+            for _ in range(restarts):
+                xa = pgd_attack(model, xb, yb, norm, eps, steps, step_size)
+                with torch.no_grad():
+                    ok &= model(xa).argmax(1) == yb
+            correct += ok.sum().item()
     return correct / len(x)
 
 
 # ----------------------------------------------------------------------------- training
 
-def lr_at(step, total_steps, max_lr, warmup=0.25):
-    """One-cycle schedule: linear 0 -> max_lr over the first `warmup` fraction, then -> 0."""
-    t = step / max(total_steps, 1)
-    return max_lr * (t / warmup if t < warmup else (1 - t) / (1 - warmup))
-
-
 def train_epoch(model, opt, x, y, *, batch_size=128, norm="l2", eps=0.0, steps=3, step_size=None,
-                lr_schedule=None, step0=0, augment=False, amp=False, channels_last=False, rank=0, world_size=1):
+                lr_schedule=None, step0=0, augment=False, amp=False, channels_last=False,
+                shard=None):
     """One epoch of (adversarial) training over in-memory tensors x [N, C, H, W], y [N].
 
     Each batch (in a random order from the global RNG) is replaced by its PGD adversarial
     examples (norm, eps, steps, step_size; eps = 0 is standard training), optionally after a
     random crop and flip (augment). lr_schedule: global step -> learning rate, applied before
     every step (None leaves the optimizer's rate); step0 is the global step of the first batch.
-    amp (bf16 autocast) is for CUDA; channels_last (the batch's memory layout) pays on CPU too.
-    Under torchrun (model wrapped in DistributedDataParallel, world_size processes), batch_size
-    is the global batch: every process draws the same order and takes every world_size-th
-    example of each batch from its rank on, and its loss is scaled so that DDP's average of the
-    gradients is the gradient of the global batch's mean loss.
+    amp (bf16 autocast) is for CUDA; channels_last (the batch's memory layout) for CUDA and CPU.
+    shard: data-parallel training (model wrapped in DistributedDataParallel, every process
+    drawing the same order): a function from the indices of a global batch of batch_size to
+    (this process's share of them, the weight of its mean loss), e.g. ddp_shard; process 0's
+    BatchNorm statistics and the totals are then shared at the end of the epoch.
     Returns (mean loss, train accuracy on the examples it trained on, next global step).
     """
     device = next(model.parameters()).device
-    attacked = getattr(model, "module", model)  # DDP's network: input gradients need no gradient sync
+    attacked = getattr(model, "module", model)  # DDP's network: input gradients need no sync
     order = torch.randperm(len(x))
     loss_sum, correct, count, step = 0.0, 0, 0, step0
     for i in range(0, len(x), batch_size):
-        idx = order[i:i + batch_size]
-        n_global = len(idx)
-        if world_size > 1:
-            idx = idx[rank::world_size]  # this process's share of the global batch
+        idx, weight = order[i:i + batch_size], None
+        if shard is not None:
+            idx, weight = shard(idx)
         xb, yb = x[idx].to(device, non_blocking=True), y[idx].to(device, non_blocking=True)
         if augment:
             xb = random_crop_flip(xb)
@@ -281,12 +298,12 @@ def train_epoch(model, opt, x, y, *, batch_size=128, norm="l2", eps=0.0, steps=3
             logits = model(xb)
             loss = F.cross_entropy(logits.float(), yb)
         mean_loss = loss.item()
-        if world_size > 1:  # DDP averages over processes: weight each by its share of the batch
-            loss = loss * (len(yb) * world_size / n_global)
+        if weight is not None:
+            loss = loss * weight
         if lr_schedule is not None:
             for group in opt.param_groups:
                 group["lr"] = lr_schedule(step)
-        if not math.isfinite(mean_loss):  # stop before the step: no poisoned weights are ever saved
+        if not math.isfinite(mean_loss):  # stop before the step: no poisoned weights are saved
             raise FloatingPointError(f"loss is {mean_loss} at step {step - step0 + 1} of the epoch")
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -295,7 +312,7 @@ def train_epoch(model, opt, x, y, *, batch_size=128, norm="l2", eps=0.0, steps=3
         loss_sum += mean_loss * len(yb)
         correct += (logits.argmax(1) == yb).sum().item()
         count += len(yb)
-    if world_size > 1:
+    if shard is not None:
         # every process leaves with process 0's BatchNorm statistics, the ones the checkpoint
         # saves: the guard, the next epoch's attacks and evaluation then agree across processes
         broadcast_buffers(attacked)
@@ -303,6 +320,17 @@ def train_epoch(model, opt, x, y, *, batch_size=128, norm="l2", eps=0.0, steps=3
         dist.all_reduce(totals)
         loss_sum, correct, count = totals.tolist()
     return loss_sum / count, correct / count, step
+
+
+def ddp_shard(rank, world_size):
+    """train_epoch's shard for process `rank` of `world_size`: every world_size-th index of a
+    global batch from rank on, and the weight len(share) * world_size / len(batch) of its mean
+    loss, so that DDP's average of the processes' gradients is the gradient of the global
+    batch's mean loss (also for a last batch that does not split evenly)."""
+    def shard(idx):
+        share = idx[rank::world_size]
+        return share, len(share) * world_size / len(idx)
+    return shard
 
 
 def evaluate(model, x, y, radii, *, batch_size=500, steps=20, restarts=1, attack="pgd"):
@@ -336,6 +364,13 @@ def init_distributed(device):
     return dist.get_rank(), world_size, device
 
 
+def leave_distributed():
+    """Leave the process group once every process is done (the DDP model already deleted)."""
+    gc.collect()  # DDP's reducer goes before the group it talks to
+    dist.barrier()  # no process leaves the group while another still talks to it
+    dist.destroy_process_group()
+
+
 def broadcast_buffers(net):
     """Process 0's buffers (BatchNorm running statistics) to every process: each process's
     training forward updates its own copy from its share of the batch."""
@@ -348,7 +383,8 @@ def reduce_metrics(metrics, n_local, world_size):
     accuracy over all shards (weighted by their sizes). Unchanged for one process."""
     if world_size == 1:
         return metrics
-    values = torch.tensor([n_local, metrics["clean_acc"] * n_local] + [r["acc"] * n_local for r in metrics["robust_acc"]],
+    values = torch.tensor([n_local, metrics["clean_acc"] * n_local]
+                          + [r["acc"] * n_local for r in metrics["robust_acc"]],
                           dtype=torch.float64)
     dist.all_reduce(values)
     metrics["clean_acc"] = (values[1] / values[0]).item()
@@ -363,100 +399,197 @@ def collapsed(history, drop):
     return len(history) > 1 and history[-1] < max(history) - drop
 
 
-# ----------------------------------------------------------------------------- script
+def watch_guard(guard, model, x, y, epoch, run):
+    """FGSM's catastrophic-overfitting guard, after an epoch: PGD-10 accuracy on the held-out
+    batch; keeps the best epoch's weights in guard; on a collapse (collapsed()) loads them back
+    into model and returns True (stop training)."""
+    acc = accuracy(model, x, y, run.batch_size, run.norm, run.eps, steps=10)
+    guard["history"].append(acc)
+    if acc >= max(guard["history"]):
+        guard["best_epoch"] = epoch
+        guard["best_model"] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    if collapsed(guard["history"], run.guard_drop):
+        model.load_state_dict(guard["best_model"])
+        guard["stopped_epoch"] = epoch
+        return True
+    return False
+
+
+# ----------------------------------------------------------------------------- command line
 
 def parse_radius(text):
     """'0.5' (the training norm) or 'linf:8/255' -> (norm or None, eps)."""
     norm, sep, eps = str(text).rpartition(":")
     if sep and norm not in NORMS:
-        raise argparse.ArgumentTypeError(f"radius must look like 0.5 or linf:8/255 (norm l2 or linf), got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"radius must look like 0.5 or linf:8/255 (norm l2 or linf), got {text!r}")
     return (norm or None), parse_eps(eps)
 
 
+TRAINING_FLAGS = ("norm", "eps", "seed")  # what a model was trained with
+EVAL_ONLY_FLAGS = ("trained_norm", "trained_eps", "trained_seed")
+
+
 def get_args(argv=None):
-    p = ArgumentParser(description="Adversarial training (eps 0 = standard training) and evaluation; "
-                       "--eval-only evaluates any checkpoint.")
-    # Defaults of None are resolved after parsing: for training to the stated defaults, for
-    # --eval-only against the checkpoint (eval_only), which may record the value itself.
+    p = ArgumentParser(description="Adversarial training (eps 0 = standard training) and "
+                       "evaluation; --eval-only evaluates any checkpoint.")
     p.add_argument("--dataset", default=None, choices=list(DATASETS),
-                   help="training dataset (default fashion-mnist); with --eval-only the test set (default the "
-                        "checkpoint's; imagenet, DATA_DIR/val, for published ImageNet checkpoints only)")
-    p.add_argument("--classes", default=None, help="classes to keep and relabel 0..k-1, e.g. 0-4 or 0,3,7 (default all)")
-    p.add_argument("--train-size", type=positive_int, default=None, help="use the first N training examples (default all)")
-    p.add_argument("--test-size", type=positive_int, default=None, help="evaluate on the first N test examples (default all)")
+                   help="training dataset (default fashion-mnist); with --eval-only, the "
+                        "checkpoint's dataset, whose test split is attacked (default the one "
+                        "it records; imagenet, DATA_DIR/val, for published ImageNet models)")
+    p.add_argument("--classes", default=None,
+                   help="classes to keep and relabel 0..k-1, e.g. 0-4 or 0,3,7 (default all)")
+    p.add_argument("--train-size", type=positive_int, default=None,
+                   help="use the first N training examples (default all)")
+    p.add_argument("--test-size", type=positive_int, default=None,
+                   help="evaluate on the first N test examples (default all)")
     p.add_argument("--arch", default="cnn", choices=ARCHS, help="model")
-    p.add_argument("--width", type=positive_int, default=64, help="resnet18 base width (channels of the first stage)")
-    p.add_argument("--norm", default=None, choices=NORMS, help="threat model of training (default l2); with "
-                   "--eval-only, the training norm of a published checkpoint (ours record theirs)")
+    p.add_argument("--width", type=positive_int, default=64,
+                   help="resnet18 base width (channels of the first stage)")
+    p.add_argument("--norm", default=None, choices=NORMS,
+                   help="threat model of training (default l2)")
     p.add_argument("--eps", type=parse_eps, default=None,
-                   help="training radius in pixel units (images in [0, 1]), fractions ok (8/255); 0 = standard "
-                        "training (default 0); with --eval-only, the training radius of a published checkpoint")
+                   help="training radius in pixel units (images in [0, 1]), fractions ok "
+                        "(8/255); 0 = standard training (default 0)")
     p.add_argument("--attack", default="pgd", choices=("pgd", "fgsm"),
-                   help="training attack: pgd (--steps steps) or fgsm (one step of 1.25 eps from a random start, "
-                        "Wong et al. 2020, with the catastrophic-overfitting guard)")
+                   help="training attack: pgd (--steps steps) or fgsm (one step of 1.25 eps "
+                        "from a random start, Wong et al. 2020, with the catastrophic-"
+                        "overfitting guard)")
     p.add_argument("--steps", type=nonnegative_int, default=3, help="PGD steps during training")
     p.add_argument("--step-size", type=parse_eps, default=None,
-                   help="attack step size (default 2.5 * eps / steps for pgd, 1.25 * eps for fgsm)")
+                   help="attack step size (default 2.5 * eps / steps for pgd, 1.25 * eps for "
+                        "fgsm)")
     p.add_argument("--guard-size", type=positive_int, default=512,
-                   help="fgsm: the last N training examples are held out to watch PGD accuracy after every epoch")
+                   help="fgsm: the last N training examples are held out to watch PGD "
+                        "accuracy after every epoch")
     p.add_argument("--guard-drop", type=float, default=0.2,
-                   help="fgsm: stop, keeping the best epoch's weights, when held-out PGD accuracy falls this much "
-                        "below its best (accuracy units)")
+                   help="fgsm: stop, keeping the best epoch's weights, when held-out PGD "
+                        "accuracy falls this much below its best (accuracy units)")
     p.add_argument("--epochs", type=positive_int, default=5, help="training epochs")
-    p.add_argument("--batch-size", type=positive_int, default=128, help="examples per step")
-    p.add_argument("--lr", type=float, default=0.05, help="peak learning rate of the one-cycle schedule")
+    p.add_argument("--batch-size", type=positive_int, default=128,
+                   help="examples per step (under torchrun: the global batch)")
+    p.add_argument("--lr", type=float, default=0.05, help="peak learning rate of the one-cycle "
+                   "schedule")
     p.add_argument("--momentum", type=float, default=0.9, help="Nesterov momentum")
-    p.add_argument("--weight-decay", type=float, default=5e-4, help="L2 weight decay (not on BatchNorm and biases)")
-    p.add_argument("--augment", action="store_true", help="random crop (pad 4) and horizontal flip (for CIFAR/SVHN)")
-    p.add_argument("--sync-bn", action="store_true", help="under torchrun on CUDA: BatchNorm statistics over the "
-                   "global batch (SyncBatchNorm)")
+    p.add_argument("--weight-decay", type=float, default=5e-4,
+                   help="L2 weight decay (not on BatchNorm and biases)")
+    p.add_argument("--augment", action="store_true",
+                   help="random crop (pad 4) and horizontal flip (for CIFAR/SVHN)")
+    p.add_argument("--sync-bn", action="store_true", help="under torchrun on CUDA: BatchNorm "
+                   "statistics over the global batch (SyncBatchNorm)")
     p.add_argument("--eval-eps", type=parse_radius, nargs="*", default=[],
-                   help="more radii for the final evaluation, besides the training eps: 0.5 (training norm) "
-                        "or norm:eps, e.g. l2:0.5 linf:8/255 (default none)")
+                   help="more radii for the final evaluation, besides the training eps: 0.5 "
+                        "(training norm) or norm:eps, e.g. l2:0.5 linf:8/255 (default none)")
     p.add_argument("--eval-attack", default="pgd", choices=EVAL_ATTACKS,
-                   help="evaluation attack: pgd, apgd (APGD-CE and 3 targeted APGD-DLR runs, worst case per "
-                        "example) or apgd-ce (APGD-CE alone)")
-    p.add_argument("--eval-steps", type=positive_int, default=20, help="attack steps at evaluation (per APGD run)")
-    p.add_argument("--eval-restarts", type=positive_int, default=1, help="random restarts at evaluation")
-    p.add_argument("--seed", type=int, default=None, help="random seed (initialisation and data order; default 0); "
-                   "with --eval-only, the seed recorded for a published checkpoint")
+                   help="evaluation attack: pgd, apgd (APGD-CE and 3 targeted APGD-DLR runs, "
+                        "worst case per example) or apgd-ce (APGD-CE alone)")
+    p.add_argument("--eval-steps", type=positive_int, default=20,
+                   help="attack steps at evaluation (per APGD run)")
+    p.add_argument("--eval-restarts", type=positive_int, default=1,
+                   help="random restarts at evaluation")
+    p.add_argument("--seed", type=int, default=None,
+                   help="random seed of initialisation and data order (default 0)")
     add_common_args(p)
-    p.add_argument("--out", default=None, help="output folder (default runs/default; with --eval-only, "
-                   "eval-<attack> beside the checkpoint)")
-    p.add_argument("--resume", action="store_true", help="continue from --out/model.pt if it holds an unfinished run "
-                   "trained with the same settings")
-    p.add_argument("--eval-only", action="store_true", help="evaluate --ckpt at its training eps (a published "
-                   "checkpoint's: --eps) and --eval-eps, on its dataset's test split: metrics.json under --out, "
-                   "no training")
+    p.add_argument("--out", default=None, help="output folder (default runs/default; with "
+                   "--eval-only, eval-<attack> beside the checkpoint)")
+    p.add_argument("--resume", action="store_true", help="continue from --out/model.pt if it "
+                   "holds an unfinished run trained with the same settings")
+    p.add_argument("--eval-only", action="store_true",
+                   help="no training: evaluate --ckpt at its training radius (if known) and "
+                        "--eval-eps on the test split of its dataset; metrics.json under --out")
     p.add_argument("--ckpt", default=None, help="with --eval-only, the " + CKPT_HELP)
-    p.add_argument("--unsafe-load", action="store_true", help="with --eval-only: " + UNSAFE_LOAD_HELP)
+    p.add_argument("--unsafe-load", action="store_true", help="with --eval-only: "
+                   + UNSAFE_LOAD_HELP)
+    trained = "with --eval-only, what a published checkpoint was trained with (ours record " \
+              "their own; a value that contradicts it is an error): "
+    p.add_argument("--trained-norm", default=None, choices=NORMS, help=trained + "norm")
+    p.add_argument("--trained-eps", type=parse_eps, default=None,
+                   help=trained + "radius, pixel units")
+    p.add_argument("--trained-seed", type=int, default=None, help=trained + "seed")
     args = p.parse_args(argv)
-    if args.eval_only and not args.ckpt:
-        p.error("--eval-only needs --ckpt")
-    if not args.eval_only:
-        if args.dataset == "imagenet":  # no in-memory ImageNet training set, and no epochs of it on a CPU
-            p.error("argument --dataset: invalid choice for training: 'imagenet' (published ImageNet checkpoints "
-                    "are evaluated with --eval-only)")
-        args.dataset = args.dataset or "fashion-mnist"
-        args.norm = args.norm or "l2"
-        args.eps = 0.0 if args.eps is None else args.eps
-        args.seed = 0 if args.seed is None else args.seed
-        args.eval_eps = [(norm or args.norm, eps) for norm, eps in args.eval_eps]
-    if args.attack == "fgsm":
-        args.steps = 1
+    if args.eval_only:
+        if not args.ckpt:
+            p.error("--eval-only needs --ckpt")
+        for name in TRAINING_FLAGS:
+            if getattr(args, name) is not None:
+                p.error(f"--{name} sets training; with --eval-only, --trained-{name} gives "
+                        f"what a published checkpoint was trained with")
+    else:
+        for name in ("ckpt", "unsafe_load") + EVAL_ONLY_FLAGS:
+            if getattr(args, name) not in (None, False):
+                p.error(f"--{name.replace('_', '-')} applies to --eval-only only")
+        if args.dataset == "imagenet":  # no in-memory ImageNet training set
+            p.error("argument --dataset: invalid choice for training: 'imagenet' (published "
+                    "ImageNet checkpoints are evaluated with --eval-only)")
     return args
 
 
-def settings_of(args):
+def _resolved(args, **values):
+    """A copy of args (never changed itself) without the --eval-only training flags, with
+    `values` set, the norm of each --eval-eps radius resolved and fgsm's single step."""
+    run = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in EVAL_ONLY_FLAGS})
+    for name, value in values.items():
+        setattr(run, name, value)
+    if any(norm is None for norm, _ in args.eval_eps) and run.norm is None:
+        raise UserError("--eval-eps without a norm (e.g. 0.5) needs the training norm: write "
+                        "l2:0.5, or give --trained-norm")
+    run.eval_eps = [(norm or run.norm, eps) for norm, eps in args.eval_eps]
+    if args.attack == "fgsm":
+        run.steps = 1
+    return run
+
+
+def training_settings(args):
+    """The settings of a training run: args with the stated defaults filled in."""
+    return _resolved(args, dataset=args.dataset or "fashion-mnist", norm=args.norm or "l2",
+                     eps=0.0 if args.eps is None else args.eps,
+                     seed=0 if args.seed is None else args.seed)
+
+
+def trained_with(ckpt, args):
+    """(norm, eps, seed) of the evaluated model's training: what the checkpoint records (ours),
+    else --trained-norm, --trained-eps and --trained-seed (a published checkpoint records
+    none; None where not given). A value given that contradicts the checkpoint's is a
+    UserError rather than a note: the metrics would be filed under a training radius the
+    model never had (run_all.sh names its folders by them)."""
+    recorded = {"norm": ckpt["norm"], "eps": ckpt["eps"],
+                "seed": (ckpt.get("args") or {}).get("seed")}
+    resolved = {}
+    for key, mine in recorded.items():
+        given = getattr(args, f"trained_{key}")
+        if given is not None and mine is not None and not (
+                math.isclose(given, mine, abs_tol=1e-9) if key == "eps" else given == mine):
+            show = format_eps if key == "eps" else str
+            raise UserError(f"--trained-{key} {show(given)} contradicts {args.ckpt}, trained "
+                            f"with {key} {show(mine)}: drop --trained-{key}")
+        resolved[key] = mine if mine is not None else given
+    if resolved["eps"] is not None and resolved["norm"] is None:
+        raise UserError(f"--trained-eps {format_eps(resolved['eps'])} for a published "
+                        f"checkpoint needs --trained-norm (l2 or linf)")
+    return resolved["norm"], resolved["eps"], resolved["seed"]
+
+
+def eval_settings(args, ckpt):
+    """The settings of an --eval-only run: the checkpoint's dataset and training (norm, eps,
+    seed: trained_with)."""
+    if args.dataset not in (None, ckpt["dataset"]):  # ours ignore dataset: they record their own
+        raise UserError(f"--dataset {args.dataset} contradicts {args.ckpt}, which was trained "
+                        f"on {ckpt['dataset']}: drop --dataset")
+    norm, eps, seed = trained_with(ckpt, args)
+    return _resolved(args, dataset=ckpt["dataset"], norm=norm, eps=eps, seed=seed)
+
+
+def settings_of(run):
     """The settings that define a run (what provenance hashes and --resume compares)."""
-    settings = vars(args).copy()
-    settings["eval_eps"] = [f"{norm}:{format_eps(eps)}" for norm, eps in args.eval_eps]
-    settings.pop("unsafe_load", None)  # how a file is read, not what is computed (and older runs stay resumable)
+    settings = vars(run).copy()
+    settings["eval_eps"] = [f"{norm}:{format_eps(eps)}" for norm, eps in run.eval_eps]
+    settings.pop("unsafe_load", None)  # how a file is read, not what is computed
     return settings
 
 
 def check_resumable(ckpt, settings, path):
-    """--resume continues only a run made with exactly these settings; else name the first difference."""
+    """--resume continues only a run made with exactly these settings; else name the first
+    difference."""
     recorded = ckpt.get("provenance", {}).get("settings", {})
     for key, value in provenance(settings)["settings"].items():
         if recorded.get(key) != value:
@@ -464,193 +597,196 @@ def check_resumable(ckpt, settings, path):
                             f"not {value!r}; use another --out or drop --resume")
 
 
-def make_optimizer(model, lr, momentum, weight_decay):
-    """SGD with Nesterov momentum; weight decay on weights, not on BatchNorm parameters and biases."""
-    decay = [p for p in model.parameters() if p.dim() > 1]
-    rest = [p for p in model.parameters() if p.dim() <= 1]
-    return torch.optim.SGD([{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}],
-                           lr=lr, momentum=momentum, nesterov=True)
-
-
-def make_checkpoint(model, opt, args, classes, model_args, epoch, train_seconds, guard):
+def make_checkpoint(net, opt, run, data, epoch, train_seconds, guard):
     """Plain dict of tensors and plain types: loads with torch.load(weights_only=True). The
-    learning rate is a pure function of the step (lr_at), so the epoch is the schedule's state."""
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    return {"model": state, "model_args": model_args, "arch": args.arch, "num_classes": len(classes),
-            "in_channels": model_args["in_channels"], "image_size": model_args["image_size"],
-            "dataset": args.dataset, "classes": classes, "norm": args.norm, "eps": args.eps,
-            "args": settings_of(args), "provenance": provenance(settings_of(args)), "epoch": epoch,
-            "train_seconds": train_seconds, "optimizer": opt.state_dict(), "guard": guard}
-
-
-def training_of(ckpt, args):
-    """(norm, eps, seed) of the evaluated model's training: what the checkpoint records (ours),
-    else --norm, --eps and --seed (a published checkpoint records none; None where not given).
-    A value given that contradicts the checkpoint's is a UserError rather than a note: the
-    metrics would be filed under a training radius the model never had (run_all.sh names its
-    folders by them)."""
-    recorded = {"norm": ckpt["norm"], "eps": ckpt["eps"], "seed": (ckpt.get("args") or {}).get("seed")}
-    resolved = {}
-    for key, mine in recorded.items():
-        given = getattr(args, key)
-        if given is not None and mine is not None and not (
-                math.isclose(given, mine, abs_tol=1e-9) if key == "eps" else given == mine):
-            show = format_eps if key == "eps" else str
-            raise UserError(f"--{key} {show(given)} contradicts {args.ckpt}, trained with {key} {show(mine)}: "
-                            f"drop --{key}")
-        resolved[key] = mine if mine is not None else given
-    if resolved["eps"] is not None and resolved["norm"] is None:
-        raise UserError(f"--eps {format_eps(resolved['eps'])} for a published checkpoint needs --norm (l2 or linf)")
-    return resolved["norm"], resolved["eps"], resolved["seed"]
+    learning rate is a pure function of the step (lr_at), so the epoch is the schedule's
+    state."""
+    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    model_args = data["model_args"]
+    return {"model": state, "model_args": model_args, "arch": run.arch,
+            "num_classes": len(data["classes"]), "in_channels": model_args["in_channels"],
+            "image_size": model_args["image_size"], "dataset": run.dataset,
+            "classes": data["classes"], "norm": run.norm, "eps": run.eps,
+            "args": settings_of(run), "provenance": provenance(settings_of(run)),
+            "epoch": epoch, "train_seconds": train_seconds, "optimizer": opt.state_dict(),
+            "guard": guard}
 
 
 def eval_only(args):
-    """--eval-only: any checkpoint (ours at its training radius and --eval-eps; a published one
-    at --eps, if given, and --eval-eps), on the test split of its dataset and classes (or of
-    --dataset, which also normalises a published file that carries no normalizer: imagenet
+    """--eval-only: any checkpoint (ours at its training radius and --eval-eps; a published
+    one at --trained-eps, if given, and --eval-eps), on the test split of its dataset and
+    classes (--dataset also normalises a published file that carries no normalizer: imagenet
     for torchvision state dicts); metrics.json under --out."""
     clock = Clock()
     device = get_device(args.device)
     model, ckpt = load_checkpoint(args.ckpt, device, dataset=args.dataset, unsafe=args.unsafe_load)
-    if args.dataset not in (None, ckpt["dataset"]):  # ours ignore dataset: they record their own
-        raise UserError(f"--dataset {args.dataset} contradicts {args.ckpt}, which was trained on "
-                        f"{ckpt['dataset']}: drop --dataset")
-    args.norm, args.eps, args.seed = training_of(ckpt, args)
-    args.dataset = ckpt["dataset"]
-    if any(norm is None for norm, _ in args.eval_eps) and args.norm is None:
-        raise UserError("--eval-eps without a norm (e.g. 0.5) needs the training norm: write l2:0.5, or give --norm")
-    args.eval_eps = [(norm or args.norm, eps) for norm, eps in args.eval_eps]
-    out = writable_dir(args.out or Path(args.ckpt).parent / f"eval-{args.eval_attack}")
-    x, y = load_split(args.dataset, False, args.data_dir, ckpt["classes"], args.test_size, not args.no_download)
-    # no training radius known (a published checkpoint without --eps): only --eval-eps is attacked
-    radii = ([(args.norm, args.eps)] if args.eps is not None else []) + args.eval_eps
-    metrics = evaluate(model, x, y, radii, batch_size=args.batch_size, steps=args.eval_steps,
-                       restarts=args.eval_restarts, attack=args.eval_attack)
-    metrics.update(eps=args.eps, norm=args.norm, arch=ckpt["arch"], dataset=args.dataset, classes=ckpt["classes"],
-                   seed=args.seed, test_size=len(x), ckpt=str(args.ckpt), provenance=provenance(settings_of(args)))
+    run = eval_settings(args, ckpt)
+    out = writable_dir(run.out or Path(run.ckpt).parent / f"eval-{run.eval_attack}")
+    x, y = load_split(run.dataset, False, run.data_dir, ckpt["classes"], run.test_size,
+                      not run.no_download)
+    # no training radius known (a published checkpoint without --trained-eps): --eval-eps only
+    radii = ([(run.norm, run.eps)] if run.eps is not None else []) + run.eval_eps
+    torch.manual_seed(0)  # the attacks' random starts: a rerun gives the same numbers
+    metrics = evaluate(model, x, y, radii, batch_size=run.batch_size, steps=run.eval_steps,
+                       restarts=run.eval_restarts, attack=run.eval_attack)
+    metrics.update(eps=run.eps, norm=run.norm, arch=ckpt["arch"], dataset=run.dataset,
+                   classes=ckpt["classes"], seed=run.seed, test_size=len(x), ckpt=str(run.ckpt),
+                   provenance=provenance(settings_of(run)))
     atomic_save(out / "metrics.json", metrics)
-    robust = " ".join(f"{r['attack']} {r['norm']}@{format_eps(r['eps'])} {r['acc']:.4f}" for r in metrics["robust_acc"])
+    robust = " ".join(f"{r['attack']} {r['norm']}@{format_eps(r['eps'])} {r['acc']:.4f}"
+                      for r in metrics["robust_acc"])
     clock.log(f"eval clean {metrics['clean_acc']:.4f} {robust}; wrote {out / 'metrics.json'}")
+
+
+# ----------------------------------------------------------------------------- training run
+
+def load_data(run, device):
+    """The run's data: {"classes", "model_args", "train": (x, y) on device, "test": (x, y) on
+    the CPU, "guard": fgsm's held-out last --guard-size training examples on device, or
+    None}."""
+    ds = DATASETS[run.dataset]
+    classes = checked(parse_classes, run.classes, ds.num_classes)
+    load = dict(data_dir=run.data_dir, classes=classes, download=not run.no_download)
+    x_train, y_train = load_split(run.dataset, True, size=run.train_size, **load)
+    test = load_split(run.dataset, False, size=run.test_size, **load)
+    guard = None
+    if run.attack == "fgsm":  # hold out the last examples to watch for collapse
+        if run.guard_size >= len(x_train):
+            raise UserError(f"--guard-size {run.guard_size} leaves no training example of "
+                            f"{len(x_train)}")
+        guard = (x_train[-run.guard_size:].to(device), y_train[-run.guard_size:].to(device))
+        x_train, y_train = x_train[:-run.guard_size], y_train[:-run.guard_size]
+    model_args = dict(arch=run.arch, num_classes=len(classes), in_channels=ds.channels,
+                      image_size=ds.size, mean=list(ds.mean), std=list(ds.std), width=run.width)
+    return {"classes": classes, "model_args": model_args, "guard": guard, "test": test,
+            "train": (x_train.to(device), y_train.to(device))}  # whole dataset on the device
+
+
+def setup_model(run, data, device, world_size):
+    """(network, the model to train: the network or its DDP wrapper, optimizer), the network
+    initialised from --seed, channels_last."""
+    torch.manual_seed(run.seed)
+    net = build_model(**data["model_args"]).to(device, memory_format=torch.channels_last)
+    cuda = device.type == "cuda"
+    if run.sync_bn:
+        if not (cuda and world_size > 1):
+            raise UserError("--sync-bn needs torchrun with CUDA (SyncBatchNorm does not run on "
+                            "the CPU)")
+        net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    model = net if world_size == 1 else torch.nn.parallel.DistributedDataParallel(
+        net, device_ids=[device] if cuda else None)
+    return net, model, make_optimizer(net, run.lr, run.momentum, run.weight_decay)
+
+
+def resume(run, out, net, opt, say):
+    """Where training starts: {"epoch" (the last finished), "log", "train_seconds", "guard"};
+    with --resume and out/model.pt of the same settings, from that checkpoint, whose weights
+    and optimizer state are loaded into net and opt."""
+    guard = {"history": [], "best_epoch": None, "stopped_epoch": None, "best_model": None}
+    start = {"epoch": 0, "log": [], "train_seconds": 0.0,
+             "guard": guard if run.attack == "fgsm" else None}
+    path = out / "model.pt"
+    if not (run.resume and path.exists()):
+        return start
+    ckpt = read_checkpoint(path)
+    check_resumable(ckpt, settings_of(run), path)
+    net.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["optimizer"])
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    say(f"resumed from epoch {ckpt['epoch']}")
+    return {"epoch": ckpt["epoch"], "log": log[:ckpt["epoch"]],
+            "train_seconds": ckpt["train_seconds"], "guard": ckpt["guard"]}
+
+
+def run_epochs(run, out, data, net, model, opt, start, rank, world_size, say):
+    """The epochs after start["epoch"], each from its own seed (a resumed run gives the same
+    numbers), each saved (checkpoint, log.jsonl) by process 0; stops early when fgsm's guard
+    sees a collapse. Returns the final checkpoint dict."""
+    x, y = data["train"]
+    steps_per_epoch = -(-len(x) // run.batch_size)
+    total_steps = run.epochs * steps_per_epoch
+    step_size = run.step_size
+    if step_size is None and run.attack == "fgsm":
+        step_size = 1.25 * run.eps  # Wong et al. 2020 (pgd's default is pgd_attack's)
+    shard = ddp_shard(rank, world_size) if world_size > 1 else None
+    log, train_seconds, guard = start["log"], start["train_seconds"], start["guard"]
+    ckpt_path, ckpt = out / "model.pt", None
+    for epoch in range(start["epoch"] + 1, run.epochs + 1):
+        torch.manual_seed(run.seed * 100003 + epoch)  # per-epoch RNG: resuming gives the same run
+        te = time.time()
+        try:
+            loss, acc, _ = train_epoch(
+                model, opt, x, y, batch_size=run.batch_size, norm=run.norm, eps=run.eps,
+                steps=run.steps, step_size=step_size, step0=(epoch - 1) * steps_per_epoch,
+                lr_schedule=lambda step: lr_at(step, total_steps, run.lr), augment=run.augment,
+                amp=x.device.type == "cuda", channels_last=True, shard=shard)
+        except FloatingPointError as e:
+            raise UserError(f"epoch {epoch}: {e}; {ckpt_path} keeps the last finished epoch")
+        train_seconds += time.time() - te
+        log.append({"epoch": epoch, "loss": loss, "train_acc": acc, "seconds": time.time() - te})
+        stop = guard is not None and watch_guard(guard, net, *data["guard"], epoch, run)
+        if guard is not None:
+            log[-1]["guard_acc"] = guard["history"][-1]
+        ckpt = make_checkpoint(net, opt, run, data, run.epochs if stop else epoch, train_seconds,
+                               guard)
+        if rank == 0:
+            atomic_save(ckpt_path, ckpt)
+            atomic_save(out / "log.jsonl", "".join(json.dumps(r) + "\n" for r in log).encode())
+        if world_size > 1:
+            dist.barrier()  # the checkpoint is complete before any process goes on
+        say(f"epoch {epoch}/{run.epochs} loss {loss:.4f} train_acc {acc:.4f} epoch_time "
+            f"{time.time() - te:.1f}s"
+            + (f" guard pgd acc {guard['history'][-1]:.4f}" if guard is not None else ""))
+        if stop:
+            say(f"guard: held-out PGD accuracy fell from {max(guard['history']):.4f} to "
+                f"{guard['history'][-1]:.4f} (catastrophic overfitting); stopped, kept epoch "
+                f"{guard['best_epoch']}'s weights")
+            break
+    return ckpt or make_checkpoint(net, opt, run, data, run.epochs, train_seconds, guard)
+
+
+def final_evaluation(run, out, data, net, ckpt, rank, world_size, say):
+    """Clean and robust test accuracy at the training radius and --eval-eps (sharded over
+    processes); process 0 writes the checkpoint and metrics.json."""
+    x_test, y_test = data["test"]
+    x_shard, y_shard = x_test[rank::world_size], y_test[rank::world_size]
+    metrics = evaluate(net, x_shard, y_shard, [(run.norm, run.eps), *run.eval_eps],
+                       batch_size=run.batch_size, steps=run.eval_steps,
+                       restarts=run.eval_restarts, attack=run.eval_attack)
+    metrics = reduce_metrics(metrics, len(x_shard), world_size)
+    metrics.update(eps=run.eps, norm=run.norm, arch=run.arch, dataset=run.dataset,
+                   classes=data["classes"], epochs=run.epochs, seed=run.seed,
+                   train_size=len(data["train"][0]), test_size=len(x_test),
+                   train_seconds=ckpt["train_seconds"], attack=run.attack,
+                   provenance=ckpt["provenance"])
+    if ckpt["guard"] is not None:
+        metrics["guard"] = {k: v for k, v in ckpt["guard"].items() if k != "best_model"}
+    if rank == 0:
+        atomic_save(out / "model.pt", ckpt)
+        atomic_save(out / "metrics.json", metrics)
+    robust = " ".join(f"{r['norm']}@{format_eps(r['eps'])} {r['acc']:.4f}"
+                      for r in metrics["robust_acc"])
+    say(f"eval clean {metrics['clean_acc']:.4f} {run.eval_attack} {robust}")
 
 
 def main(args):
     if args.eval_only:
         return eval_only(args)
-    rank, world_size, device = init_distributed(get_device(args.device))
-    main_process = rank == 0  # it alone writes checkpoints, logs and metrics
-    clock = Clock()
-    say = clock.log if main_process else (lambda text: None)
-    out = writable_dir(args.out or "runs/default")
-    ds = DATASETS[args.dataset]
-    classes = parse_classes(args.classes, ds.num_classes)
-    load = dict(data_dir=args.data_dir, classes=classes, download=not args.no_download)
-    x_train, y_train = load_split(args.dataset, True, size=args.train_size, **load)
-    x_test, y_test = load_split(args.dataset, False, size=args.test_size, **load)
-    guard = None
-    if args.attack == "fgsm":  # hold out the last guard-size training examples to watch for collapse
-        if args.guard_size >= len(x_train):
-            raise UserError(f"--guard-size {args.guard_size} leaves no training example of {len(x_train)}")
-        x_guard, y_guard = x_train[-args.guard_size:].to(device), y_train[-args.guard_size:].to(device)
-        x_train, y_train = x_train[:-args.guard_size], y_train[:-args.guard_size]
-        guard = {"history": [], "best_epoch": None, "stopped_epoch": None, "best_model": None}
-    x_train, y_train = x_train.to(device), y_train.to(device)  # whole dataset on the device
-    say(f"data {args.dataset} classes {args.classes or 'all'}: train {len(x_train)} test {len(x_test)} on {device}"
+    run = training_settings(args)
+    rank, world_size, device = init_distributed(get_device(run.device))
+    say = Clock().log if rank == 0 else (lambda text: None)  # process 0 alone speaks and writes
+    out = writable_dir(run.out or "runs/default")
+    data = load_data(run, device)
+    say(f"data {run.dataset} classes {run.classes or 'all'}: train {len(data['train'][0])} test "
+        f"{len(data['test'][0])} on {device}"
         + (f", {world_size} processes" if world_size > 1 else ""))
-
-    torch.manual_seed(args.seed)
-    model_args = dict(arch=args.arch, num_classes=len(classes), in_channels=ds.channels, image_size=ds.size,
-                      mean=list(ds.mean), std=list(ds.std), width=args.width)
-    # channels_last: faster convolutions on CUDA and, measured, on CPU too (tests/bench.py)
-    net = build_model(**model_args).to(device, memory_format=torch.channels_last)
-    cuda = device.type == "cuda"
-    if args.sync_bn:
-        if not (cuda and world_size > 1):
-            raise UserError("--sync-bn needs torchrun with CUDA (SyncBatchNorm does not run on the CPU)")
-        net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
-    model = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if cuda else None) \
-        if world_size > 1 else net
-    opt = make_optimizer(net, args.lr, args.momentum, args.weight_decay)
-    steps_per_epoch = -(-len(x_train) // args.batch_size)
-    total_steps = args.epochs * steps_per_epoch
-    step_size = args.step_size if args.step_size is not None or args.attack == "pgd" else 1.25 * args.eps
-    start_epoch, log, train_seconds = 1, [], 0.0
-    ckpt_path = out / "model.pt"
-    if args.resume and ckpt_path.exists():
-        ckpt = read_checkpoint(ckpt_path)
-        check_resumable(ckpt, settings_of(args), ckpt_path)
-        net.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        start_epoch, train_seconds, guard = ckpt["epoch"] + 1, ckpt["train_seconds"], ckpt["guard"]
-        log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()][:ckpt["epoch"]]
-        say(f"resumed from epoch {ckpt['epoch']}")
-
-    ckpt = None
-    for epoch in range(start_epoch, args.epochs + 1):
-        torch.manual_seed(args.seed * 100003 + epoch)  # per-epoch RNG: resuming gives the same run
-        te = time.time()
-        try:
-            loss, acc, _ = train_epoch(model, opt, x_train, y_train, batch_size=args.batch_size, norm=args.norm,
-                                       eps=args.eps, steps=args.steps, step_size=step_size,
-                                       lr_schedule=lambda step: lr_at(step, total_steps, args.lr),
-                                       step0=(epoch - 1) * steps_per_epoch, augment=args.augment,
-                                       amp=cuda, channels_last=True, rank=rank, world_size=world_size)
-        except FloatingPointError as e:
-            raise UserError(f"epoch {epoch}: {e}; {ckpt_path} keeps the last finished epoch")
-        train_seconds += time.time() - te
-        log.append({"epoch": epoch, "loss": loss, "train_acc": acc, "seconds": time.time() - te})
-        stop = guard is not None and watch_guard(guard, net, x_guard, y_guard, epoch, args)
-        if guard is not None:
-            log[-1]["guard_acc"] = guard["history"][-1]
-        ckpt = make_checkpoint(net, opt, args, classes, model_args, args.epochs if stop else epoch,
-                               train_seconds, guard)
-        if main_process:
-            atomic_save(ckpt_path, ckpt)
-            atomic_save(out / "log.jsonl", "".join(json.dumps(r) + "\n" for r in log).encode())
-        if world_size > 1:
-            dist.barrier()  # the checkpoint is complete before any process goes on
-        say(f"epoch {epoch}/{args.epochs} loss {loss:.4f} train_acc {acc:.4f} epoch_time {time.time() - te:.1f}s"
-            + (f" guard pgd acc {guard['history'][-1]:.4f}" if guard is not None else ""))
-        if stop:
-            say(f"guard: held-out PGD accuracy fell from {max(guard['history']):.4f} to {guard['history'][-1]:.4f} "
-                f"(catastrophic overfitting); stopped, kept epoch {guard['best_epoch']}'s weights")
-            break
-
-    ckpt = ckpt or make_checkpoint(net, opt, args, classes, model_args, args.epochs, train_seconds, guard)
-    x_shard, y_shard = x_test[rank::world_size], y_test[rank::world_size]  # evaluation sharded over processes
-    metrics = evaluate(net, x_shard, y_shard, [(args.norm, args.eps), *args.eval_eps], batch_size=args.batch_size,
-                       steps=args.eval_steps, restarts=args.eval_restarts, attack=args.eval_attack)
-    metrics = reduce_metrics(metrics, len(x_shard), world_size)
-    metrics.update(eps=args.eps, norm=args.norm, arch=args.arch, dataset=args.dataset, classes=classes,
-                   epochs=args.epochs, seed=args.seed, train_size=len(x_train), test_size=len(x_test),
-                   train_seconds=train_seconds, attack=args.attack, provenance=ckpt["provenance"])
-    if guard is not None:
-        metrics["guard"] = {k: v for k, v in guard.items() if k != "best_model"}
-    if main_process:
-        atomic_save(ckpt_path, ckpt)
-        atomic_save(out / "metrics.json", metrics)
-    robust = " ".join(f"{r['norm']}@{format_eps(r['eps'])} {r['acc']:.4f}" for r in metrics["robust_acc"])
-    say(f"eval clean {metrics['clean_acc']:.4f} {args.eval_attack} {robust}")
+    net, model, opt = setup_model(run, data, device, world_size)
+    start = resume(run, out, net, opt, say)
+    ckpt = run_epochs(run, out, data, net, model, opt, start, rank, world_size, say)
+    final_evaluation(run, out, data, net, ckpt, rank, world_size, say)
     if world_size > 1:
         del model
-        gc.collect()  # DDP's reducer goes before the group it talks to
-        dist.barrier()  # no process leaves the group while another still talks to it
-        dist.destroy_process_group()
-
-
-def watch_guard(guard, model, x, y, epoch, args):
-    """FGSM's catastrophic-overfitting guard, after an epoch: PGD-10 accuracy on the held-out
-    batch; keeps the best epoch's weights in guard; on a collapse (collapsed()) loads them back
-    into model and returns True (stop training)."""
-    acc = accuracy(model, x, y, args.batch_size, args.norm, args.eps, steps=10)
-    guard["history"].append(acc)
-    if acc >= max(guard["history"]):
-        guard["best_epoch"] = epoch
-        guard["best_model"] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    if collapsed(guard["history"], args.guard_drop):
-        model.load_state_dict(guard["best_model"])
-        guard["stopped_epoch"] = epoch
-        return True
-    return False
+        leave_distributed()
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Helpers every script shares that need only numpy and the standard library: user errors,
-the command-line vocabulary, eps and class parsing, mean and standard error, atomic writes,
-provenance and progress lines. report.py imports this module alone, so it starts without
-torch; data.py (datasets) and models.py (models, checkpoints) hold the torch parts.
+the command-line vocabulary, eps and class parsing, mean and standard error, the one-cycle
+learning rate, atomic writes, provenance and progress lines. report.py imports this module
+alone, so it starts without torch; data.py (datasets) and models.py (models, checkpoints) hold
+the torch parts.
 """
 import argparse
 import contextlib
@@ -32,6 +33,15 @@ def user_errors():
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+
+
+def checked(fn, *args, **kwargs):
+    """fn(*args, **kwargs) for main: the ValueError a core function raises on a bad argument
+    becomes a UserError (one line, exit 2)."""
+    try:
+        return fn(*args, **kwargs)
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -96,14 +106,16 @@ def parse_eps(text):
         num, _, den = str(text).partition("/")
         value = float(num) / float(den) if den else float(num)
     except (ValueError, ZeroDivisionError):
-        raise argparse.ArgumentTypeError(f"eps must be a number or a fraction like 8/255, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"eps must be a number or a fraction like 8/255, got {text!r}")
     if not value >= 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"eps must be finite and >= 0, got {text!r}")
     return value
 
 
 def parse_classes(text, num_classes):
-    """'0-4' -> [0, 1, 2, 3, 4]; '0,3,7' -> [0, 3, 7]; None or '' -> all classes."""
+    """'0-4' -> [0, 1, 2, 3, 4]; '0,3,7' -> [0, 3, 7]; None or '' -> all classes. A text that
+    selects nothing, repeats a class or names one out of range is a ValueError."""
     if not text:
         return list(range(num_classes))
     classes = []
@@ -112,34 +124,39 @@ def parse_classes(text, num_classes):
             lo, sep, hi = part.partition("-")
             classes += list(range(int(lo), int(hi) + 1)) if sep else [int(lo)]
     except ValueError:
-        raise UserError(f"classes must look like 0-4 or 0,3,7, got {text!r}")
+        raise ValueError(f"classes must look like 0-4 or 0,3,7, got {text!r}") from None
     if not classes or len(set(classes)) != len(classes):
-        raise UserError(f"classes {text!r} select nothing or repeat a class")
+        raise ValueError(f"classes {text!r} select nothing or repeat a class")
     bad = [c for c in classes if not 0 <= c < num_classes]
     if bad:
-        raise UserError(f"classes {bad} out of range: the dataset has classes 0-{num_classes - 1}")
+        raise ValueError(f"classes {bad} out of range: the dataset has classes 0-{num_classes - 1}")
     return classes
 
 
 def add_common_args(p, download=True):
     """The shared --device, --data-dir (and --no-download) options of every script."""
-    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda or cuda:N")
-    p.add_argument("--data-dir", default="./data", help="where datasets are looked up and downloaded")
+    p.add_argument("--device", default="auto",
+                   help="auto (cuda if available, else cpu), cpu, cuda or cuda:N")
+    p.add_argument("--data-dir", default="./data",
+                   help="where datasets are looked up and downloaded")
     if download:
-        p.add_argument("--no-download", action="store_true", help="never download; fail if a dataset is absent")
+        p.add_argument("--no-download", action="store_true",
+                       help="never download; fail if a dataset is absent")
 
 
-CKPT_HELP = ("checkpoint: ours (model.pt of advtrain.py), a robustness/RMT checkpoint, or a torchvision ResNet "
-             "state dict (normalised for ImageNet)")
-UNSAFE_LOAD_HELP = ("allow a checkpoint that needs unpickling of Python objects (robustness saves with dill): it "
-                    "can run arbitrary code, so only for files from a source you trust")
+CKPT_HELP = ("checkpoint: ours (model.pt of advtrain.py), a robustness/RMT checkpoint, or a "
+             "torchvision ResNet state dict (normalised for ImageNet)")
+UNSAFE_LOAD_HELP = ("allow a checkpoint that needs unpickling of Python objects (robustness "
+                    "saves with dill): it can run arbitrary code, so only for files from a "
+                    "source you trust")
 
 
 def add_checkpoint_args(p):
     """The --ckpt, --arch and --unsafe-load options of every script that reads a checkpoint."""
     p.add_argument("--ckpt", required=True, help=CKPT_HELP)
-    p.add_argument("--arch", default=None, help="architecture of a foreign checkpoint, e.g. resnet50, "
-                   "wide_resnet50_2, cifar_resnet18 (default: detected from its keys and shapes)")
+    p.add_argument("--arch", default=None,
+                   help="architecture of a foreign checkpoint, e.g. resnet50, wide_resnet50_2, "
+                        "cifar_resnet18 (default: detected from its keys and shapes)")
     p.add_argument("--unsafe-load", action="store_true", help=UNSAFE_LOAD_HELP)
 
 
@@ -152,6 +169,13 @@ def mean_se(values):
     return float(v.mean()), se
 
 
+def lr_at(step, total_steps, max_lr, warmup=0.25):
+    """One-cycle schedule: linear 0 -> max_lr over the first `warmup` fraction of total_steps,
+    then linear -> 0. step counts from 0 over the whole run."""
+    t = step / max(total_steps, 1)
+    return max_lr * (t / warmup if t < warmup else (1 - t) / (1 - warmup))
+
+
 def format_eps(eps):
     """The key of an eps in file names and tables: '0.5', '0.0313725' (8/255)."""
     return f"{eps:.6g}"
@@ -161,7 +185,7 @@ def writable_dir(path):
     """Create path if needed and check that files can be written in it; returns a Path."""
     try:
         Path(path).mkdir(parents=True, exist_ok=True)
-        probe = Path(path) / f".write_test.{os.getpid()}"  # one per process: torchrun starts several
+        probe = Path(path) / f".write_test.{os.getpid()}"  # one per process (torchrun)
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
@@ -171,8 +195,8 @@ def writable_dir(path):
 
 def atomic_save(path, obj):
     """Write obj to path atomically (temporary file, then os.replace): .pt via torch.save,
-    .json via json.dump, .npy via np.save, bytes or text otherwise. A killed run never leaves
-    a truncated file."""
+    .json via json.dump, .npy via np.save, .npz via np.savez of a dict {name: array}, bytes
+    or text otherwise. A killed run never leaves a truncated file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -184,6 +208,8 @@ def atomic_save(path, obj):
             f.write(json.dumps(obj, indent=2).encode() + b"\n")
         elif path.suffix == ".npy":
             np.save(f, np.asarray(obj))
+        elif path.suffix == ".npz":
+            np.savez(f, **{name: np.asarray(array) for name, array in obj.items()})
         else:
             f.write(obj if isinstance(obj, bytes) else str(obj).encode())
     os.replace(tmp, path)
@@ -199,7 +225,8 @@ def code_revision():
                              capture_output=True, text=True, timeout=10)
         if rev.returncode != 0:
             return "unknown"
-        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain",
+                                "--untracked-files=no"],
                                capture_output=True, text=True, timeout=10).stdout.strip()
         return rev.stdout.strip() + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
@@ -243,5 +270,6 @@ class Clock:
             now = time.time()
             if now - last >= self.every and i + 1 < total:
                 rate = (i + 1) / (now - start)
-                self.log(f"{label}: {i + 1}/{total} {unit}, {rate:.2f}/s, {(total - i - 1) / rate:.0f}s left")
+                left = (total - i - 1) / rate
+                self.log(f"{label}: {i + 1}/{total} {unit}, {rate:.2f}/s, {left:.0f}s left")
                 last = now

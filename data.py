@@ -62,7 +62,8 @@ def _find_idx(folder, train):
     stem = "train" if train else "t10k"
     files = []
     for kind in ("images-idx3-ubyte", "labels-idx1-ubyte"):
-        found = [p for p in (Path(folder) / f"{stem}-{kind}{ext}" for ext in ("", ".gz")) if p.is_file()]
+        candidates = (Path(folder) / f"{stem}-{kind}{ext}" for ext in ("", ".gz"))
+        found = [p for p in candidates if p.is_file()]
         if not found:
             return None
         files.append(found[0])
@@ -87,9 +88,11 @@ def _load_mnist_like(name, train, data_dir, download):
     try:
         getattr(torchvision.datasets, tv_name)(root=data_dir, train=train, download=True)
     except Exception as e:  # no network, disk full, ...
-        hint = ("install the Debian/Ubuntu package dataset-fashion-mnist, or " if name == "fashion-mnist" else "")
-        raise UserError(f"{name} not found and its download failed ({str(e).splitlines()[0][:120]}): "
-                        f"{hint}run once with internet access to fetch it into {data_dir}")
+        hint = ("install the Debian/Ubuntu package dataset-fashion-mnist, or "
+                if name == "fashion-mnist" else "")
+        raise UserError(f"{name} not found and its download failed "
+                        f"({str(e).splitlines()[0][:120]}): {hint}run once with internet access "
+                        f"to fetch it into {data_dir}")
     files = _find_idx(folders[0], train)
     return _read_idx(files[0])[:, None], _read_idx(files[1])
 
@@ -107,7 +110,8 @@ def _load_torchvision(name, train, data_dir, download):
         if not download:
             raise UserError(f"{name} not found in {data_dir} and --no-download given: "
                             f"run once without --no-download on a machine with internet")
-        raise UserError(f"could not load or download {name} to {data_dir}: {str(e).splitlines()[0]}")
+        raise UserError(f"could not load or download {name} to {data_dir}: "
+                        f"{str(e).splitlines()[0]}")
 
 
 def _synthetic(train, n=None):
@@ -138,7 +142,8 @@ def load_split(name, train, data_dir="./data", classes=None, size=None, download
         x, y = _load_mnist_like(name, train, data_dir, download)
     else:
         x, y = _load_torchvision(name, train, data_dir, download)
-    x, y = torch.from_numpy(np.ascontiguousarray(x)), torch.as_tensor(np.asarray(y), dtype=torch.long)
+    x = torch.from_numpy(np.ascontiguousarray(x))
+    y = torch.as_tensor(np.asarray(y), dtype=torch.long)
     if classes is not None:
         relabel = torch.full((dataset.num_classes,), -1, dtype=torch.long)
         relabel[torch.tensor(classes)] = torch.arange(len(classes))
@@ -153,16 +158,20 @@ def load_split(name, train, data_dir="./data", classes=None, size=None, download
 def _check_size(size, available, name, train, classes):
     if size > available:
         split = "training" if train else "test"
-        which = "all" if classes is None else classes if len(classes) <= 20 else f"({len(classes)} of them)"
-        raise UserError(f"asked for {size} {split} examples, but {name} classes {which} has {available}")
+        which = ("all" if classes is None else classes if len(classes) <= 20
+                 else f"({len(classes)} of them)")
+        raise UserError(f"asked for {size} {split} examples, but {name} classes {which} has "
+                        f"{available}")
 
 
 # ----------------------------------------------------------------------------- large data
 
 MEMORY_LIMIT_BYTES = 2 * 1024 ** 3
-STREAM_RULE = (f"a split is held in memory when N x C x H x W x 4 bytes (float32 at its stored size) is at "
-               f"most {MEMORY_LIMIT_BYTES / 2 ** 30:g} GiB, else streamed from disk batch by batch")
-FOLDER_ORDER_SEED = 0  # ImageFolder lists files class by class: a seeded shuffle makes prefixes mix classes
+STREAM_RULE = (f"a split is held in memory when N x C x H x W x 4 bytes (float32 at its stored "
+               f"size) is at most {MEMORY_LIMIT_BYTES / 2 ** 30:g} GiB, else streamed from disk "
+               f"batch by batch")
+# ImageFolder lists files class by class: a seeded shuffle makes prefixes mix classes
+FOLDER_ORDER_SEED = 0
 
 
 def imagenet_folder(train, data_dir="./data", classes=None, size=None):
@@ -180,18 +189,22 @@ def imagenet_folder(train, data_dir="./data", classes=None, size=None):
     sub = "train" if train else "val"
     root = Path(data_dir) / sub
     if not root.is_dir():
-        raise UserError(f"imagenet needs DATA_DIR/{sub} with one sub-folder per class (ImageFolder layout): "
-                        f"not found: {root}")
+        raise UserError(f"imagenet needs DATA_DIR/{sub} with one sub-folder per class "
+                        f"(ImageFolder layout): not found: {root}")
+    preprocess = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor()])
     try:  # lists the files; opens none
-        folder = torchvision.datasets.ImageFolder(root, T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor()]))
+        folder = torchvision.datasets.ImageFolder(root, preprocess)
     except FileNotFoundError as e:  # no class folders, or a class folder without images
-        raise UserError(f"imagenet folder {root} is not in ImageFolder layout: {str(e).splitlines()[0][:200]}")
-    order = torch.randperm(len(folder.samples), generator=torch.Generator().manual_seed(FOLDER_ORDER_SEED))
+        raise UserError(f"imagenet folder {root} is not in ImageFolder layout: "
+                        f"{str(e).splitlines()[0][:200]}")
+    order = torch.randperm(len(folder.samples),
+                           generator=torch.Generator().manual_seed(FOLDER_ORDER_SEED))
     samples = [folder.samples[i] for i in order.tolist()]  # [(path, class index)]
     if classes is not None:
         bad = [c for c in classes if not 0 <= c < len(folder.classes)]
         if bad:
-            raise UserError(f"classes {bad} out of range: {root} has classes 0-{len(folder.classes) - 1}")
+            raise UserError(f"classes {bad} out of range: {root} has classes "
+                            f"0-{len(folder.classes) - 1}")
         relabel = {c: k for k, c in enumerate(classes)}
         samples = [(path, relabel[c]) for path, c in samples if c in relabel]
     if size is not None:
@@ -203,7 +216,8 @@ def imagenet_folder(train, data_dir="./data", classes=None, size=None):
 
 
 def _read_all(dataset, shape=(3, 224, 224)):
-    """A Dataset of (image [C, H, W], label) read item by item into x float32 [N, *shape], y int64 [N]."""
+    """A Dataset of (image [C, H, W], label) read item by item into x float32 [N, *shape],
+    y int64 [N]."""
     x, y = torch.empty(len(dataset), *shape), torch.empty(len(dataset), dtype=torch.long)
     for i in range(len(dataset)):
         x[i], y[i] = dataset[i]
@@ -266,7 +280,8 @@ def adapt_images(x, channels, size):
     if x.shape[1] != channels:
         x = x.expand(-1, channels, -1, -1) if x.shape[1] == 1 else x.mean(1, keepdim=True)
     if x.shape[-1] != size or x.shape[-2] != size:
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
+                          antialias=True)
     return x.clamp(0, 1).contiguous()
 
 
@@ -283,3 +298,54 @@ def random_crop_flip(x):
     return torch.where(flip, x.flip(3), x)
 
 
+# ----------------------------------------------------------------------------- presence
+# python data.py present NAME... [--data-dir D]: prints, one a line, the names whose files are
+# in D (run_all.sh picks the transfer targets it can use offline this way).
+
+def mnist_like_folders(name, data_dir):
+    """The folders searched, in order, for the IDX files of mnist or fashion-mnist."""
+    folders = [Path(data_dir) / DATASETS[name].torchvision / "raw", Path(data_dir) / name]
+    return folders + ([Path(SYSTEM_FASHION_MNIST)] if name == "fashion-mnist" else [])
+
+
+def dataset_present(name, data_dir="./data"):
+    """Whether both splits of a dataset can be read from data_dir without a download: the IDX
+    files of MNIST and Fashion-MNIST (mnist_like_folders, the system copy included), the files
+    of torchvision's CIFAR-10/100 and SVHN folders, data_dir/val for imagenet (ImageFolder);
+    synthetic is made here. ValueError for an unknown name."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
+    root = Path(data_dir)
+    if name in ("mnist", "fashion-mnist"):
+        folders = mnist_like_folders(name, root)
+        return any(_find_idx(f, True) and _find_idx(f, False) for f in folders)
+    if name == "imagenet":
+        return (root / "val").is_dir()
+    if name == "synthetic":
+        return True
+    import torchvision
+    cls = getattr(torchvision.datasets, DATASETS[name].torchvision)
+    if name == "svhn":
+        return all((root / cls.split_list[split][1]).is_file() for split in ("train", "test"))
+    files = [f for f, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
+    return all((root / cls.base_folder / f).is_file() for f in files)
+
+
+def get_args(argv=None):
+    from common import ArgumentParser
+    p = ArgumentParser(description="Print the datasets whose files are in --data-dir, one a line.")
+    p.add_argument("command", choices=["present"], help="what to answer")
+    p.add_argument("names", nargs="+", choices=list(DATASETS), metavar="NAME",
+                   help=f"dataset names: {', '.join(DATASETS)}")
+    p.add_argument("--data-dir", default="./data", help="where datasets are looked up")
+    return p.parse_args(argv)
+
+
+def main(args):
+    for name in args.names:
+        if dataset_present(name, args.data_dir):
+            print(name)
+
+
+if __name__ == "__main__":
+    main(get_args())

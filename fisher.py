@@ -4,7 +4,8 @@ representation about the input (claims C3 and C4 of Terzi et al., AAAI 2021).
     # the first 512 test examples of the checkpoint's own dataset and classes
     python fisher.py --ckpt runs/eps0.5/model.pt --n 512 --out runs/eps0.5
     # the same model on other data (images are adapted to the model's channels and size)
-    python fisher.py --ckpt runs/eps0.5/model.pt --dataset mnist --classes 0-4 --out runs/eps0.5/mnist
+    python fisher.py --ckpt runs/eps0.5/model.pt --dataset mnist --classes 0-4 \
+        --out runs/eps0.5/mnist
 
 With p(y|x) the softmax of the logits, model in eval mode:
 
@@ -18,7 +19,12 @@ With p(y|x) the softmax of the logits, model in eval mode:
 Outputs under --out (default: the checkpoint's folder): fisher.json (each quantity as the
 mean over examples with its standard error `_se`) and one .npy of per-example values per
 quantity, in the order of the first --n test examples (after class filtering).
+
+Functions to copy (a model and tensors; each runs the model in eval mode and gives its mode
+back, with models.eval_mode): fisher_trace_weights, input_fisher_trace,
+input_fisher_lambda_max, repr_jacobian_frobenius, repr_lambda_max (with lanczos_lambda_max).
 """
+import contextlib
 import warnings
 from pathlib import Path
 
@@ -27,17 +33,23 @@ import torch
 from torch.func import functional_call, jacrev, jvp, vjp, vmap
 
 from common import (ArgumentParser, Clock, add_checkpoint_args, add_common_args, atomic_save,
-                    mean_se, nonnegative_int, parse_classes, positive_int, provenance, user_errors, writable_dir)
+                    checked, mean_se, nonnegative_int, parse_classes, positive_int, provenance,
+                    user_errors, writable_dir)
 from data import DATASETS, STREAM_RULE, iterate_batches, open_split
-from models import get_device, load_checkpoint
+from models import eval_mode, get_device, load_checkpoint
 
 EXACT_MAX_CLASSES = 20  # up to this many classes, expectations over y are exact sums
+# Every function below runs the model in eval mode (models.eval_mode): train-mode BatchNorm
+# would mix the examples of a batch and update its running statistics.
 
 
-def _check_eval(model):
-    # Train-mode BatchNorm would mix examples (and update running statistics).
-    if model.training:
-        raise ValueError("model must be in eval mode (call model.eval())")
+@contextlib.contextmanager
+def _quiet_jvp():
+    """torch.func's jvp triggers torch's own deprecation warning of torch.jit.script: not
+    ours, and nothing the caller can act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
+        yield
 
 
 # ----------------------------------------------------------------------------- weights
@@ -53,8 +65,8 @@ def logit_vjp_sqnorms(model, x, directions, chunk=64):
     forward pass) of functional_call. w is every parameter of the model, BatchNorm's weight and
     bias included (not its running statistics, which are buffers); a layer is the module
     that owns the parameters ("body.0.0", "head"). Memory ~ chunk * L * (parameters) floats.
+    Eval mode.
     """
-    _check_eval(model)
     params = {k: v.detach() for k, v in model.named_parameters()}
     buffers = {k: v.detach() for k, v in model.named_buffers()}
 
@@ -63,13 +75,15 @@ def logit_vjp_sqnorms(model, x, directions, chunk=64):
 
     per_direction_grads = vmap(jacrev(projected_logits), in_dims=(None, 0, 0))
     chunks = []
-    for i in range(0, len(x), chunk):
-        grads = per_direction_grads(params, x[i:i + chunk], directions[i:i + chunk])  # name -> [c, L, *shape]
-        sqnorms = {}
-        for name, g in grads.items():
-            layer = name.rpartition(".")[0]  # "body.0.1.weight" -> "body.0.1"
-            sqnorms[layer] = sqnorms.get(layer, 0) + g.pow(2).flatten(2).sum(2)  # [c, L]
-        chunks.append(sqnorms)
+    with eval_mode(model):
+        for i in range(0, len(x), chunk):
+            # name -> [c, L, *shape]
+            grads = per_direction_grads(params, x[i:i + chunk], directions[i:i + chunk])
+            sqnorms = {}
+            for name, g in grads.items():
+                layer = name.rpartition(".")[0]  # "body.0.1.weight" -> "body.0.1"
+                sqnorms[layer] = sqnorms.get(layer, 0) + g.pow(2).flatten(2).sum(2)  # [c, L]
+            chunks.append(sqnorms)
     return {layer: torch.cat([c[layer] for c in chunks]) for layer in chunks[0]}
 
 
@@ -84,34 +98,39 @@ def fisher_factor(probs):
     p = p / p.sum(1, keepdim=True)  # a float32 softmax sums to 1 only within ~1e-7
     cov = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
     eigenvalues, eigenvectors = torch.linalg.eigh(cov)  # ascending
-    return (eigenvectors[:, :, 1:] * eigenvalues[:, None, 1:].clamp_min(0).sqrt()).to(probs.dtype)
+    scale = eigenvalues[:, None, 1:].clamp_min(0).sqrt()
+    return (eigenvectors[:, :, 1:] * scale).to(probs.dtype)
 
 
 def fisher_trace_weights(model, x, y=None, chunk=64, label_samples=None, generator=None):
-    """Per-example trace of the weights' Fisher, eq. (1): tr F_w(x) = E_y ||grad_w log p(y|x)||^2.
+    """Per-example trace of the weights' Fisher, eq. (1):
+    tr F_w(x) = E_y ||grad_w log p(y|x)||^2.
 
     x [N, C, H, W] -> (trace [N], {layer: [N]}), the per-layer traces summing to the trace.
     y=None: y ~ p(y|x), exactly if label_samples is None: E_y g_y g_y^T = J_w^T (diag p - p p^T)
     J_w, so the trace is ||L^T J_w||_F^2 with L L^T = diag p - p p^T (fisher_factor): k - 1
     vjps per example instead of one per class. With label_samples, the mean over that many
     draws from p (for many classes). y [N] given: the empirical Fisher ||grad_w log
-    p(y_n|x_n)||^2 of those (true) labels. All parameters count, BatchNorm's included. Model
-    in eval mode.
+    p(y_n|x_n)||^2 of those (true) labels. All parameters count, BatchNorm's included. Eval
+    mode.
     """
-    _check_eval(model)
-    with torch.no_grad():
-        probs = torch.cat([torch.softmax(model(x[i:i + chunk]), -1) for i in range(0, len(x), chunk)])
+    with eval_mode(model), torch.no_grad():
+        probs = torch.cat([torch.softmax(model(x[i:i + chunk]), -1)
+                           for i in range(0, len(x), chunk)])
     n, k = probs.shape
     if y is None and label_samples is None:
         directions = fisher_factor(probs).transpose(1, 2)  # [N, k - 1, k]
-        per_layer = {layer: sq.sum(1) for layer, sq in logit_vjp_sqnorms(model, x, directions, chunk).items()}
+        sqnorms = logit_vjp_sqnorms(model, x, directions, chunk)
+        per_layer = {layer: sq.sum(1) for layer, sq in sqnorms.items()}
         return sum(per_layer.values()), per_layer
     if y is not None:
         labels = y.view(n, 1)
     else:
-        labels = torch.multinomial(probs.cpu(), label_samples, replacement=True, generator=generator).to(x.device)
+        labels = torch.multinomial(probs.cpu(), label_samples, replacement=True,
+                                   generator=generator).to(x.device)
     directions = torch.eye(k, device=x.device)[labels] - probs[:, None, :]  # e_y - p [N, L, k]
-    per_layer = {layer: sq.mean(1) for layer, sq in logit_vjp_sqnorms(model, x, directions, chunk).items()}
+    sqnorms = logit_vjp_sqnorms(model, x, directions, chunk)
+    per_layer = {layer: sq.mean(1) for layer, sq in sqnorms.items()}
     return sum(per_layer.values()), per_layer
 
 
@@ -124,26 +143,27 @@ def input_fisher_trace(model, x, label_samples=None, generator=None):
     classes (label_samples None): the k input gradients of an example from one jacrev (k vjps;
     memory ~ N * k * C * H * W floats). With label_samples S (for many classes, e.g. ImageNet's
     1000 at 224 px): the unbiased mean of ||grad_x log p(y_s|x)||^2 over S labels y_s ~ p(y|x),
-    S vjps of the batch. x [N, C, H, W] -> [N]. Model in eval mode.
+    S vjps of the batch. x [N, C, H, W] -> [N]. Eval mode.
     """
-    _check_eval(model)
-    if label_samples is not None:
-        log_probs, pullback = vjp(lambda xb: torch.log_softmax(model(xb), -1), x)  # [N, k]
-        labels = torch.multinomial(log_probs.detach().exp().cpu(), label_samples, replacement=True,
-                                   generator=generator).to(x.device)  # [N, S]
-        total = torch.zeros(len(x), device=x.device)
-        for s in range(label_samples):  # examples are independent (eval mode): one vjp serves all
-            onehot = torch.nn.functional.one_hot(labels[:, s], log_probs.shape[1]).to(log_probs.dtype)
-            total += pullback(onehot)[0].pow(2).flatten(1).sum(1)
-        return (total / label_samples).detach()
+    with eval_mode(model):
+        if label_samples is not None:
+            # [N, k]
+            log_probs, pullback = vjp(lambda xb: torch.log_softmax(model(xb), -1), x)
+            labels = torch.multinomial(log_probs.detach().exp().cpu(), label_samples,
+                                       replacement=True, generator=generator).to(x.device)  # [N, S]
+            total = torch.zeros(len(x), device=x.device)
+            for s in range(label_samples):  # examples are independent (eval mode): one vjp each
+                onehot = torch.nn.functional.one_hot(labels[:, s], log_probs.shape[1])
+                total += pullback(onehot.to(log_probs.dtype))[0].pow(2).flatten(1).sum(1)
+            return (total / label_samples).detach()
 
-    def log_probs(xi):  # [C, H, W] -> [k]
-        return torch.log_softmax(model(xi[None])[0], -1)
+        def log_probs(xi):  # [C, H, W] -> [k]
+            return torch.log_softmax(model(xi[None])[0], -1)
 
-    jac = vmap(jacrev(log_probs))(x).flatten(2)  # [N, k, C*H*W]
-    with torch.no_grad():
-        probs = torch.softmax(model(x), -1)  # [N, k]
-    return (probs * jac.pow(2).sum(2)).sum(1).detach()
+        jac = vmap(jacrev(log_probs))(x).flatten(2)  # [N, k, C*H*W]
+        with torch.no_grad():
+            probs = torch.softmax(model(x), -1)  # [N, k]
+        return (probs * jac.pow(2).sum(2)).sum(1).detach()
 
 
 def lanczos_lambda_max(matvec, v, iters=100, tol=1e-4):
@@ -152,11 +172,11 @@ def lanczos_lambda_max(matvec, v, iters=100, tol=1e-4):
     matvec: v [N, ...] -> A_n v_n for every n; v: the start [N, ...]. Lanczos with full
     reorthogonalisation: the Krylov space of power iteration {v, Av, A^2 v, ...}, but the
     estimate is the top Ritz value of the whole space (eigvalsh of the tridiagonal T [N, k, k])
-    instead of the Rayleigh quotient of the last iterate. Same matvecs, and it converges in
-    tens of steps where power iteration needs hundreds (lambda_2 / lambda_1 ~ 0.98 for the
-    cnn's J_f^T J_f), and exactly after rank + 1 steps (F_x has rank < number of classes).
-    Stops when every estimate changed by at most tol (relative) in one step, or after iters
-    steps. Returns (lambda_max [N], steps taken); the estimate approaches from below.
+    instead of the Rayleigh quotient of the last iterate. Same matvecs, far fewer of them when
+    the top eigenvalues are close (power iteration's error shrinks as (lambda_2 / lambda_1)^k),
+    and exact after rank + 1 steps (F_x has rank < number of classes). Stops when every
+    estimate changed by at most tol (relative) in one step, or after iters steps. Returns
+    (lambda_max [N], steps taken); the estimate approaches from below.
     """
     shape, n = v.shape, len(v)
     q = v.flatten(1) / v.flatten(1).norm(dim=1, keepdim=True)  # [N, D]
@@ -170,7 +190,8 @@ def lanczos_lambda_max(matvec, v, iters=100, tol=1e-4):
         for _ in range(2):  # full reorthogonalisation; twice keeps it orthogonal in float32
             w = w - (vectors.transpose(1, 2) @ (vectors @ w[:, :, None]))[:, :, 0]
         tridiagonal = (torch.diag_embed(torch.stack(alphas, 1))
-                       + torch.diag_embed(torch.stack(betas, 1), 1) + torch.diag_embed(torch.stack(betas, 1), -1)
+                       + torch.diag_embed(torch.stack(betas, 1), 1)
+                       + torch.diag_embed(torch.stack(betas, 1), -1)
                        if betas else torch.stack(alphas, 1)[:, :, None])
         new = torch.linalg.eigvalsh(tridiagonal.double())[:, -1]
         converged = bool(((new - lam).abs() <= tol * new.abs()).all())
@@ -190,19 +211,19 @@ def input_fisher_lambda_max(model, x, iters=100, tol=1e-4, generator=None):
     examples, one jvp (J v, [N, k]) and one vjp (J^T u, [N, C, H, W]) per step: J is never
     formed; exact after at most k + 1 steps, since F_x has rank < k. For small
     eps the worst-case KL divergence in an L2 ball of radius eps is ~ eps^2 lambda_max / 2.
-    x [N, C, H, W] -> (lambda_max [N], steps). Model in eval mode.
+    x [N, C, H, W] -> (lambda_max [N], steps). Eval mode.
     """
-    _check_eval(model)
-    logits, logits_vjp = vjp(model, x)
-    probs = torch.softmax(logits.detach(), -1)  # [N, k]
+    with eval_mode(model), _quiet_jvp():
+        logits, logits_vjp = vjp(model, x)
+        probs = torch.softmax(logits.detach(), -1)  # [N, k]
 
-    def fisher_matvec(v):
-        jv = jvp(model, (x,), (v,))[1]  # [N, k]
-        u = probs * jv - probs * (probs * jv).sum(1, keepdim=True)  # (diag p - p p^T) J v
-        return logits_vjp(u)[0]
+        def fisher_matvec(v):
+            jv = jvp(model, (x,), (v,))[1]  # [N, k]
+            u = probs * jv - probs * (probs * jv).sum(1, keepdim=True)  # (diag p - p p^T) J v
+            return logits_vjp(u)[0]
 
-    start = torch.randn(x.shape, generator=generator).to(x.device)
-    return lanczos_lambda_max(fisher_matvec, start, iters, tol)
+        start = torch.randn(x.shape, generator=generator).to(x.device)
+        return lanczos_lambda_max(fisher_matvec, start, iters, tol)
 
 
 # ----------------------------------------------------------------------------- representation
@@ -212,34 +233,34 @@ def repr_jacobian_frobenius(model, x, probes=16, generator=None):
 
     Hutchinson: E_r ||J_f^T r||^2 with r Rademacher in feature space [N, d], one vjp per
     probe, averaged over `probes`; exact (sum over the d basis vectors) when d <= probes,
-    which costs no more. x [N, C, H, W] -> [N]. Model in eval mode.
+    which costs no more. x [N, C, H, W] -> [N]. Eval mode.
     """
-    _check_eval(model)
-    features, features_vjp = vjp(model.features, x)  # [N, d]
-    n, d = features.shape
-    total = torch.zeros(n, device=x.device)
-    for i in range(min(d, probes)):
-        if d <= probes:
-            r = torch.zeros(n, d, device=x.device)
-            r[:, i] = 1
-        else:
-            r = (torch.randint(0, 2, (n, d), generator=generator) * 2 - 1).float().to(x.device)
-        total += features_vjp(r)[0].pow(2).flatten(1).sum(1)
+    with eval_mode(model):
+        features, features_vjp = vjp(model.features, x)  # [N, d]
+        n, d = features.shape
+        total = torch.zeros(n, device=x.device)
+        for i in range(min(d, probes)):
+            if d <= probes:
+                r = torch.zeros(n, d, device=x.device)
+                r[:, i] = 1
+            else:
+                r = (torch.randint(0, 2, (n, d), generator=generator) * 2 - 1).float().to(x.device)
+            total += features_vjp(r)[0].pow(2).flatten(1).sum(1)
     return (total if d <= probes else total / probes).detach()
 
 
 def repr_lambda_max(model, x, iters=100, tol=1e-4, generator=None):
     """Per-example largest eigenvalue of J_f^T J_f (the representation's Fisher about the
     input for sigma = 1), eq. (3), by Lanczos with one jvp and one vjp per step.
-    x [N, C, H, W] -> (lambda_max [N], steps). Model in eval mode."""
-    _check_eval(model)
-    _, features_vjp = vjp(model.features, x)
+    x [N, C, H, W] -> (lambda_max [N], steps). Eval mode."""
+    with eval_mode(model), _quiet_jvp():
+        _, features_vjp = vjp(model.features, x)
 
-    def matvec(v):
-        return features_vjp(jvp(model.features, (x,), (v,))[1])[0]  # J_f^T (J_f v)
+        def matvec(v):
+            return features_vjp(jvp(model.features, (x,), (v,))[1])[0]  # J_f^T (J_f v)
 
-    start = torch.randn(x.shape, generator=generator).to(x.device)
-    return lanczos_lambda_max(matvec, start, iters, tol)
+        start = torch.randn(x.shape, generator=generator).to(x.device)
+        return lanczos_lambda_max(matvec, start, iters, tol)
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -257,28 +278,35 @@ def get_args(argv=None):
     p = ArgumentParser(description="Fisher information of weights, output and representation "
                                    "of a checkpoint, on the first --n test examples.")
     add_checkpoint_args(p)
-    p.add_argument("--n", type=positive_int, default=512, help="number of test examples, the first after class filtering")
+    p.add_argument("--n", type=positive_int, default=512,
+                   help="number of test examples, the first after class filtering")
     p.add_argument("--out", default=None, help="output folder (default: the checkpoint's folder)")
-    p.add_argument("--dataset", default=None, choices=list(DATASETS), help="evaluation dataset (default: the checkpoint's)")
-    p.add_argument("--classes", default=None, help="classes to keep, e.g. 0-4 or 0,3,7 (default: the checkpoint's "
-                                                     "when the dataset is the checkpoint's, else all)")
+    p.add_argument("--dataset", default=None, choices=list(DATASETS),
+                   help="evaluation dataset (default: the checkpoint's)")
+    p.add_argument("--classes", default=None,
+                   help="classes to keep, e.g. 0-4 or 0,3,7 (default: the checkpoint's when the "
+                        "dataset is the checkpoint's, else all)")
     p.add_argument("--chunk", type=positive_int, default=64,
-                   help="examples per vmapped per-sample-gradient call; memory ~ chunk x classes x parameters x 4 bytes")
+                   help="examples per vmapped per-sample-gradient call; memory ~ chunk x classes "
+                        "x parameters x 4 bytes")
     p.add_argument("--label-samples", type=positive_int, default=8,
-                   help=f"labels drawn from p(y|x) per example for the weights' and the input's Fisher trace "
-                        f"when the model has more than {EXACT_MAX_CLASSES} classes; with fewer the sum over "
-                        f"classes is exact")
+                   help="labels drawn from p(y|x) per example for the weights' and the input's "
+                        f"Fisher trace when the model has more than {EXACT_MAX_CLASSES} classes; "
+                        "with fewer the sum over classes is exact")
     p.add_argument("--probes", type=positive_int, default=16,
-                   help="Hutchinson probes for ||J_f||_F^2; exact if the feature dimension is <= probes")
+                   help="Hutchinson probes for ||J_f||_F^2; exact if the feature dimension is "
+                        "<= probes")
     p.add_argument("--power-iters", type=positive_int, default=100,
                    help="cap on Lanczos (power-iteration Krylov) steps for each lambda_max")
-    p.add_argument("--tol", type=float, default=1e-4, help="lambda_max iterations stop at this relative change")
+    p.add_argument("--tol", type=float, default=1e-4,
+                   help="lambda_max iterations stop at this relative change")
     p.add_argument("--batch-size", type=positive_int, default=64,
-                   help="examples per batch for the input and representation estimators (on CPU, 64 measured 1.5x "
-                        "faster than 256)")
-    p.add_argument("--seed", type=int, default=0, help="seed of probes, Lanczos starts, label draws")
+                   help="examples per batch for the input and representation estimators")
+    p.add_argument("--seed", type=int, default=0, help="seed of probes, Lanczos starts, label "
+                   "draws")
     p.add_argument("--workers", type=nonnegative_int, default=None,
-                   help="DataLoader processes reading a streamed split (default min(4, CPUs)); " + STREAM_RULE)
+                   help="DataLoader processes reading a streamed split (default min(4, CPUs)); "
+                        + STREAM_RULE)
     add_common_args(p)
     args = p.parse_args(argv)
     if not args.tol > 0:
@@ -286,58 +314,76 @@ def get_args(argv=None):
     return args
 
 
-def main(args):
-    clock = Clock()
-    # torch.func's jvp triggers torch's own deprecation warning of torch.jit.script: not ours.
-    warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
-    device = get_device(args.device)
-    model, ckpt = load_checkpoint(args.ckpt, device, arch=args.arch, unsafe=args.unsafe_load)
-    out = writable_dir(args.out if args.out is not None else Path(args.ckpt).parent)
+def load_examples(args, ckpt, device):
+    """(x [n, C, H, W] adapted to the model's input, on device; y [n]; dataset; classes; whether
+    y are the model's own labels). The --n examples are read batch by batch (streamed from
+    disk when large, data.STREAM_RULE) and held: n x C x H x W floats."""
     dataset = args.dataset or ckpt["dataset"]
     own_dataset = dataset == ckpt["dataset"]
-    classes = (parse_classes(args.classes, DATASETS[dataset].num_classes) if args.classes or not own_dataset
-               else ckpt["classes"])
-    # the --n examples, read batch by batch (streamed from disk when large, data.STREAM_RULE) and
-    # held adapted to the model's input: n x C x H x W floats (512 ImageNet images: 0.3 GB)
-    split = open_split(dataset, False, args.data_dir, classes, args.n, download=not args.no_download)
-    x, y = map(torch.cat, zip(*iterate_batches(split, args.batch_size, ckpt["in_channels"], ckpt["image_size"],
-                                               device, args.workers)))
+    classes = ckpt["classes"]
+    if args.classes or not own_dataset:
+        classes = checked(parse_classes, args.classes, DATASETS[dataset].num_classes)
+    split = open_split(dataset, False, args.data_dir, classes, args.n,
+                       download=not args.no_download)
+    batches = iterate_batches(split, args.batch_size, ckpt["in_channels"], ckpt["image_size"],
+                              device, args.workers)
+    x, y = map(torch.cat, zip(*batches))
     # True labels are the model's labels only on its own classes: else no empirical Fisher.
     own_labels = own_dataset and list(classes) == list(ckpt["classes"])
-    num_classes, num_params = ckpt["num_classes"], sum(p.numel() for p in model.parameters())
-    exact = num_classes <= EXACT_MAX_CLASSES
-    generator = torch.Generator().manual_seed(args.seed)
-    clock.log(f"data {dataset} classes {classes}: {len(x)} test examples, model {ckpt['arch']} eps {ckpt['eps']} "
-              f"{num_params} parameters on {device}")
+    return x, y, dataset, classes, own_labels
 
-    arrays, result = {}, {"n": len(x)}
-    weights_trace, per_layer = fisher_trace_weights(model, x, chunk=args.chunk, generator=generator,
-                                                    label_samples=None if exact else args.label_samples)
-    arrays["weights_trace"] = weights_trace
-    result["weights_trace_per_layer"] = {k: mean_se(v.cpu())[0] for k, v in per_layer.items()}
-    result["weights_trace_per_layer_se"] = {k: mean_se(v.cpu())[1] for k, v in per_layer.items()}
-    clock.log(f"weights trace {weights_trace.mean():.4g} "
+
+def measure(model, x, y, args, exact, clock):
+    """Per-example values {name: tensor [n]} of every quantity (y None: no empirical Fisher),
+    and the weights' Fisher per layer {layer: [n]}; one seeded generator for all draws."""
+    generator = torch.Generator().manual_seed(args.seed)
+    label_samples = None if exact else args.label_samples
+    arrays = {}
+    arrays["weights_trace"], per_layer = fisher_trace_weights(
+        model, x, chunk=args.chunk, generator=generator, label_samples=label_samples)
+    clock.log(f"weights trace {arrays['weights_trace'].mean():.4g} "
               f"({'exact over classes' if exact else f'{args.label_samples} label draws'})")
-    if own_labels:
+    if y is not None:
         arrays["weights_trace_empirical"] = fisher_trace_weights(model, x, y, chunk=args.chunk)[0]
-        clock.log(f"weights trace, empirical (true labels) {arrays['weights_trace_empirical'].mean():.4g}")
+        clock.log(f"weights trace, empirical (true labels) "
+                  f"{arrays['weights_trace_empirical'].mean():.4g}")
 
     batches = [x[i:i + args.batch_size] for i in range(0, len(x), args.batch_size)]
-    label_samples = None if exact else args.label_samples
-    arrays["input_trace"] = torch.cat([input_fisher_trace(model, xb, label_samples, generator) for xb in batches])
+    arrays["input_trace"] = torch.cat([input_fisher_trace(model, xb, label_samples, generator)
+                                       for xb in batches])
     clock.log(f"input trace {arrays['input_trace'].mean():.4g}")
-    runs = [input_fisher_lambda_max(model, xb, args.power_iters, args.tol, generator) for xb in batches]
+    runs = [input_fisher_lambda_max(model, xb, args.power_iters, args.tol, generator)
+            for xb in batches]
     arrays["input_lambda_max"] = torch.cat([lam for lam, _ in runs])
-    clock.log(f"input lambda_max {arrays['input_lambda_max'].mean():.4g} (Lanczos steps: {max(s for _, s in runs)})")
-    arrays["repr_trace"] = torch.cat([repr_jacobian_frobenius(model, xb, args.probes, generator) for xb in batches])
+    clock.log(f"input lambda_max {arrays['input_lambda_max'].mean():.4g} "
+              f"(Lanczos steps: {max(s for _, s in runs)})")
+    arrays["repr_trace"] = torch.cat([repr_jacobian_frobenius(model, xb, args.probes, generator)
+                                      for xb in batches])
     clock.log(f"representation trace {arrays['repr_trace'].mean():.4g}")
     runs = [repr_lambda_max(model, xb, args.power_iters, args.tol, generator) for xb in batches]
     arrays["repr_lambda_max"] = torch.cat([lam for lam, _ in runs])
-    with torch.no_grad():
-        arrays["repr_sqnorm"] = torch.cat([model.features(xb).pow(2).sum(1) for xb in batches])  # ||f(x)||^2
+    with eval_mode(model), torch.no_grad():  # ||f(x)||^2
+        arrays["repr_sqnorm"] = torch.cat([model.features(xb).pow(2).sum(1) for xb in batches])
     clock.log(f"representation lambda_max {arrays['repr_lambda_max'].mean():.4g} "
               f"(Lanczos steps: {max(s for _, s in runs)})")
+    return arrays, per_layer
 
+
+def main(args):
+    clock = Clock()
+    device = get_device(args.device)
+    model, ckpt = load_checkpoint(args.ckpt, device, arch=args.arch, unsafe=args.unsafe_load)
+    out = writable_dir(args.out if args.out is not None else Path(args.ckpt).parent)
+    x, y, dataset, classes, own_labels = load_examples(args, ckpt, device)
+    num_classes, num_params = ckpt["num_classes"], sum(p.numel() for p in model.parameters())
+    exact = num_classes <= EXACT_MAX_CLASSES
+    clock.log(f"data {dataset} classes {classes}: {len(x)} test examples, model {ckpt['arch']} "
+              f"eps {ckpt['eps']} {num_params} parameters on {device}")
+
+    arrays, per_layer = measure(model, x, y if own_labels else None, args, exact, clock)
+    result = {"n": len(x)}
+    result["weights_trace_per_layer"] = {k: mean_se(v.cpu())[0] for k, v in per_layer.items()}
+    result["weights_trace_per_layer_se"] = {k: mean_se(v.cpu())[1] for k, v in per_layer.items()}
     arrays = {k: v.double().cpu().numpy() for k, v in arrays.items()}
     for name, values in arrays.items():
         result[name], result[f"{name}_se"] = mean_se(values)
@@ -345,12 +391,15 @@ def main(args):
     if not own_labels:  # the key stays, so every reader finds it
         result["weights_trace_empirical"] = result["weights_trace_empirical_se"] = None
     for name in ("repr_trace", "repr_lambda_max"):
-        result[f"{name}_normalized"], result[f"{name}_normalized_se"] = ratio_mean_se(arrays[name], arrays["repr_sqnorm"])
-    result.update(ckpt=str(args.ckpt), arch=ckpt["arch"], eps=ckpt["eps"], norm=ckpt["norm"], dataset=dataset,
-                  classes=list(classes), num_classes=num_classes, num_params=num_params,
-                  weights_expectation="exact" if exact else f"{args.label_samples} samples",
-                  input_expectation="exact" if exact else f"{args.label_samples} samples",
-                  repr_trace_method="exact" if model.head.in_features <= args.probes else f"hutchinson {args.probes} probes",
+        result[f"{name}_normalized"], result[f"{name}_normalized_se"] = ratio_mean_se(
+            arrays[name], arrays["repr_sqnorm"])
+    expectation = "exact" if exact else f"{args.label_samples} samples"
+    result.update(ckpt=str(args.ckpt), arch=ckpt["arch"], eps=ckpt["eps"], norm=ckpt["norm"],
+                  dataset=dataset, classes=list(classes), num_classes=num_classes,
+                  num_params=num_params, weights_expectation=expectation,
+                  input_expectation=expectation,
+                  repr_trace_method="exact" if model.head.in_features <= args.probes
+                  else f"hutchinson {args.probes} probes",
                   seconds=clock.elapsed(), provenance=provenance(vars(args)))
     atomic_save(out / "fisher.json", result)
     clock.log(f"wrote {out / 'fisher.json'}")

@@ -8,7 +8,8 @@ about the input helps to invert them).
     # every method on test images 64-95 (past the images 0-63 that chose the defaults),
     # judged by a separately trained model
     python invert.py --ckpt results/quick/l2_eps2.0_seed0/model.pt \
-        --judge results/quick/judge/model.pt --start 64 --n-images 32 --method baseline,tv,noise,noise-tv
+        --judge results/quick/judge/model.pt --start 64 --n-images 32 \
+        --method baseline,tv,noise,noise-tv
 
 Methods (all from the same seeded grey start, same normalised-gradient optimiser):
   baseline  Engstrom et al. 2019: plain objective, grey + small noise start.
@@ -18,15 +19,21 @@ Methods (all from the same seeded grey start, same normalised-gradient optimiser
             steers away from adversarial (high-Fisher) solutions.
   tv        the plain objective plus a total-variation prior.
   noise-tv  both.
-  improved  = noise-tv (sigma 0.05, tv 0.1): the candidate that measured best across eps on
-            test images 0-63 of Fashion-MNIST 0-4 (TUNED_ON; README, section invert.py).
+  improved  = noise-tv (sigma 0.05, tv 0.1): the candidate chosen across eps on test images
+            0-63 of Fashion-MNIST 0-4 (TUNED_ON).
 
 Outputs under --out (default: the checkpoint's folder): invert.json (method -> psnr, ssim,
-feature_rel_err, judge_acc, each with a _se sibling, n_images, steps; plus `images` (which
-were inverted), `tuned_on` (where the hyperparameters were chosen), `disjoint` (whether those
-differ) and `provenance`), recon_<method>.npy ([N, C, H, W] float32 in [0, 1]) and invert.png
-(rows: originals, then one per method).
+feature_rel_err, judge_acc, each with a _se sibling, n_images, steps, per_image: {ssim,
+psnr: one value per image, null where not finite}; plus `images` (which were inverted),
+`tuned_on` (where the hyperparameters were chosen), `disjoint` (whether those differ) and
+`provenance`), originals.npy and recon_<method>.npy ([N, C, H, W] float32 in [0, 1], the
+model's input format, images in the order of `images`) and invert.png (rows: originals, then
+one per method).
+
+Functions to copy (a model and tensors): invert_features (with inversion_loss,
+total_variation; models.eval_mode), ssim, psnr.
 """
+import argparse
 import io
 import math
 from pathlib import Path
@@ -39,10 +46,10 @@ from common import (ArgumentParser, Clock, UserError, add_checkpoint_args, add_c
                     atomic_save, mean_se, nonnegative_float, nonnegative_int, positive_int,
                     provenance, user_errors, writable_dir)
 from data import adapt_images, load_split
-from models import get_device, load_checkpoint
+from models import eval_mode, get_device, load_checkpoint
 
 # Inversion candidates: which terms each adds to the feature objective. "improved" is the
-# default, chosen by measurement across eps (README, section invert.py).
+# default, chosen across eps on the TUNED_ON images.
 METHODS = {
     "baseline": dict(noise=False, tv=False),
     "noise": dict(noise=True, tv=False),
@@ -51,10 +58,11 @@ METHODS = {
 }
 IMPROVED = "noise-tv"
 METHODS["improved"] = METHODS[IMPROVED]
-# Where the default hyperparameters (DEFAULTS) were chosen, by the comparison in the README:
-# claims are judged on other images only (run_all.sh inverts test images from 64 on).
+# Where the default hyperparameters (DEFAULTS) were chosen: claims are judged on other images
+# only (run_all.sh inverts test images from 64 on).
 DEFAULTS = dict(steps=400, step_size=1.0, sigma=0.05, tv=0.1)
-TUNED_ON = {"dataset": "fashion-mnist", "classes": [0, 1, 2, 3, 4], "split": "test", "start": 0, "n": 64}
+TUNED_ON = {"dataset": "fashion-mnist", "classes": [0, 1, 2, 3, 4], "split": "test",
+            "start": 0, "n": 64}
 TUNED_VALUES = 1 * 28 * 28  # values per image where DEFAULTS["step_size"] was chosen
 
 
@@ -98,14 +106,16 @@ def ssim(x, y, data_range=1.0, size=11, sigma=1.5, k1=0.01, k2=0.03):
     var_y = blur(y * y) - mu_y ** 2
     cov = blur(x * y) - mu_x * mu_y
     c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
-    s = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2))
+    s = (((2 * mu_x * mu_y + c1) * (2 * cov + c2))
+         / ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2)))
     return s.flatten(1).mean(1).to(dtype)
 
 
 @torch.no_grad()
 def feature_rel_err(model, x, z0):
-    """||f(x) - z0|| / ||z0|| per image, [N]."""
-    return (model.features(x) - z0).norm(dim=1) / z0.norm(dim=1).clamp_min(1e-12)
+    """||f(x) - z0|| / ||z0|| per image, [N]; eval mode."""
+    with eval_mode(model):
+        return (model.features(x) - z0).norm(dim=1) / z0.norm(dim=1).clamp_min(1e-12)
 
 
 @torch.no_grad()
@@ -132,7 +142,8 @@ def inversion_loss(model, x, z0, noise_std=0.0, n_noise=1, tv_weight=0.0, genera
     noise_std = 0 is the plain objective. x [N, C, H, W], z0 [N, d].
     """
     if noise_std > 0:
-        noise = torch.randn((n_noise, *x.shape), generator=generator, device=x.device) * noise_std
+        noise = torch.randn((n_noise, *x.shape), generator=generator, device=x.device)
+        noise = noise * noise_std
         z = model.features((x + noise).flatten(0, 1)).view(n_noise, len(x), -1)  # [K, N, d]
         loss = (z - z0).pow(2).sum(2).mean(0)
     else:
@@ -147,20 +158,22 @@ def invert_features(model, z0, x_start, steps, step_size=1.0, noise_std=0.0, n_n
                     tv_weight=0.0, generator=None):
     """Find x in [0, 1] with features(x) close to z0, by normalised gradient descent.
 
-    model: has features(x) -> [N, d], in eval mode; z0 [N, d]; x_start [N, C, H, W] in [0, 1].
-    Each step moves every image by step_size_t along its own L2-normalised gradient (the
-    recipe of Engstrom et al. 2019, so images with small gradients still move), then clips
-    to [0, 1]; step_size_t decays linearly from step_size (L2 pixel units) to ~0.
-    Objective: inversion_loss (noise_std, n_noise, tv_weight). Returns x, detached.
+    model: has features(x) -> [N, d], run in eval mode (its mode is given back); z0 [N, d];
+    x_start [N, C, H, W] in [0, 1]. Each step moves every image by step_size_t along its own
+    L2-normalised gradient (the recipe of Engstrom et al. 2019, so images with small gradients
+    still move), then clips to [0, 1]; step_size_t decays linearly from step_size (L2 pixel
+    units) to ~0. Objective: inversion_loss (noise_std, n_noise, tv_weight). Returns x,
+    detached.
     """
     x = x_start.detach().clone()
-    for t in range(steps):
-        x.requires_grad_(True)
-        loss = inversion_loss(model, x, z0, noise_std, n_noise, tv_weight, generator)
-        (grad,) = torch.autograd.grad(loss.sum(), x)  # images are independent: sum is fine
-        with torch.no_grad():
-            norm = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
-            x = (x - step_size * (1 - t / steps) * grad / norm).clamp_(0, 1)
+    with eval_mode(model):
+        for t in range(steps):
+            x.requires_grad_(True)
+            loss = inversion_loss(model, x, z0, noise_std, n_noise, tv_weight, generator)
+            (grad,) = torch.autograd.grad(loss.sum(), x)  # images are independent: sum is fine
+            with torch.no_grad():
+                norm = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+                x = (x - step_size * (1 - t / steps) * grad / norm).clamp_(0, 1)
     return x.detach()
 
 
@@ -192,36 +205,91 @@ def png_bytes(rows, nrow):
     return buffer.getvalue()
 
 
+def method_list(text):
+    """argparse type: 'baseline,tv' -> ['baseline', 'tv'], each a METHODS name."""
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise argparse.ArgumentTypeError(f"unknown method {','.join(unknown) or '(empty)'}; "
+                                         f"choose from {', '.join(METHODS)}")
+    return methods
+
+
 def get_args(argv=None):
-    p = ArgumentParser(description="Invert a checkpoint's representation: reconstructions of test images by "
-                       "several methods, with PSNR, SSIM and judge accuracy.")
+    p = ArgumentParser(description="Invert a checkpoint's representation: reconstructions of "
+                       "test images by several methods, with PSNR, SSIM and judge accuracy.")
     add_checkpoint_args(p)
-    p.add_argument("--judge", default=None, help="checkpoint of a separately trained classifier that labels "
-                   "the reconstructions (same dataset and classes; default none: judge_acc is null)")
-    p.add_argument("--start", type=nonnegative_int, default=0, help="index of the first test image (after class filtering)")
-    p.add_argument("--n-images", type=positive_int, default=16, help="invert test images start .. start + N - 1")
-    p.add_argument("--method", default="baseline,improved",
+    p.add_argument("--judge", default=None,
+                   help="checkpoint of a separately trained classifier that labels the "
+                        "reconstructions (same dataset and classes; default none: judge_acc is "
+                        "null)")
+    p.add_argument("--start", type=nonnegative_int, default=0,
+                   help="index of the first test image (after class filtering)")
+    p.add_argument("--n-images", type=positive_int, default=16,
+                   help="invert test images start .. start + N - 1")
+    p.add_argument("--method", type=method_list, default="baseline,improved",
                    help=f"comma-separated, from {', '.join(METHODS)}; improved = {IMPROVED}")
-    p.add_argument("--steps", type=nonnegative_int, default=DEFAULTS["steps"], help="gradient steps per method")
+    p.add_argument("--steps", type=nonnegative_int, default=DEFAULTS["steps"],
+                   help="gradient steps per method")
     p.add_argument("--step-size", type=nonnegative_float, default=None,
-                   help=f"first L2 step per image in pixel units (images in [0,1]), decays linearly to 0 (default "
-                        f"{DEFAULTS['step_size']:g} for {TUNED_VALUES} values per image, as Fashion-MNIST, scaled by "
-                        f"the square root of the number of values: 224-px RGB images get 13.9)")
+                   help="first L2 step per image in pixel units (images in [0,1]), decays "
+                        f"linearly to 0 (default {DEFAULTS['step_size']:g} for {TUNED_VALUES} "
+                        "values per image, as Fashion-MNIST, scaled by the square root of the "
+                        "number of values)")
     p.add_argument("--sigma", type=nonnegative_float, default=DEFAULTS["sigma"],
                    help="std of the input noise of the noise methods, pixel units")
-    p.add_argument("--n-noise", type=positive_int, default=1, help="noise draws averaged per step; with 1, a fresh "
-                   "draw every step and the steps do the averaging")
-    p.add_argument("--tv", type=nonnegative_float, default=DEFAULTS["tv"], help="weight of the total-variation prior "
-                   "(mean absolute neighbour difference) of the tv methods")
+    p.add_argument("--n-noise", type=positive_int, default=1,
+                   help="noise draws averaged per step; with 1, a fresh draw every step and the "
+                        "steps do the averaging")
+    p.add_argument("--tv", type=nonnegative_float, default=DEFAULTS["tv"],
+                   help="weight of the total-variation prior (mean absolute neighbour "
+                        "difference) of the tv methods")
     p.add_argument("--seed", type=int, default=0, help="seed of the start image and the noise")
     p.add_argument("--out", default=None, help="output folder (default: the checkpoint's folder)")
     add_common_args(p)
-    args = p.parse_args(argv)
-    args.method = [m.strip() for m in args.method.split(",") if m.strip()]
-    unknown = [m for m in args.method if m not in METHODS]
-    if unknown or not args.method:
-        p.error(f"unknown --method {','.join(unknown) or '(empty)'}; choose from {', '.join(METHODS)}")
-    return args
+    return p.parse_args(argv)
+
+
+def load_judge(path, ckpt, device, unsafe):
+    """The judge: x [N, C, H, W] in the model's input format -> logits, each image adapted to
+    the judge's own input format. Trained on other classes than the model is a UserError."""
+    judge_model, jckpt = load_checkpoint(path, device, unsafe=unsafe)
+    if (jckpt["dataset"], list(jckpt["classes"])) != (ckpt["dataset"], list(ckpt["classes"])):
+        raise UserError(f"--judge {path} was trained on {jckpt['dataset']} classes "
+                        f"{jckpt['classes']}, the checkpoint on {ckpt['dataset']} classes "
+                        f"{ckpt['classes']}: labels differ")
+    return lambda x: judge_model(adapt_images(x, jckpt["in_channels"], jckpt["image_size"]))
+
+
+def finite_or_none(values):
+    """Per-image values [N] as a JSON list: floats, None where not finite (PSNR of identical
+    images is inf)."""
+    return [v if math.isfinite(v) else None for v in values.double().cpu().tolist()]
+
+
+def invert_with(method, model, x0, y0, z0, x_start, step_size, judge, args):
+    """One method on every image: (invert.json's entry, reconstructions [N, C, H, W])."""
+    terms = METHODS[method]
+    gen = torch.Generator(device=x0.device).manual_seed(args.seed + 1)  # the same noise each run
+    clock = Clock()
+    x = invert_features(model, z0, x_start, args.steps, step_size,
+                        noise_std=args.sigma if terms["noise"] else 0.0, n_noise=args.n_noise,
+                        tv_weight=args.tv if terms["tv"] else 0.0, generator=gen)
+    metrics = {"psnr": psnr(x, x0), "ssim": ssim(x, x0),
+               "feature_rel_err": feature_rel_err(model, x, z0)}
+    if judge is not None:
+        metrics["judge_acc"] = judge_correct(judge, x, y0)
+    entry = {}
+    for name, values in metrics.items():
+        entry[name], entry[name + "_se"] = mean_se(values.cpu())
+    entry.setdefault("judge_acc", None)
+    entry.update(n_images=len(x0), steps=args.steps, step_size=step_size,
+                 sigma=args.sigma if terms["noise"] else 0.0,
+                 n_noise=args.n_noise if terms["noise"] else 0,
+                 tv=args.tv if terms["tv"] else 0.0, seconds=round(clock.elapsed(), 2),
+                 per_image={"ssim": finite_or_none(metrics["ssim"]),
+                            "psnr": finite_or_none(metrics["psnr"])})
+    return entry, x
 
 
 def main(args):
@@ -229,18 +297,11 @@ def main(args):
     device = get_device(args.device)
     model, ckpt = load_checkpoint(args.ckpt, device, arch=args.arch, unsafe=args.unsafe_load)
     out = writable_dir(args.out or Path(args.ckpt).parent)
-    x0, y0 = load_split(ckpt["dataset"], False, args.data_dir, ckpt["classes"], args.start + args.n_images,
-                        download=not args.no_download)
+    x0, y0 = load_split(ckpt["dataset"], False, args.data_dir, ckpt["classes"],
+                        args.start + args.n_images, download=not args.no_download)
     x0 = adapt_images(x0[args.start:], ckpt["in_channels"], ckpt["image_size"]).to(device)
     y0 = y0[args.start:].to(device)
-    judge = None
-    if args.judge:
-        judge_model, jckpt = load_checkpoint(args.judge, device, unsafe=args.unsafe_load)
-        if (jckpt["dataset"], list(jckpt["classes"])) != (ckpt["dataset"], list(ckpt["classes"])):
-            raise UserError(f"--judge {args.judge} was trained on {jckpt['dataset']} classes {jckpt['classes']}, "
-                            f"the checkpoint on {ckpt['dataset']} classes {ckpt['classes']}: labels differ")
-        # the judge sees every image in its own input format (channels, size)
-        judge = lambda x: judge_model(adapt_images(x, jckpt["in_channels"], jckpt["image_size"]))
+    judge = load_judge(args.judge, ckpt, device, args.unsafe_load) if args.judge else None
     with torch.no_grad():
         z0 = model.features(x0)  # [N, d]
     x_start = grey_start(x0.shape, args.seed).to(device)
@@ -252,41 +313,29 @@ def main(args):
         clock.log(f"judge on originals {acc:.3f}, on the grey start {start_acc:.3f}; start psnr "
                   f"{psnr(x_start, x0).mean():.2f} dB ssim {ssim(x_start, x0).mean():.3f}")
 
-    hyper = dict(steps=args.steps, step_size=DEFAULTS["step_size"] if args.step_size is None else args.step_size,
-                 sigma=args.sigma, tv=args.tv)
+    hyper = dict(steps=args.steps, sigma=args.sigma, tv=args.tv,
+                 step_size=DEFAULTS["step_size"] if args.step_size is None else args.step_size)
     step_size = default_step_size(x0.shape[1:]) if args.step_size is None else args.step_size
-    tuned_on, disjoint = tuning_record(ckpt["dataset"], ckpt["classes"], args.start, len(x0), hyper)
-    results = {"images": {"split": "test", "start": args.start, "n": len(x0)}, "tuned_on": tuned_on,
-               "disjoint": disjoint}
+    tuned_on, disjoint = tuning_record(ckpt["dataset"], ckpt["classes"], args.start, len(x0),
+                                       hyper)
+    results = {"images": {"split": "test", "start": args.start, "n": len(x0)},
+               "tuned_on": tuned_on, "disjoint": disjoint}
+    atomic_save(out / "originals.npy", x0.cpu().numpy().astype(np.float32))
     rows = [x0.cpu()]
     for method in args.method:
-        terms = METHODS[method]
-        gen = torch.Generator(device=device).manual_seed(args.seed + 1)  # same noise draws for every run
-        tm = clock.elapsed()
-        x = invert_features(model, z0, x_start, args.steps, step_size,
-                            noise_std=args.sigma if terms["noise"] else 0.0, n_noise=args.n_noise,
-                            tv_weight=args.tv if terms["tv"] else 0.0, generator=gen)
-        metrics = {"psnr": psnr(x, x0), "ssim": ssim(x, x0), "feature_rel_err": feature_rel_err(model, x, z0)}
-        if judge is not None:
-            metrics["judge_acc"] = judge_correct(judge, x, y0)
-        entry = {}
-        for name, values in metrics.items():
-            entry[name], entry[name + "_se"] = mean_se(values.cpu())
-        entry.setdefault("judge_acc", None)
-        entry.update(n_images=len(x0), steps=args.steps, step_size=step_size,
-                     sigma=args.sigma if terms["noise"] else 0.0, n_noise=args.n_noise if terms["noise"] else 0,
-                     tv=args.tv if terms["tv"] else 0.0, seconds=round(clock.elapsed() - tm, 2))
+        entry, x = invert_with(method, model, x0, y0, z0, x_start, step_size, judge, args)
         results[method] = entry
         rows.append(x.cpu())
         atomic_save(out / f"recon_{method}.npy", x.cpu().numpy().astype(np.float32))
         judge_text = f" judge {entry['judge_acc']:.3f}" if judge is not None else ""
-        clock.log(f"{method}: psnr {entry['psnr']:.2f} dB ssim {entry['ssim']:.3f} feature_rel_err "
-                  f"{entry['feature_rel_err']:.3f}{judge_text} ({entry['seconds']:.1f}s)")
+        clock.log(f"{method}: psnr {entry['psnr']:.2f} dB ssim {entry['ssim']:.3f} "
+                  f"feature_rel_err {entry['feature_rel_err']:.3f}{judge_text} "
+                  f"({entry['seconds']:.1f}s)")
 
     atomic_save(out / "invert.png", png_bytes(torch.cat(rows), nrow=len(x0)))
     results["provenance"] = provenance(vars(args))
     atomic_save(out / "invert.json", results)
-    clock.log(f"wrote {out / 'invert.json'}, {out / 'invert.png'}, recon_*.npy")
+    clock.log(f"wrote {out / 'invert.json'}, {out / 'invert.png'}, originals.npy, recon_*.npy")
 
 
 if __name__ == "__main__":

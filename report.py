@@ -1,108 +1,156 @@
-"""Collect one results folder into report.md, summary.json and plots; judge claims C1-C6.
+"""Judge the paper's claims C1-C6 on one results folder: report.md, summary.json, plots.
 
-    python report.py results/quick        # after `bash run_all.sh`
-    python report.py results/paper
+    python report.py --declare quick results/quick   # study.json: the preset's decisions
+    python report.py results/quick                   # report.md, summary.json, *.png
+    python report.py --rules                         # the rules block of docs/PROTOCOL.md
 
-Every subfolder with a metrics.json is a run; the helper classifier of the inversion (a
-folder whose name starts with `judge`) is listed in the table but is part of no claim.
-Runs are grouped by their training norm; the eps = 0 runs (standard training) are the
-baseline of every norm group, whatever norm they were filed under.
-
-How claims are judged (rules fixed before the numbers were seen; RULES below states the
-metric, contrast, test and threshold of every claim):
-
-- Seed s of every eps shares initialisation and data order, so every test is on per-seed
-  paired contrasts: a one-sided paired t-test (Student t, seeds - 1 degrees of freedom),
-  alpha = 0.05. Only seeds that have the metric at every eps of the grid count.
-- A trend ("X falls with eps") is the per-seed least-squares slope of the metric on eps over
-  the norm's whole grid (eps 0 included); of log(metric) for Fisher quantities.
-- Effects come with a 90% two-sided t confidence interval, so "the CI excludes 0 on the
-  claimed side" is the same event as "the one-sided 5% test rejects".
-- Fewer than 3 complete seeds, or missing data, give "undetermined", never "holds".
-
-This module needs only numpy and the standard library (matplotlib, if present, for plots).
+Every subfolder with a metrics.json is a run; a folder whose name starts with `judge` (the
+inversion's helper classifier) is listed but part of no claim. The eps = 0 runs are the
+baseline of every training-norm group. Each claim is data (CLAIMS: metrics, contrast,
+direction, parts) filled in by the study's declaration (DECLARATIONS, or DIR/study.json), and
+one engine judges them all at one of two levels (seeds, models); every rules text is generated
+from CLAIMS. numpy and the standard library only (matplotlib, if present, for the plots).
 """
 import functools
+import itertools
 import json
 import math
+import zipfile
 from pathlib import Path
+from statistics import NormalDist
 
 import numpy as np
 
-from common import ArgumentParser, UserError, atomic_save, format_eps, mean_se, user_errors
+from common import ArgumentParser, UserError, atomic_save, mean_se, provenance, user_errors
 
-ALPHA = 0.05        # one-sided level of every test
-MIN_SEEDS = 3       # fewer complete seeds: undetermined (df = 1 gives no usable noise estimate)
-EPS_TOL = 1e-6      # eps and radii are floats (8/255): equal when closer than this
-# The radius at which C1's robust accuracy is judged, fixed in advance: RobustBench's
-# standard CIFAR radii. Other radii are evidence only.
-REFERENCE_RADIUS = {"l2": 0.5, "linf": 8 / 255}
-# C2 is decided on the first of these transfer measures present in the runs; the others are
-# evidence. A measure is a target's full-data probe ("cifar100"), its K-shot probe ("... 10-shot",
-# mean over the draws) or its fine-tuning ("... fine-tuned"). Rule 3 (README, "History of the
-# rules"), fixed before its numbers were seen: the quick preset decides on the contrast-inverted
-# Fashion-MNIST 5-9 at 10 labelled examples per class; the paper and imagenet presets on
-# CIFAR-100 (imagenet, without its data offline: CIFAR-10, then Fashion-MNIST).
-PRIMARY_TARGETS = ["fashion-mnist:5-9+invert 10-shot", "fashion-mnist:5-9", "cifar100", "cifar10", "fashion-mnist",
-                   "synthetic:0-4"]
-DECIDING_METHOD = "baseline"  # C5: the Engstrom et al. recipe; other methods are evidence
-# C6: (method with the noise-averaged objective, the same method without it)
-NOISE_PAIRS = [("noise", "baseline"), ("noise-tv", "tv")]
+ALPHA = 0.05          # one-sided level of every test
+MIN_SEEDS = 3         # seeds level: seeds with a run at every eps (df = 1 is no noise estimate)
+MIN_MODEL_EPS = 4     # models level: the fewest eps at which a rank test can reject (1/4! < ALPHA)
+EXACT_MAX_N = 8       # tied values: every order enumerated up to this many models ...
+MONTE_CARLO = 100000  # ... beyond, this many random orders (generator seed 0)
+EPS_TOL = 1e-6        # eps and radii are floats (8/255): equal when closer than this
 FISHER_KEYS = ("weights_trace", "weights_trace_empirical", "input_trace", "input_lambda_max",
                "repr_trace", "repr_lambda_max", "repr_trace_normalized")
 REQUIRED_METRICS = ("norm", "eps", "clean_acc", "robust_acc", "seed")
 
-RULES = {
-    "C1": {"claim": "robustness costs source accuracy",
-           "metric": "clean source accuracy; PGD accuracy at the reference radius (l2 0.5, linf 8/255)",
-           "contrast": "per-seed least-squares slope on eps over the norm's grid (eps 0 included)",
-           "test": "one-sided paired t per metric (clean slope < 0, robust slope > 0); "
-                   "intersection-union, p = max of the two",
-           "threshold": "both p < 0.05"},
-    "C2": {"claim": "adversarial training improves linear transferability",
-           "metric": "linear-probe accuracy on the primary transfer measure, the first present of "
-                     + ", ".join(PRIMARY_TARGETS) + " (K-shot: the mean over seeded draws of probes fitted "
-                     "on K labelled examples per class)",
-           "contrast": "per-seed difference acc(eps) - acc(0), for every eps > 0",
-           "test": "one-sided paired t per eps (difference > 0), Holm step-down over the eps > 0 family; "
-                   "p = smallest Holm-adjusted p",
-           "threshold": "some eps with Holm-adjusted p < 0.05"},
-    "C3": {"claim": "adversarial training reduces the Fisher information of the weights",
-           "metric": "tr F_w (weights_trace)",
-           "contrast": "per-seed least-squares slope of ln(metric) on eps over the norm's grid",
-           "test": "one-sided paired t, slope < 0",
-           "threshold": "p < 0.05"},
-    "C4": {"claim": "adversarial training reduces the Fisher information about the input",
-           "metric": "tr F_x (input_trace) and lambda_max F_x (input_lambda_max)",
-           "contrast": "per-seed least-squares slope of ln(metric) on eps over the norm's grid",
-           "test": "one-sided paired t per metric (slope < 0); intersection-union, p = max of the two",
-           "threshold": "both p < 0.05"},
-    "C5": {"claim": "robust representations are more invertible",
-           "metric": "reconstruction SSIM of the baseline method (Engstrom et al. recipe)",
-           "contrast": "per-seed least-squares slope on eps over the norm's grid",
-           "test": "one-sided paired t, slope > 0",
-           "threshold": "p < 0.05; undetermined if invert.json says its images were not disjoint "
-                        "from the tuning images"},
-    "C6": {"claim": "the paper's insight (noise averaging = a Fisher penalty) improves inversion",
-           "metric": "reconstruction SSIM, robust runs (eps > 0)",
-           "contrast": "per seed, mean over eps > 0 of SSIM(noise) - SSIM(baseline), and of "
-                       "SSIM(noise-tv) - SSIM(tv)",
-           "test": "one-sided paired t per contrast (> 0); intersection-union, p = max of the two",
-           "threshold": "both p < 0.05; same disjointness rule as C5"},
+
+def declared(radius, transfer):
+    """One preset's decisions, fixed before its numbers are seen."""
+    return {"reference_radius": dict(radius), "primary_transfer": transfer,
+            "inversion_method": "baseline",  # the Engstrom et al. recipe
+            "noise_pairs": [["noise", "baseline"], ["noise-tv", "tv"]]}  # (with noise, without)
+
+
+ROBUSTBENCH_RADII = {"l2": 0.5, "linf": 8 / 255}
+DECLARATIONS = {
+    "quick": declared({"l2": 0.5}, "fashion-mnist:5-9+invert 10-shot"),
+    "paper": declared(ROBUSTBENCH_RADII, "cifar100"),
+    "paper-smoke": declared(ROBUSTBENCH_RADII, "synthetic:0-4 2-shot"),
+    "imagenet": declared(ROBUSTBENCH_RADII, "cifar100"),
+    "imagenet-smoke": declared(ROBUSTBENCH_RADII, "synthetic:0-4 2-shot"),
 }
 
+# metric -> (what it is, the declaration key that names its argument, or None)
+METRICS = {
+    "clean_acc": ("clean source test accuracy", None),
+    "robust_acc": ("accuracy under attack at the declared reference radius of the norm",
+                   "reference_radius"),
+    "transfer": ("accuracy on the declared primary transfer measure", "primary_transfer"),
+    "weights_trace": ("tr F_w", None),
+    "input_trace": ("tr F_x", None),
+    "input_lambda_max": ("lambda_max F_x", None),
+    "ssim": ("reconstruction SSIM of the declared inversion method", "inversion_method"),
+    "ssim_gain": ("SSIM(a) - SSIM(b) of each declared noise pair (a, b)", "noise_pairs"),
+}
+# The claims. contrast: trend (over eps), versus_eps0 (some eps > 0 against eps 0, Holm) or
+# mean_gain (over the robust runs); parts are combined by intersection-union.
+CLAIMS = {
+    "C1": {"claim": "robustness costs source accuracy", "contrast": "trend",
+           "parts": [{"metric": "clean_acc", "direction": -1},
+                     {"metric": "robust_acc", "direction": +1}]},
+    "C2": {"claim": "adversarial training improves linear transferability",
+           "contrast": "versus_eps0", "parts": [{"metric": "transfer", "direction": +1}]},
+    "C3": {"claim": "it reduces the Fisher information of the weights", "contrast": "trend",
+           "parts": [{"metric": "weights_trace", "direction": -1, "log": True}]},
+    "C4": {"claim": "it reduces the Fisher information about the input", "contrast": "trend",
+           "parts": [{"metric": "input_trace", "direction": -1, "log": True},
+                     {"metric": "input_lambda_max", "direction": -1, "log": True}]},
+    "C5": {"claim": "robust representations are invertible", "contrast": "trend",
+           "disjoint": True, "parts": [{"metric": "ssim", "direction": +1}]},
+    "C6": {"claim": "the paper's insight (low input Fisher) improves inversion",
+           "contrast": "mean_gain", "disjoint": True,
+           "parts": [{"metric": "ssim_gain", "direction": +1}]},
+}
+CONTRASTS = {
+    "trend": {
+        "part": {+1: "{m} rises with eps", -1: "{m} falls with eps"},
+        "seeds": "per seed, the least-squares slope of the metric on eps over the norm's grid "
+                 "(eps 0 included); one-sided paired t on the slopes; effect: the mean slope "
+                 "per unit eps.",
+        "models": "Kendall's tau between eps and the metric over the grid's models (eps 0 "
+                  "included), one-sided permutation test: with distinct values exact, from the "
+                  "inversion-count (Mahonian) distribution of S = sum over eps_i < eps_j of "
+                  "sign(y_j - y_i); with tied values exact by enumerating all n! orders for n <= "
+                  f"{EXACT_MAX_N}, else {MONTE_CARLO} random orders from seed 0, p = (1 + count) / "
+                  f"(1 + {MONTE_CARLO}). Under no association every assignment of the models' "
+                  "values to the eps is equally likely. Undetermined when even the most extreme "
+                  "order of these values could not give p < 0.05 (fewer than 4 distinct values). "
+                  "Effect: Sen's slope (median pairwise slope) per unit eps, its 90% interval the "
+                  "pairwise slopes at Kendall's critical value."},
+    "versus_eps0": {
+        "part": {+1: "{m} is higher at some eps > 0 than at eps 0",
+                 -1: "{m} is lower at some eps > 0 than at eps 0"},
+        "seeds": "per seed and eps > 0, metric(eps) - metric(0); one-sided paired t per eps, "
+                 "Holm step-down over the eps > 0 family; p: the smallest Holm-adjusted p; "
+                 "effect: that eps's mean difference.",
+        "models": "per eps > 0, that model against the eps 0 model on the same target test "
+                  "examples (transfer.json `correct`). Full-data probe and fine-tuning: exact "
+                  "one-sided McNemar test (Binomial(b + c, 1/2) tail, b and c the examples only "
+                  "one of the two gets right), Wald interval. Few-shot probe (the same D seeded "
+                  "draws for every model): d[k, i] the correctness difference on draw k and "
+                  "example i, effect the mean of d, SE^2 = var_k(mean_i d) / D + var_i(mean_k d) "
+                  "/ N, because the draws and the examples are both random: under a two-way "
+                  "(draw, example) model this sum exceeds the variance of the mean by one "
+                  "interaction term, so it is conservative; one-sided t with Welch-Satterthwaite "
+                  "degrees of freedom (rounded down). Holm over the eps > 0 family."},
+    "mean_gain": {
+        "part": {+1: "{m} is above 0 over the robust runs (eps > 0)",
+                 -1: "{m} is below 0 over the robust runs (eps > 0)"},
+        "seeds": "per seed, the mean over eps > 0 of the run's value; one-sided paired t over "
+                 "the seeds.",
+        "models": "per image (the same images for every model, invert.json `per_image`), the "
+                  "mean over the robust models of the per-image value; one-sided paired t over "
+                  "the images."},
+}
 GENERAL_RULES = [
-    "Seed s of every eps shares initialisation and data order: tests are one-sided paired t-tests "
-    f"on per-seed contrasts, seeds - 1 degrees of freedom, alpha = {ALPHA}.",
-    "Only seeds with the metric at every eps of the norm's grid count (complete cases); fewer than "
-    f"{MIN_SEEDS} such seeds, no eps = 0 run, fewer than 2 eps values or an absent key: undetermined.",
-    f"Effects carry a {100 * (1 - 2 * ALPHA):.0f}% two-sided t confidence interval: it excludes 0 on the "
-    "claimed side exactly when the one-sided test rejects (C2: the CI is not adjusted for the family; "
-    "Holm decides).",
-    "Intersection-union tests and several norm groups: the claim holds only if every part holds; it does "
-    "not hold if any part does not; p, effect and CI are those of the deciding part (the largest p).",
-    "Robust accuracy at a radius is the lowest accuracy among the attacks recorded at that radius.",
+    f"Levels. `seeds`: at least {MIN_SEEDS} seeds have a run at every eps of the norm's grid; "
+    "seed s of every eps shares initialisation and data order, so tests are one-sided paired "
+    "t-tests over those seeds (seeds - 1 degrees of freedom), and a verdict speaks of training "
+    f"runs with these settings. `models`: fewer complete seeds, at least {MIN_MODEL_EPS} eps in "
+    "the norm's grid (the fewest at which the rank test can reject, 1/4! < 0.05: one rule for "
+    "every claim, so a grid too small for a trend decides nothing); each eps's model is its run "
+    "of the smallest seed; tests are conditional "
+    "on those models (their randomness: test examples, images, few-shot draws), and a verdict "
+    "holds for these checkpoints only. Where both are possible, seeds decides; neither: "
+    "undetermined.",
+    f"alpha = {ALPHA}, one-sided, for every test. Effects carry a 90% two-sided interval; the "
+    "t and Sen intervals exclude 0 on the claimed side exactly when the test rejects (C2: not "
+    "adjusted for the family; Holm decides).",
+    "Each norm group (the robust runs of a training norm plus every eps = 0 run) is judged on "
+    "its own. Parts and norm groups combine by intersection-union: the claim holds only if "
+    "every part holds, does not hold if any part does not, else is undetermined; p, effect and "
+    "interval are the deciding part's (the largest p).",
+    "Missing data give undetermined with the reason, never another measure: a declared measure "
+    "absent, no eps = 0 run, fewer than 2 eps, fewer complete seeds (seeds), a model without "
+    "the metric or its per-example or per-image records (models).",
+    "C5 and C6: undetermined if an invert.json says its images were not disjoint from those "
+    "the inversion was tuned on.",
+    "Robust accuracy at a radius is the lowest among the attacks recorded there. Other radii, "
+    "transfer measures and inversion methods get the same test as evidence only.",
 ]
+MODELS_SENTENCE = ("A `models` verdict holds for these checkpoints (these models, test examples "
+                   "and images); it says nothing about other training runs with the same "
+                   "settings, which only a `seeds` verdict speaks of.")
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -140,11 +188,11 @@ def _beta_fraction(a, b, x, tol=1e-15, tiny=1e-300, max_terms=100000):
 
 
 def t_cdf(t, df):
-    """P(T <= t) for Student's t with df degrees of freedom, from
-    P(T > |t|) = I_{df / (df + t^2)}(df / 2, 1 / 2) / 2 = (1 - I_{t^2 / (df + t^2)}(1 / 2, df / 2)) / 2."""
+    """P(T <= t) for Student's t with df degrees of freedom, from P(T > |t|) =
+    I_{df / (df + t^2)}(df / 2, 1 / 2) / 2 = (1 - I_{t^2 / (df + t^2)}(1 / 2, df / 2)) / 2."""
     if math.isinf(t):
         return 1.0 if t > 0 else 0.0
-    if t * t < df:  # near 0, the complementary form keeps precision: P(|T| < |t|) = I_y(1/2, df/2)
+    if t * t < df:  # near 0 the complementary form keeps precision: P(|T| < |t|) = I_y(1/2, df/2)
         tail = 0.5 - 0.5 * betainc(0.5, df / 2, t * t / (df + t * t))
     else:
         tail = 0.5 * betainc(df / 2, 0.5, df / (df + t * t))
@@ -167,14 +215,9 @@ def t_quantile(q, df):
     return (lo + hi) / 2
 
 
-def one_sided_t(values, direction):
-    """One-sample t-test of mean(values) > 0 (direction +1) or < 0 (direction -1).
-    Returns {n, mean, se, t, df, p, ci}; ci is the 90% two-sided interval, which excludes 0 on
-    the claimed side exactly when p < 0.05."""
-    v = np.asarray(values, dtype=np.float64)
-    n, mean = len(v), float(v.mean())
-    se = float(v.std(ddof=1) / math.sqrt(n))
-    df = n - 1
+def t_test(mean, se, df, direction):
+    """One-sided t-test that mean > 0 (direction +1) or < 0 (-1) with its 90% interval, which
+    excludes 0 on the claimed side exactly when p < 0.05. se 0: p 0 or 1 by the sign."""
     if se > 0:
         t = mean / se
         p = t_cdf(-direction * t, df)
@@ -182,7 +225,15 @@ def one_sided_t(values, direction):
         t = math.copysign(math.inf, mean) if mean else 0.0
         p = 0.0 if direction * mean > 0 else 1.0
     half = t_quantile(1 - ALPHA, df) * se
-    return {"n": n, "mean": mean, "se": se, "t": t, "df": df, "p": p, "ci": [mean - half, mean + half]}
+    return {"mean": mean, "se": se, "t": t, "df": df, "p": p, "ci": [mean - half, mean + half]}
+
+
+def one_sided_t(values, direction):
+    """One-sample t-test of mean(values) > 0 (direction +1) or < 0 (direction -1).
+    Returns {n, mean, se, t, df, p, ci}; ci is the 90% two-sided interval."""
+    v = np.asarray(values, dtype=np.float64)
+    se = float(v.std(ddof=1) / math.sqrt(len(v)))
+    return {"n": len(v), **t_test(float(v.mean()), se, len(v) - 1, direction)}
 
 
 def holm(pvalues):
@@ -201,6 +252,81 @@ def slope(x, y):
     x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
     dx = x - x.mean()
     return float(dx @ (y - y.mean()) / (dx @ dx))
+
+
+def kendall_s(y):
+    """Kendall's S of values y [..., n] listed in increasing eps: sum_{i<j} sign(y_j - y_i)."""
+    i, j = np.triu_indices(y.shape[-1], 1)
+    return np.sign(y[..., j] - y[..., i]).sum(-1)
+
+
+@functools.lru_cache(maxsize=None)
+def inversion_pmf(n):
+    """P(k inversions), k = 0 .. n(n-1)/2, in a uniform random order of n distinct values (the
+    Mahonian numbers / n!): S = n(n-1)/2 - 2 k. A product of uniforms on 0..m-1 (Lehmer code)."""
+    pmf = np.ones(1)
+    for m in range(2, n + 1):
+        pmf = np.convolve(pmf, np.ones(m) / m)
+    return pmf
+
+
+@functools.lru_cache(maxsize=None)
+def all_orders(n):
+    return np.array(list(itertools.permutations(range(n))))
+
+
+def kendall_test(y, direction):
+    """Exact one-sided permutation test of Kendall's tau between position (increasing eps) and
+    y: tau > 0 (direction +1) or < 0 (-1). Returns {tau, p, p_min, method}; p_min is the p of
+    the most extreme order of these values (the test cannot reject when p_min >= alpha)."""
+    y = direction * np.asarray(y, dtype=np.float64)
+    n, pairs = len(y), len(y) * (len(y) - 1) // 2
+    s, best = kendall_s(y), kendall_s(np.sort(y))
+    if len(np.unique(y)) == n:
+        cdf = np.cumsum(inversion_pmf(n))
+        p, p_min, method = cdf[round((pairs - s) / 2)], cdf[0], "exact, inversion counts"
+    elif n <= EXACT_MAX_N:
+        null = kendall_s(y[all_orders(n)])
+        p, p_min, method = np.mean(null >= s - 0.5), np.mean(null >= best - 0.5), "exact, n! orders"
+    else:
+        orders = np.random.default_rng(0).permuted(np.tile(y, (MONTE_CARLO, 1)), axis=1)
+        null = kendall_s(orders)
+        p, p_min = [(1 + np.sum(null >= v - 0.5)) / (1 + MONTE_CARLO) for v in (s, best)]
+        method = f"Monte Carlo, {MONTE_CARLO} orders"
+    ties = sum(c * (c - 1) // 2 for c in np.unique(y, return_counts=True)[1])
+    tau = direction * s / math.sqrt(pairs * (pairs - ties)) if pairs > ties else 0.0
+    return {"tau": float(tau), "p": float(p), "p_min": float(p_min), "method": method}
+
+
+def sen_slope(x, y):
+    """Sen's slope of y on x (the median pairwise slope) and its 90% interval: the pairwise
+    slopes of ranks k + 1 and N - k, k the largest inversion count with null CDF < alpha."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    i, j = np.triu_indices(len(x), 1)
+    slopes = np.sort((y[j] - y[i]) / (x[j] - x[i]))
+    below = np.flatnonzero(np.cumsum(inversion_pmf(len(x))) < ALPHA)
+    ci = [float(slopes[below[-1]]), float(slopes[-1 - below[-1]])] if len(below) else None
+    return float(np.median(slopes)), ci
+
+
+def example_test(a, b, direction):
+    """Paired one-sided test that model a is more (direction +1) or less accurate than b on
+    the same test examples. a, b: 0/1 correctness [N] (exact McNemar, Wald interval) or
+    [draws, N] (few-shot probes on the same draws: t with the draws-plus-examples SE)."""
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    mean, n = float(d.mean()), d.shape[-1]
+    if d.ndim == 1:
+        wins, losses = int(np.sum(direction * d > 0)), int(np.sum(direction * d < 0))
+        p = betainc(wins, losses + 1, 0.5) if wins else 1.0  # P(Bin(wins + losses, 1/2) >= wins)
+        se = math.sqrt(max(wins + losses - n * mean ** 2, 0)) / n  # of the mean of d in {-1, 0, 1}
+        half = NormalDist().inv_cdf(1 - ALPHA) * se
+        return {"n": n, "mean": mean, "p": p, "ci": [mean - half, mean + half], "test": "McNemar"}
+    parts = [(d.mean(1).var(ddof=1) / len(d), len(d) - 1) if len(d) > 1 else (0.0, 0),
+             (d.mean(0).var(ddof=1) / n, n - 1)]
+    var = sum(v for v, _ in parts)
+    df = var ** 2 / sum(v ** 2 / k for v, k in parts if v > 0) if var > 0 else n - 1
+    return {"n": n, **t_test(mean, math.sqrt(var), max(1, math.floor(df)), direction),
+            "test": f"{len(d)} draws"}
 
 
 # ----------------------------------------------------------------------------- collection
@@ -229,8 +355,8 @@ def number(value):
 
 def robust_records(path, records):
     """The robust_acc list of metrics.json: records {norm, eps, acc, ...}; unknown keys dropped."""
-    if not isinstance(records, list) or not all(isinstance(r, dict) and {"norm", "eps", "acc"} <= set(r)
-                                                for r in records):
+    if not isinstance(records, list) or not all(
+            isinstance(r, dict) and {"norm", "eps", "acc"} <= set(r) for r in records):
         raise UserError(f"{path}: robust_acc must be a list of {{norm, eps, acc, ...}} records")
     keep = ("norm", "eps", "attack", "steps", "restarts", "acc")
     return [{k: r[k] for k in keep if k in r} for r in records]
@@ -238,7 +364,7 @@ def robust_records(path, records):
 
 def transfer_measures(transfer):
     """{measure: accuracy} of a transfer.json: per target (an entry holding `acc`), its full-data
-    probe ("target"), its K-shot probes ("target K-shot") and its fine-tuning ("target fine-tuned")."""
+    probe ("target"), its K-shot probes ("target K-shot") and fine-tuning ("target fine-tuned")."""
     measures = {}
     for target, v in transfer.items():
         if not isinstance(v, dict) or number(v.get("acc")) is None:
@@ -252,6 +378,33 @@ def transfer_measures(transfer):
     return measures
 
 
+def per_example(run, transfer):
+    """{measure: 0/1 correctness} from the .npz files that transfer.json names under `correct`:
+    "probe" [N] -> "target", "<K>-shot" [draws, N] -> "target K-shot", "fine-tuned" [N]."""
+    out = {}
+    for target, v in transfer.items():
+        if not isinstance(v, dict) or not isinstance(v.get("correct"), str):
+            continue
+        path = run / v["correct"]
+        if not path.is_file():
+            continue
+        try:
+            with np.load(path) as npz:
+                out.update({target if k == "probe" else f"{target} {k}": npz[k] for k in npz.files})
+        except (OSError, ValueError, zipfile.BadZipFile) as e:
+            raise UserError(f"{path} is not a readable .npz ({e})")
+    return out
+
+
+def inversion(v):
+    """One method of invert.json: ssim, psnr, judge_acc and per-image SSIM (None when absent)."""
+    out = {k: number(v.get(k)) for k in ("ssim", "psnr", "judge_acc")}
+    images = v["per_image"].get("ssim") if isinstance(v.get("per_image"), dict) else None
+    ok = isinstance(images, list) and images and all(number(x) is not None for x in images)
+    out["per_image_ssim"] = [float(x) for x in images] if ok else None
+    return out
+
+
 def collect_run(run):
     """One row (nested dict) for the run folder `run`."""
     path = run / "metrics.json"
@@ -259,70 +412,150 @@ def collect_run(run):
     missing = [k for k in REQUIRED_METRICS if k not in m]
     if missing:
         raise UserError(f"{path} lacks {', '.join(missing)}: not a metrics.json of advtrain.py")
-    if number(m["eps"]) is None or number(m["eps"]) < 0 or number(m["clean_acc"]) is None:
-        raise UserError(f"{path}: eps and clean_acc must be numbers (eps >= 0)")
+    if number(m["eps"]) is None or number(m["eps"]) < 0 or number(m["clean_acc"]) is None \
+            or not isinstance(m["seed"], int):
+        raise UserError(f"{path}: eps and clean_acc must be numbers (eps >= 0), seed an integer")
     row = {"run": run.name, "role": "judge" if run.name.startswith("judge") else "study",
            "norm": m["norm"], "eps": float(m["eps"]), "seed": m["seed"],
            "clean_acc": float(m["clean_acc"]), "robust_acc": robust_records(path, m["robust_acc"])}
-    row.update({k: m[k] for k in ("arch", "dataset", "classes", "epochs", "train_seconds") if k in m})
+    row.update({k: m[k] for k in ("arch", "dataset", "classes", "epochs", "train_seconds")
+                if k in m})
     fisher = read_json(run / "fisher.json") or {}
     row["fisher"] = {k: number(fisher[k]) for k in FISHER_KEYS if number(fisher.get(k)) is not None}
-    row["transfer"] = transfer_measures(read_json(run / "transfer.json") or {})
+    transfer = read_json(run / "transfer.json") or {}
+    row["transfer"], row["correct"] = transfer_measures(transfer), per_example(run, transfer)
     invert = read_json(run / "invert.json") or {}
-    row["invert"] = {meth: {k: number(v.get(k)) for k in ("ssim", "psnr", "judge_acc")}
-                     for meth, v in invert.items() if isinstance(v, dict) and "ssim" in v}
-    row["invert_disjoint"] = invert.get("disjoint") if isinstance(invert.get("disjoint"), bool) else None
+    row["invert"] = {meth: inversion(v) for meth, v in invert.items()
+                     if isinstance(v, dict) and "ssim" in v}
+    disjoint = invert.get("disjoint")
+    row["invert_disjoint"] = disjoint if isinstance(disjoint, bool) else None
     return row
 
 
 def collect_rows(results_dir):
-    """One row per run folder (a subfolder holding metrics.json), in folder-name order."""
-    return [collect_run(p.parent) for p in sorted(Path(results_dir).glob("*/metrics.json"))]
+    """One row per run folder (a subfolder holding metrics.json): study runs in numeric eps
+    order (then norm, seed), the judge runs last."""
+    rows = [collect_run(p.parent) for p in Path(results_dir).glob("*/metrics.json")]
+    return sorted(rows, key=lambda r: (r["role"] != "study", r["eps"], r["norm"], r["seed"]))
 
 
-# ----------------------------------------------------------------------------- metrics of a row
+def declaration_problem(d):
+    """What is wrong with the decisions of a study.json (None when they are well formed)."""
+    keys = DECLARATIONS["quick"]
+    if not isinstance(d, dict) or set(d) != set(keys):
+        return f"\"decisions\" must be an object with keys {', '.join(keys)}"
+    radius, pairs = d["reference_radius"], d["noise_pairs"]
+    if not isinstance(radius, dict) or not all(number(v) and v > 0 for v in radius.values()):
+        return "reference_radius must map norm names to radii > 0"
+    if not all(isinstance(d[k], str) and d[k] for k in ("primary_transfer", "inversion_method")):
+        return "primary_transfer and inversion_method must be non-empty strings"
+    if not isinstance(pairs, list) or not pairs or not all(isinstance(p, list) and len(p) == 2
+                                                           and all(isinstance(m, str) for m in p)
+                                                           for p in pairs):
+        return "noise_pairs must be a non-empty list of [method with noise, method without]"
+    return None
+
+
+def read_declaration(results):
+    """{preset, decisions, source} from results/study.json; without one, the quick preset's."""
+    path = results / "study.json"
+    if not path.is_file():
+        print(f"no study.json in {results}: applying the defaults, DECLARATIONS[\"quick\"]",
+              flush=True)
+        return {"preset": "quick", "decisions": DECLARATIONS["quick"], "source": "defaults"}
+    study = read_json(path, required=True)
+    problem = declaration_problem(study.get("decisions"))
+    if problem:
+        raise UserError(f"{path}: {problem}")
+    return {"preset": study.get("preset"), "decisions": study["decisions"], "source": "study.json"}
+
+
+# ----------------------------------------------------------------------------- rows and groups
 
 def same(a, b):
     return abs(a - b) < EPS_TOL
 
 
 def robust_acc(row, norm, radius):
-    """Accuracy of the run under attack at (norm, radius); the worst of the attacks recorded there."""
+    """Accuracy of the run under attack at (norm, radius): the worst attack recorded there."""
     accs = [number(r["acc"]) for r in row["robust_acc"]
             if r["norm"] == norm and number(r["eps"]) is not None and same(r["eps"], radius)]
     accs = [a for a in accs if a is not None]
     return min(accs) if accs else None
 
 
-def clean_acc(row):
-    return row["clean_acc"]
-
-
-def robust_at(norm, radius):
-    return lambda row: robust_acc(row, norm, radius)
-
-
-def fisher_of(key):
-    return lambda row: row["fisher"].get(key)
-
-
-def transfer_to(target):
-    return lambda row: row["transfer"].get(target)
-
-
-def ssim_of(method):
-    return lambda row: row["invert"].get(method, {}).get("ssim")
-
-
-def ssim_gain(method, reference):
-    """SSIM(method) - SSIM(reference) of one run, or None when either is absent."""
-    def gain(row):
-        a, b = ssim_of(method)(row), ssim_of(reference)(row)
+def metric_value(row, metric, arg):
+    """The number a part reads from a run (None when absent)."""
+    if metric == "clean_acc":
+        return row["clean_acc"]
+    if metric == "robust_acc":
+        return robust_acc(row, *arg)
+    if metric == "transfer":
+        return row["transfer"].get(arg)
+    if metric == "ssim":
+        return row["invert"].get(arg, {}).get("ssim")
+    if metric == "ssim_gain":
+        a, b = (metric_value(row, "ssim", method) for method in arg)
         return None if a is None or b is None else a - b
-    return gain
+    return row["fisher"].get(metric)
 
 
-# ----------------------------------------------------------------------------- groups and seeds
+def metric_items(row, metric, arg):
+    """The per-example (transfer) or per-image (ssim_gain) values of a run, or None."""
+    if metric == "transfer":
+        return row["correct"].get(arg)
+    a, b = (row["invert"].get(method, {}).get("per_image_ssim") for method in arg)
+    return None if a is None or b is None or len(a) != len(b) else np.subtract(a, b)
+
+
+def part_value(part):
+    """row -> the part's number: its natural log where the spec says log (None if not > 0)."""
+    def value(row):
+        v = metric_value(row, part["metric"], part["arg"])
+        if part.get("log"):
+            return math.log(v) if v is not None and v > 0 else None
+        return v
+    return value
+
+
+def with_arg(part, arg):
+    """The part with its argument and its name in the evidence ('ln weights_trace')."""
+    metric = part["metric"]
+    if metric == "robust_acc":
+        name = f"robust acc ({arg[0]} {fmt(arg[1])})" if arg else "robust acc"
+    elif metric == "ssim_gain":
+        name = f"ssim {arg[0]} - {arg[1]}"
+    else:
+        name = {"clean_acc": "clean acc", "transfer": f"{arg} acc", "ssim": f"{arg} ssim"}.get(
+            metric, metric)
+    return dict(part, arg=arg, name=("ln " if part.get("log") else "") + name)
+
+
+def expand(part, decisions, norm):
+    """The spec part with its argument from the declaration (one part per noise pair)."""
+    key = METRICS[part["metric"]][1]
+    if key == "reference_radius":
+        radius = decisions[key].get(norm)
+        return [with_arg(part, None if radius is None else (norm, radius))]
+    args = [None] if key is None else [tuple(p) for p in decisions[key]] if key == "noise_pairs" \
+        else [decisions[key]]
+    return [with_arg(part, a) for a in args]
+
+
+def alternatives(rows, part, norm):
+    """The part on the other radii, transfer measures or inversion methods of the runs."""
+    key = METRICS[part["metric"]][1]
+    if key == "reference_radius":
+        found = [(norm, e) for e in radii(rows, norm)
+                 if all(robust_acc(r, norm, e) is not None for r in rows)]
+        found = [a for a in found if part["arg"] is None or not same(a[1], part["arg"][1])]
+    elif key in ("primary_transfer", "inversion_method"):
+        found = sorted({k for r in rows for k in r["transfer" if key[0] == "p" else "invert"]}
+                       - {part["arg"]})
+    else:
+        found = []
+    return [with_arg(part, a) for a in found]
+
 
 def study_rows(rows):
     return [r for r in rows if r["role"] == "study"]
@@ -350,7 +583,6 @@ def distinct(values):
 
 
 def eps_grid(rows):
-    """The sorted distinct training eps values of rows."""
     return distinct(r["eps"] for r in rows)
 
 
@@ -369,270 +601,271 @@ def paired(rows, value, grid):
         j = next((j for j, e in enumerate(grid) if same(e, r["eps"])), None)
         if v is not None and j is not None:
             cells.setdefault(r["seed"], {}).setdefault(j, []).append(v)
-    seeds = sorted((s for s, c in cells.items() if len(c) == len(grid)), key=str)
-    Y = np.array([[np.mean(cells[s][j]) for j in range(len(grid))] for s in seeds]).reshape(len(seeds), len(grid))
-    return seeds, Y
+    seeds = sorted(s for s, c in cells.items() if len(c) == len(grid))
+    Y = np.array([[np.mean(cells[s][j]) for j in range(len(grid))] for s in seeds])
+    return seeds, Y.reshape(len(seeds), len(grid))
 
 
-def missing_data(rows, value, grid, n_complete, name, need_zero=True):
-    """Why the data cannot decide (None when they can): the rules' missing-data cases."""
+def study_level(rows):
+    """'seeds' when MIN_SEEDS seeds have a run at every eps of the group's grid, else 'models'
+    when the grid has MIN_MODEL_EPS eps, else None; with the number of complete seeds."""
+    grid = eps_grid(rows)
+    complete = len(paired(rows, lambda r: 1.0, grid)[0])
+    return ("seeds" if complete >= MIN_SEEDS else "models" if len(grid) >= MIN_MODEL_EPS
+            else None), complete
+
+
+def missing_data(rows, value, grid, name, need_zero):
+    """Why the data cannot decide at either level (None when they can)."""
     if not any(value(r) is not None for r in rows):
         return f"no run reports {name}"
     if need_zero and not (grid and same(grid[0], 0)):
         return "no eps = 0 run"
     if len(grid) < (2 if need_zero else 1):
         return "fewer than 2 eps values" if need_zero else "no eps > 0 run"
-    if n_complete < MIN_SEEDS:
-        return f"{n_complete} seed(s) have {name} at every eps {eps_list(grid)} (needs {MIN_SEEDS})"
     return None
 
 
-# ----------------------------------------------------------------------------- verdicts
+# ----------------------------------------------------------------------------- the engine
 
 VERDICTS = {True: "holds", False: "does not hold", None: "undetermined"}
 
 
-def result(holds, evidence, n_seeds, p=None, effect=None, ci=None, test=""):
-    """A verdict with its evidence; the shape of every claim, norm group and test part."""
-    return {"verdict": VERDICTS[holds], "holds": holds, "evidence": evidence, "test": test,
-            "p": p, "effect": effect, "ci": ci, "n_seeds": n_seeds}
-
-
-def from_test(s, name, evidence):
-    """The verdict of one one-sided t-test s (from one_sided_t) on the contrast `name`."""
-    holds = s["p"] < ALPHA
-    text = f"{name} {s['mean']:+.3g} [90% CI {s['ci'][0]:+.3g}, {s['ci'][1]:+.3g}], t({s['df']}) = {s['t']:.3g}, " \
-           f"p = {s['p']:.2g} ({s['n']} seeds{evidence})"
-    return result(holds, text, s["n"], s["p"], s["mean"], s["ci"])
-
-
-def log_of(value):
-    """ln(value) of a row; a non-positive value cannot be logged and counts as absent."""
-    def log(row):
-        v = value(row)
-        return math.log(v) if v is not None and v > 0 else None
-    return log
-
-
-def trend(rows, value, name, direction, log=False):
-    """C1, C3, C4, C5: does `value` fall (direction -1) or rise (+1) with eps? One-sided t on the
-    per-seed least-squares slopes over the whole grid (eps 0 included), of ln(value) if log."""
-    if log:
-        value, name = log_of(value), f"ln {name}"
-    grid = eps_grid(rows)
-    seeds, Y = paired(rows, value, grid)
-    reason = missing_data(rows, value, grid, len(seeds), name)
-    if reason:
-        return result(None, f"{name}: undetermined, {reason}", len(seeds))
-    slopes = [slope(grid, y) for y in Y]
-    means = ", ".join(f"{format_eps(e)}: {m:.4g}" for e, m in zip(grid, Y.mean(0)))
-    return from_test(one_sided_t(slopes, direction), f"{name} slope per unit eps", f"; means {means}")
+def result(holds, evidence, level=None, n=0, p=None, effect=None, ci=None):
+    """A verdict with its evidence: the shape of every claim, norm group and part."""
+    return {"verdict": VERDICTS[holds], "holds": holds, "level": None if holds is None else level,
+            "evidence": evidence, "test": "", "p": p, "effect": effect, "ci": ci,
+            "n_seeds": n if level == "seeds" else 0, "n_models": n if level == "models" else 0}
 
 
 def combine(parts, label=lambda key: ""):
-    """Several parts (an intersection-union test, or norm groups) into one verdict: does not hold
-    if any part does not; else undetermined if any is; else holds. p, effect and CI: those of the
-    deciding part (the largest p among the failing parts, or among all when every part holds)."""
+    """Parts (intersection-union) or norm groups into one verdict: does not hold if any part
+    does not; else undetermined if any is; else holds. p, effect and CI are those of the
+    deciding part (the largest p among the failing parts, or among all when all hold)."""
     items = list(parts.items()) if isinstance(parts, dict) else list(enumerate(parts))
-    holds_all = [r["holds"] for _, r in items]
-    holds = False if False in holds_all else None if None in holds_all else True
-    evidence = "; ".join(f"{label(k)}{r['evidence']}" for k, r in items)
-    n_seeds = min((r["n_seeds"] for _, r in items), default=0)
-    if holds is None:
-        return result(None, evidence, n_seeds)
-    deciding = max((r for _, r in items if r["holds"] is holds), key=lambda r: r["p"])
-    return result(holds, evidence, n_seeds, deciding["p"], deciding["effect"], deciding["ci"])
+    found = [r["holds"] for _, r in items]
+    holds = False if False in found else None if None in found or not items else True
+    level = "models" if any(r["level"] == "models" for _, r in items) else "seeds"
+    out = result(holds, "; ".join(f"{label(k)}{r['evidence']}" for k, r in items), level)
+    out["n_seeds"] = min((r["n_seeds"] for _, r in items), default=0)
+    out["n_models"] = min((r["n_models"] for _, r in items), default=0)
+    if holds is not None:
+        deciding = max((r for _, r in items if r["holds"] is holds), key=lambda r: r["p"])
+        out.update(p=deciding["p"], effect=deciding["effect"], ci=deciding["ci"])
+    return out
 
 
-def with_extra(res, extra):
-    """res with evidence-only lines appended (they never change the verdict)."""
+def t_summary(s, what, unit, extra=""):
+    return {"p": s["p"], "effect": s["mean"], "ci": s["ci"],
+            "text": f"{what} {fmt(s['mean'], True)} {ci_text(s['ci'])}, t({s['df']}) = "
+                    f"{fmt(s['t'])}, p = {fmt(s['p'])} ({s['n']} {unit}{extra})"}
+
+
+def holm_family(grid, tests, unit, extra=""):
+    """C2's family: one test per eps > 0 against eps 0, Holm-adjusted; the best eps decides."""
+    adjusted = holm([t["p"] for t in tests])
+    b = int(np.argmin(adjusted))
+    t = tests[b]
+    each = ", ".join(f"eps {fmt(e)}: {fmt(s['mean'], True)} (p = {fmt(s['p'])}, Holm {fmt(a)})"
+                     for e, s, a in zip(grid[1:], tests, adjusted))
+    return {"p": adjusted[b], "effect": t["mean"], "ci": t["ci"],
+            "text": f"minus eps 0 at eps {fmt(grid[b + 1])}: {fmt(t['mean'], True)} "
+                    f"{ci_text(t['ci'])}, Holm-adjusted p = {fmt(adjusted[b])} ({t['n']} {unit}"
+                    f"{extra}; per eps: {each})"}
+
+
+def seeds_test(contrast, grid, Y, direction):
+    """The seeds-level test of a contrast on Y [seeds, eps] (complete seeds)."""
+    if contrast == "trend":
+        means = ", ".join(f"{fmt(e)}: {fmt(m)}" for e, m in zip(grid, Y.mean(0)))
+        return t_summary(one_sided_t([slope(grid, y) for y in Y], direction),
+                         "slope per unit eps", "seeds", f"; means by eps {means}")
+    if contrast == "versus_eps0":
+        tests = [one_sided_t(Y[:, j] - Y[:, 0], direction) for j in range(1, len(grid))]
+        return holm_family(grid, tests, "seeds", f"; eps 0 mean {fmt(Y[:, 0].mean())}")
+    return t_summary(one_sided_t(Y.mean(1), direction), "mean over eps > 0", "seeds")
+
+
+def models_test(contrast, grid, models, part):
+    """The models-level test of a contrast on one model per eps (p None: cannot decide)."""
+    d = part["direction"]
+    if contrast == "trend":
+        y = [part_value(part)(m) for m in models]
+        k, (sen, ci) = kendall_test(y, d), sen_slope(grid, y)
+        values = ", ".join(f"{fmt(e)}: {fmt(v)}" for e, v in zip(grid, y))
+        if k["p_min"] >= ALPHA:
+            return {"p": None, "text": f"the rank test on these {len(y)} models cannot reach "
+                                       f"p < {ALPHA} (best possible p = {fmt(k['p_min'])})"}
+        return {"p": k["p"], "effect": sen, "ci": ci,
+                "text": f"Sen slope per unit eps {fmt(sen, True)} {ci_text(ci)}, Kendall tau "
+                        f"{fmt(k['tau'], True)}, p = {fmt(k['p'])} ({k['method']}; "
+                        f"{len(y)} models; values by eps {values})"}
+    items = [metric_items(m, part["metric"], part["arg"]) for m in models]
+    if contrast == "versus_eps0":
+        tests = [example_test(a, items[0], d) for a in items[1:]]
+        return holm_family(grid, tests, f"test examples, {tests[0]['test']}")
+    return t_summary(one_sided_t(np.mean(items, 0), d), "mean over robust models", "images")
+
+
+def judge_part(rows, contrast, part, level):
+    """One part at one level: the missing-data rules, then the level's test."""
+    name, value = part["name"], part_value(part)
+    if part["arg"] is None and METRICS[part["metric"]][1]:
+        return result(None, f"{name}: no reference radius declared for this norm", level)
+    if contrast == "mean_gain":
+        rows = [r for r in rows if not same(r["eps"], 0)]
+    grid = eps_grid(rows)
+    reason = missing_data(rows, value, grid, name, need_zero=contrast != "mean_gain")
+    if level == "seeds":
+        seeds, Y = paired(rows, value, grid)
+        n = len(seeds)
+        if not reason and n < MIN_SEEDS:
+            reason = f"{n} seed(s) have {name} at every eps {eps_list(grid)} (needs {MIN_SEEDS})"
+    else:
+        models = [min((r for r in rows if same(r["eps"], e)), key=lambda r: r["seed"])
+                  for e in grid]
+        n = len(models)
+        lacking = [m["run"] for m in models if value(m) is None]
+        if contrast != "trend":
+            items = [metric_items(m, part["metric"], part["arg"]) for m in models]
+            lacking += [m["run"] for m, a in zip(models, items)
+                        if a is None and value(m) is not None]
+            shapes = {np.shape(a) for a in items if a is not None}
+            if not lacking and len(shapes) > 1:
+                reason = reason or f"the per-example records of {name} differ in shape"
+        what = "per-example records" if part["metric"] == "transfer" else "per-image SSIM"
+        if lacking and not reason:
+            reason = f"{', '.join(lacking)} lack {name}" + ("" if contrast == "trend"
+                                                             else f" or its {what}")
+    if reason:
+        return result(None, f"{name}: undetermined at level {level}, {reason}", level, n)
+    test = seeds_test(contrast, grid, Y, part["direction"]) if level == "seeds" \
+        else models_test(contrast, grid, models, part)
+    if test["p"] is None:
+        return result(None, f"{name}: undetermined at level {level}, {test['text']}", level, n)
+    return result(test["p"] < ALPHA, f"{name}: {test['text']}", level, n, test["p"],
+                  test["effect"], test["ci"])
+
+
+def judge_group(spec, rows, decisions, norm):
+    """One claim on one norm group: its level, its parts (intersection-union), and the same
+    test on the alternatives of its declared argument as evidence only."""
+    level, complete = study_level(rows)
+    if level is None:
+        return result(None, f"undetermined: {complete} complete seed(s) (seeds level needs "
+                            f"{MIN_SEEDS}) and {len(eps_grid(rows))} eps (models level needs "
+                            f"{MIN_MODEL_EPS})", "seeds", complete)
+    if spec.get("disjoint") and any(r["invert_disjoint"] is False for r in rows):
+        bad = ", ".join(r["run"] for r in rows if r["invert_disjoint"] is False)
+        return result(None, f"invert.json of {bad} says its evaluation images were not "
+                            "disjoint from the images the inversion was tuned on", level)
+    parts = [p for part in spec["parts"] for p in expand(part, decisions, norm)]
+    res = combine([judge_part(rows, spec["contrast"], p, level) for p in parts])
+    extra = [judge_part(rows, spec["contrast"], alt, level)["evidence"]
+             for alt in alternatives(rows, parts[0], norm)]
     if extra:
         res["evidence"] += "; evidence only: " + "; ".join(extra)
     return res
 
 
-def judge_c1(rows, norm):
-    """C1: clean accuracy falls and robust accuracy at the reference radius rises with eps."""
-    g = group_rows(rows, norm)
-    clean = trend(g, clean_acc, "clean acc", -1)
-    if norm not in REFERENCE_RADIUS:
-        robust = result(None, f"no reference radius fixed for norm {norm}", 0)
-    else:
-        radius = REFERENCE_RADIUS[norm]
-        robust = trend(g, robust_at(norm, radius), f"robust acc ({norm} {format_eps(radius)})", +1)
-    # other radii at which every run was attacked (a training radius attacked on its own run
-    # only has no paired contrast): evidence only
-    common = [e for e in radii(g, norm) if all(robust_acc(r, norm, e) is not None for r in g)]
-    others = [e for e in common if not same(e, REFERENCE_RADIUS.get(norm, -1.0))]
-    extra = [trend(g, robust_at(norm, e), f"robust acc ({norm} {format_eps(e)})", +1)["evidence"]
-             for e in others]
-    return with_extra(combine([clean, robust]), extra)
-
-
-def primary_target(rows):
-    """The first of PRIMARY_TARGETS that some study run transferred to, or None."""
-    present = {t for r in study_rows(rows) for t in r["transfer"]}
-    return next((t for t in PRIMARY_TARGETS if t in present), None)
-
-
-def eps_contrasts(rows, target):
-    """C2 on one target: per eps > 0, the one-sided paired t of acc(eps) - acc(0), Holm over
-    the eps > 0 family. Returns (result, grid, Y) with Y the complete seeds' accuracies."""
-    value, name = transfer_to(target), f"{target} acc"
-    grid = eps_grid(rows)
-    seeds, Y = paired(rows, value, grid)
-    reason = missing_data(rows, value, grid, len(seeds), name)
-    if reason:
-        return result(None, f"{name}: undetermined, {reason}", len(seeds)), grid, Y
-    tests = [one_sided_t(Y[:, j] - Y[:, 0], +1) for j in range(1, len(grid))]
-    adjusted = holm([s["p"] for s in tests])
-    best = int(np.argmin(adjusted))
-    s = tests[best]
-    lines = ", ".join(f"eps {format_eps(e)}: {t['mean']:+.3g} (p = {t['p']:.2g}, Holm {a:.2g})"
-                      for e, t, a in zip(grid[1:], tests, adjusted))
-    text = (f"{name} minus eps 0 at eps {format_eps(grid[best + 1])}: {s['mean']:+.3g} "
-            f"[90% CI {s['ci'][0]:+.3g}, {s['ci'][1]:+.3g}], Holm-adjusted p = {adjusted[best]:.2g} "
-            f"({s['n']} seeds; eps 0 acc {Y[:, 0].mean():.4g}; per eps: {lines})")
-    return result(adjusted[best] < ALPHA, text, s["n"], adjusted[best], s["mean"], s["ci"]), grid, Y
-
-
-def tradeoff(rows, grid, Y):
-    """C2's trade-off, evidence only: does target accuracy fall again after the best eps, and
-    what does the best eps cost in clean source accuracy?"""
-    if len(grid) < 2 or not len(Y):
-        return []
-    means = Y.mean(0)
-    best = 1 + int(np.argmax(means[1:]))
-    falls = "below" if means[-1] < means[best] else "not below"
-    clean = {j: mean_se([r["clean_acc"] for r in rows if same(r["eps"], grid[j])])[0] for j in (0, best)}
-    return [f"trade-off: target acc at the largest eps {format_eps(grid[-1])} ({means[-1]:.4g}) is {falls} "
-            f"the best eps {format_eps(grid[best])} ({means[best]:.4g}); clean source acc at the best eps "
-            f"{clean[best]:.4g} vs {clean[0]:.4g} at eps 0"]
-
-
-def judge_c2(rows, norm):
-    """C2: linear-probe accuracy on the primary target at some eps > 0 beats eps 0 (Holm)."""
-    g = group_rows(rows, norm)
-    primary = primary_target(rows)
-    others = sorted({t for r in g for t in r["transfer"]} - {primary})
-    extra = [eps_contrasts(g, t)[0]["evidence"] for t in others]
-    if primary is None:
-        return with_extra(result(None, "none of the primary targets " + ", ".join(PRIMARY_TARGETS)
-                                 + " is present", 0), extra)
-    res, grid, Y = eps_contrasts(g, primary)
-    return with_extra(res, tradeoff(g, grid, Y) + extra)
-
-
-def judge_c3(rows, norm):
-    """C3: tr F_w falls with eps (slope of its log < 0)."""
-    return trend(group_rows(rows, norm), fisher_of("weights_trace"), "weights_trace", -1, log=True)
-
-
-def judge_c4(rows, norm):
-    """C4: the input Fisher's trace and largest eigenvalue both fall with eps (slopes of logs < 0)."""
-    g = group_rows(rows, norm)
-    return combine([trend(g, fisher_of(k), k, -1, log=True) for k in ("input_trace", "input_lambda_max")])
-
-
-def not_disjoint(rows):
-    """The C5/C6 disjointness rule: an undetermined result when some invert.json says its images
-    were not disjoint from the tuning images, else None."""
-    bad = [r["run"] for r in rows if r["invert_disjoint"] is False]
-    if bad:
-        return result(None, "invert.json of " + ", ".join(bad) + " says its evaluation images were not "
-                      "disjoint from the images the inversion was tuned on", 0)
-    return None
-
-
-def disjoint_note(rows):
-    unknown = [r["run"] for r in rows if r["invert"] and r["invert_disjoint"] is None]
-    return [f"{len(unknown)} run(s) do not record whether the inverted images were disjoint from the "
-            "tuning images"] if unknown else []
-
-
-def judge_c5(rows, norm):
-    """C5: the baseline method's reconstruction SSIM rises with eps."""
-    g = group_rows(rows, norm)
-    others = sorted({m for r in g for m in r["invert"]} - {DECIDING_METHOD})
-    extra = [trend(g, ssim_of(m), f"{m} ssim", +1)["evidence"] for m in others] + disjoint_note(g)
-    res = not_disjoint(g) or trend(g, ssim_of(DECIDING_METHOD), f"{DECIDING_METHOD} ssim", +1)
-    return with_extra(res, extra)
-
-
-def mean_gain(rows, method, reference):
-    """Per seed, the mean over the robust runs (eps > 0) of SSIM(method) - SSIM(reference);
-    one-sided t that it is > 0."""
-    robust = [r for r in rows if not same(r["eps"], 0)]
-    value, name = ssim_gain(method, reference), f"ssim {method} - {reference}"
-    grid = eps_grid(robust)
-    seeds, Y = paired(robust, value, grid)
-    reason = missing_data(robust, value, grid, len(seeds), name, need_zero=False)
-    if reason:
-        return result(None, f"{name}: undetermined, {reason}", len(seeds))
-    return from_test(one_sided_t(Y.mean(1), +1), f"{name}, mean over eps > 0,", "")
-
-
-def judge_c6(rows, norm):
-    """C6: the noise-averaged objective beats the same method without it (both pairs)."""
-    g = group_rows(rows, norm)
-    tv = mean_gain(g, "tv", "baseline")["evidence"]
-    extra = [f"the TV prior's own effect, not the paper's insight: {tv}"] + disjoint_note(g)
-    res = not_disjoint(g) or combine([mean_gain(g, a, b) for a, b in NOISE_PAIRS])
-    return with_extra(res, extra)
-
-
-JUDGES = {"C1": judge_c1, "C2": judge_c2, "C3": judge_c3, "C4": judge_c4, "C5": judge_c5, "C6": judge_c6}
-
-
-def rule_text(cid):
-    r = RULES[cid]
-    return f"{r['contrast']}; {r['test']}; holds if {r['threshold']}"
-
-
-def judge_claims(rows):
-    """{claim id: verdict with by_norm} for C1-C6, each norm group judged on its own."""
-    norms = norm_groups(rows)
+def judge_claims(rows, decisions=None):
+    """{claim id: verdict with by_norm} for every claim of CLAIMS, each norm group on its own,
+    under the declared decisions (default: the quick preset's)."""
+    decisions = decisions or DECLARATIONS["quick"]
     claims = {}
-    for cid, judge in JUDGES.items():
-        by_norm = {norm: judge(rows, norm) for norm in norms}
-        for r in by_norm.values():
+    for cid, spec in CLAIMS.items():
+        by_norm = {norm: judge_group(spec, group_rows(rows, norm), decisions, norm)
+                   for norm in norm_groups(rows)}
+        claim = combine(by_norm, label=lambda norm: f"[{norm}] ") if by_norm \
+            else result(None, "no study run")
+        for r in [claim, *by_norm.values()]:
             r["test"] = rule_text(cid)
-        claim = combine(by_norm, label=lambda norm: f"[{norm}] ") if by_norm else result(None, "no study run", 0)
-        claim["test"] = rule_text(cid)
-        claim["by_norm"] = by_norm
-        claims[cid] = claim
+        claims[cid] = dict(claim, by_norm=by_norm)
     return claims
 
 
-# ----------------------------------------------------------------------------- tables
+# ----------------------------------------------------------------------------- rules text
+
+def part_text(contrast, part):
+    """'ln tr F_w falls with eps': the part's claim in words, from the spec."""
+    what = ("ln " if part.get("log") else "") + METRICS[part["metric"]][0]
+    return CONTRASTS[contrast]["part"][part["direction"]].format(m=what)
+
+
+def rule_text(cid):
+    spec = CLAIMS[cid]
+    parts = " and ".join(part_text(spec["contrast"], p) for p in spec["parts"])
+    return f"{parts} (every part; contrast {spec['contrast']}, see the rules)"
+
+
+def rules_markdown():
+    """The rules, generated from CLAIMS, CONTRASTS, GENERAL_RULES and DECLARATIONS."""
+    lines = ["Generated from the specification in report.py (`python report.py --rules`).", "",
+             "| claim | holds when (every part) | contrast |", "|---|---|---|"]
+    lines += [f"| {cid}: {s['claim']} | " + "; ".join(part_text(s["contrast"], p)
+                                                     for p in s["parts"]) + f" | {s['contrast']} |"
+              for cid, s in CLAIMS.items()]
+    lines += ["", "Contrasts, at each level:", ""]
+    for name, c in CONTRASTS.items():
+        lines += [f"- **{name}**", f"  - seeds: {c['seeds']}", f"  - models: {c['models']}"]
+    lines += ["", "General rules:", ""] + [f"- {text}" for text in GENERAL_RULES]
+    lines += ["", "Declarations (DIR/study.json; without one, quick's):", "",
+              "| preset | reference radius | primary transfer | inversion method | noise pairs |",
+              "|---|---|---|---|---|"]
+    for name, d in DECLARATIONS.items():
+        radius = ", ".join(f"{k} {fmt(v)}" for k, v in d["reference_radius"].items())
+        pairs = ", ".join(f"{a} vs {b}" for a, b in d["noise_pairs"])
+        lines.append(f"| {name} | {radius} | {d['primary_transfer']} | {d['inversion_method']} "
+                     f"| {pairs} |")
+    return "\n".join(lines) + "\n"
+
+
+RULES_BEGIN = "<!-- rules: generated by report.py --rules; do not edit -->"
+RULES_END = "<!-- end rules -->"
+
+
+# ----------------------------------------------------------------------------- report.md
+
+def fmt(x, sign=False):
+    """A number at three significant digits ('n/a' for None): the one format of the report."""
+    return "n/a" if x is None else f"{x:+.3g}" if sign else f"{x:.3g}"
+
+
+def ci_text(ci, label="90% CI "):
+    return f"[{label}n/a]" if ci is None else f"[{label}{fmt(ci[0], True)}, {fmt(ci[1], True)}]"
+
 
 def eps_list(grid):
-    return "(" + ", ".join(format_eps(e) for e in grid) + ")"
+    return "(" + ", ".join(fmt(e) for e in grid) + ")"
 
 
 def cell(values):
-    """'mean ± SE' over the seeds that have the value ('' when none)."""
+    """'mean ± SE' over the runs that have the value ('' when none)."""
     values = [v for v in values if v is not None]
     if not values:
         return ""
     m, se = mean_se(values)
-    return f"{m:.4g} ± {se:.2g}" if len(values) > 1 else f"{m:.4g}"
+    return f"{fmt(m)} ± {fmt(se)}" if len(values) > 1 else fmt(m)
+
+
+def metric_of(metric, arg=None):
+    return lambda row: metric_value(row, metric, arg)
 
 
 def columns(rows):
     """{table title: [(header, value of a row)]} for every quantity present in some run."""
-    accuracy = [("clean acc", clean_acc)]
-    for norm in sorted({r["norm"] for row in rows for r in row["robust_acc"]}):
-        for e in radii(rows, norm):
-            accuracy.append((f"robust {norm} {format_eps(e)}", robust_at(norm, e)))
-    fisher = [(k, fisher_of(k)) for k in FISHER_KEYS if any(k in r["fisher"] for r in rows)]
-    transfer = [(f"transfer {t}", transfer_to(t)) for t in sorted({t for r in rows for t in r["transfer"]})]
-    inversion = []
-    for method in sorted({m for r in rows for m in r["invert"]}):
-        for k in ("ssim", "psnr", "judge_acc"):
-            inversion.append((f"{method} {k}", (lambda m, k: lambda r: r["invert"].get(m, {}).get(k))(method, k)))
-    return {"Accuracy": accuracy, "Fisher information": fisher, "Linear transfer": transfer,
-            "Inversion": inversion}
+    norms = sorted({a["norm"] for r in rows for a in r["robust_acc"]})
+    measures = sorted({t for r in rows for t in r["transfer"]})
+    methods = sorted({m for r in rows for m in r["invert"]})
+    return {
+        "Accuracy": [("clean acc", metric_of("clean_acc"))] + [
+            (f"robust {n} {fmt(e)}", metric_of("robust_acc", (n, e)))
+            for n in norms for e in radii(rows, n)],
+        "Fisher information": [(k, metric_of(k)) for k in FISHER_KEYS
+                               if any(k in r["fisher"] for r in rows)],
+        "Linear transfer": [(t, metric_of("transfer", t)) for t in measures],
+        "Inversion": [(f"{m} {k}", (lambda m, k: lambda r: r["invert"].get(m, {}).get(k))(m, k))
+                      for m in methods for k in ("ssim", "psnr", "judge_acc")]}
 
 
 def table_cells(rows):
@@ -647,64 +880,54 @@ def table_cells(rows):
     return [c for c in cells if c[2]]
 
 
-def results_table(rows):
-    """One Markdown table per group of columns; a row per (norm, eps), skipping rows with no value."""
+def results_tables(rows):
+    """One Markdown table per group of columns; a row per (norm, eps), skipping empty rows."""
     lines = []
     for title, cols in columns(rows).items():
-        if not cols:
-            continue
-        lines += [f"## {title}", "", "| norm | eps | seeds | " + " | ".join(h for h, _ in cols) + " |",
-                  "|" + "---|" * (3 + len(cols))]
-        for label, e, runs in table_cells(rows):
-            values = [cell([f(r) for r in runs]) for _, f in cols]
-            if any(values):
-                lines.append(f"| {label} | {format_eps(e)} | {len({r['seed'] for r in runs})} | "
-                             + " | ".join(values) + " |")
-        lines.append("")
+        if cols:
+            lines += [f"### {title}", "", "| norm | eps | seeds | " + " | ".join(h for h, _ in cols)
+                      + " |", "|" + "---|" * (3 + len(cols))]
+            for label, e, runs in table_cells(rows):
+                values = [cell([f(r) for r in runs]) for _, f in cols]
+                if any(values):
+                    lines.append(f"| {label} | {fmt(e)} | {len({r['seed'] for r in runs})} | "
+                                 + " | ".join(values) + " |")
+            lines.append("")
     return lines
 
 
-def rules_table():
-    lines = ["| claim | metric | contrast | test | threshold |", "|---|---|---|---|---|"]
-    lines += [f"| {cid}: {r['claim']} | {r['metric']} | {r['contrast']} | {r['test']} | {r['threshold']} |"
-              for cid, r in RULES.items()]
-    return lines + [""] + [f"- {text}" for text in GENERAL_RULES]
-
-
-def fmt_p(p):
-    return "n/a" if p is None else f"{p:.2g}"
-
-
-def verdict_lines(cid, c):
-    effect = "n/a" if c["effect"] is None else f"{c['effect']:+.3g} [90% CI {c['ci'][0]:+.3g}, {c['ci'][1]:+.3g}]"
-    lines = [f"- **{cid} {c['verdict']}**: {RULES[cid]['claim']}.  ",
-             f"  Test: {c['test']}. p = {fmt_p(c['p'])}, effect {effect}, {c['n_seeds']} seeds."]
-    for norm, r in c["by_norm"].items():
-        lines.append(f"  - {norm}: **{r['verdict']}** (p = {fmt_p(r['p'])}). {r['evidence']}")
-    return lines
-
-
-def markdown(rows, claims, plots, grids):
-    lines = ["# Results", "", "Mean ± standard error over seeds (seeds: how many seeds the row averages). "
-             "Robust accuracy: under PGD at the given norm and radius (settings in each metrics.json). "
-             "The judge run only labels reconstructions for invert.py and is part of no claim.", ""]
-    lines += results_table(rows)
-    lines += ["", "# Rules (fixed before the numbers)", ""] + rules_table()
-    failed = [cid for cid, c in claims.items() if c["holds"] is False]
-    open_ = [cid for cid, c in claims.items() if c["holds"] is None]
-    lines += ["", "# Claims", "",
-              f"Did not hold: {', '.join(failed) or 'none'}. Undetermined (too few seeds or missing data): "
-              f"{', '.join(open_) or 'none'}.", ""]
+def markdown(rows, claims, declaration, figures):
+    d = declaration["decisions"]
+    radius = ", ".join(f"{k} {fmt(v)}" for k, v in d["reference_radius"].items())
+    lines = ["# Results", "", "| claim | verdict | level | effect [90% CI] | p | seeds or models |",
+             "|---|---|---|---|---|---|"]
     for cid, c in claims.items():
-        lines += verdict_lines(cid, c)
-    if plots:
-        lines += ["", "# Plots", "", "Error bars: ± 1 SE over seeds.", ""] + [f"![{p}]({p})" for p in plots]
-    if grids:
-        lines += ["", "# Inversions", ""] + [f"![{g}]({g})" for g in grids]
-    return "\n".join(lines) + "\n"
+        n = f"{c['n_seeds']} seeds" if c["level"] == "seeds" else \
+            f"{c['n_models']} models" if c["level"] == "models" else "n/a"
+        effect = "n/a" if c["effect"] is None else \
+            f"{fmt(c['effect'], True)} {ci_text(c['ci'], '')}"
+        lines.append(f"| {cid}: {CLAIMS[cid]['claim']} | **{c['verdict']}** | "
+                     f"{c['level'] or 'n/a'} | {effect} | {fmt(c['p'])} | {n} |")
+    lines += ["", MODELS_SENTENCE, "",
+              f"Declaration ({declaration['source']}, preset {declaration['preset']}): reference "
+              f"radius {radius}; primary transfer `{d['primary_transfer']}`; inversion method "
+              f"`{d['inversion_method']}`; noise pairs "
+              + ", ".join(f"{a} vs {b}" for a, b in d["noise_pairs"]) + "."]
+    if figures:
+        lines += ["", "## Plots", "", "Error bars: ± 1 SE over seeds.", ""]
+        lines += [f"![{f}]({f})" for f in figures]
+    lines += ["", "## Tables", "", "Mean ± SE over seeds (seeds: the runs a row averages). "
+              "Robust accuracy: the worst attack recorded at the norm and radius. The judge run "
+              "only labels reconstructions and is part of no claim.", ""] + results_tables(rows)
+    lines += ["## Evidence", ""]
+    for cid, c in claims.items():
+        lines.append(f"- **{cid} {c['verdict']}**: {c['test']}")
+        lines += [f"  - {norm}: **{r['verdict']}**. {r['evidence']}"
+                  for norm, r in c["by_norm"].items()]
+    return "\n".join(lines + ["", "## Rules", "", rules_markdown()])
 
 
-# ----------------------------------------------------------------------------- plots
+# ----------------------------------------------------------------------------- figures
 
 def series(rows, value):
     """(eps, means, SEs) of value over the rows' eps grid (eps without a value skipped)."""
@@ -716,98 +939,160 @@ def series(rows, value):
     return tuple(map(list, zip(*out))) if out else ([], [], [])
 
 
-def make_plots(rows, out_dir):
-    """accuracy_vs_eps.png, transfer_vs_eps.png, fisher_vs_eps.png (log y) with one panel per
-    norm group, and tradeoff.png; [] without matplotlib."""
+def panels_figure(plt, path, panel_rows, ylabel, log=False):
+    """Rows of panels (title, runs, [(label, value of a run)]): mean ± SE against eps, the
+    legend under each panel; False (nothing written) when no panel has data."""
+    ncols = max(len(r) for r in panel_rows)
+    fig, axes = plt.subplots(len(panel_rows), ncols, figsize=(4.6 * ncols, 4.4 * len(panel_rows)),
+                             squeeze=False)
+    for ax_row, panels in zip(axes, panel_rows):
+        for ax, (title, rows, curves) in zip(ax_row, panels):
+            for label, value in curves:
+                eps, means, ses = series(rows, value)
+                if eps:
+                    ax.errorbar(eps, means, yerr=ses, marker="o", capsize=3, label=label)
+            positive = [e for e in eps_grid(rows) if e > 0]
+            if positive and max(positive) / min(positive) > 50:  # published grids: 0.01 .. 5
+                ax.set_xscale("symlog", linthresh=min(positive))
+            ax.set(title=title, xlabel="training eps", ylabel=ylabel,
+                   yscale="log" if log else "linear")
+            if ax.has_data():
+                ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
+        for ax in ax_row[len(panels):]:
+            ax.set_axis_off()
+    drawn = any(ax.has_data() for ax in axes.flat)
+    if drawn:
+        fig.tight_layout()
+        fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return drawn
+
+
+def image_strip(x, n_images, size=64):
+    """[N, C, H, W] in [0, 1] -> [H', n_images * W', 3]: the first images side by side, RGB,
+    subsampled to at most size pixels, each with a 1-pixel white frame."""
+    x = np.asarray(x[:n_images], dtype=np.float32).clip(0, 1)
+    x = x[..., ::-(-x.shape[-2] // size), ::-(-x.shape[-1] // size)]
+    x = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)), constant_values=1.0)
+    x = np.repeat(x, 3, 1) if x.shape[1] == 1 else x[:, :3]
+    return x.transpose(2, 0, 3, 1).reshape(x.shape[2], -1, 3)
+
+
+def inversion_figure(plt, rows, results, n_images=8):
+    """inversions.png: the first n_images inverted test images (originals.npy, when a run saved
+    it) and a labelled row per (eps, method) from the first seed's runs, eps in numeric order."""
+    study = [r for r in study_rows(rows) if r["invert"]]
+    if not study:
+        return False
+    first = min(r["seed"] for r in study)
+    strips, labels = [], []
+    for r in (r for r in study if r["seed"] == first):
+        run = results / r["run"]
+        if not strips and (run / "originals.npy").is_file():
+            strips.append(image_strip(np.load(run / "originals.npy"), n_images))
+            labels.append("originals")
+        for method in sorted(r["invert"]):
+            if (run / f"recon_{method}.npy").is_file():
+                strips.append(image_strip(np.load(run / f"recon_{method}.npy"), n_images))
+                labels.append(f"{r['norm']} eps {fmt(r['eps'])}: {method}")
+    strips = [(s, lab) for s, lab in zip(strips, labels) if s.shape == strips[0].shape] \
+        if strips else []
+    if not strips:
+        return False
+    mosaic = np.concatenate([s for s, _ in strips])
+    h = strips[0][0].shape[0]
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * n_images, 0.6 + 0.9 * len(strips)))
+    ax.imshow(mosaic, interpolation="nearest")
+    ax.set_yticks([h * (i + 0.5) for i in range(len(strips))], [lab for _, lab in strips],
+                  fontsize=8)
+    ax.set_xticks([])
+    ax.set_xlabel(f"the first {n_images} inverted test images (seed {first})")
+    fig.savefig(results / "inversions.png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return True
+
+
+def make_figures(rows, results):
+    """accuracy_vs_eps.png, fisher_vs_eps.png (log y), transfer_vs_eps.png (full data,
+    few-shot, fine-tuned panels per norm), inversions.png; [] without matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return []
-    norms = norm_groups(rows)
-    if not norms:
+    groups = [(norm, group_rows(rows, norm)) for norm in norm_groups(rows)]
+    if not groups:
         return []
 
-    def curves(norm):
-        g = group_rows(rows, norm)
-        return g, {
-            "accuracy_vs_eps.png": [("clean", clean_acc)]
-            + [(f"robust {norm} {format_eps(e)}", robust_at(norm, e)) for e in radii(g, norm)],
-            "transfer_vs_eps.png": [(t, transfer_to(t)) for t in sorted({t for r in g for t in r["transfer"]})],
-            "fisher_vs_eps.png": [(k, fisher_of(k)) for k in ("weights_trace", "input_trace", "input_lambda_max",
-                                                              "repr_trace_normalized")],
-        }
+    def kind(measure):
+        return "fine-tuned" if measure.endswith("fine-tuned") else \
+            "few-shot" if measure.endswith("-shot") else "full data"
 
-    written = []
-    for name in ("accuracy_vs_eps.png", "transfer_vs_eps.png", "fisher_vs_eps.png"):
-        fig, axes = plt.subplots(1, len(norms), figsize=(5 * len(norms), 3.5), squeeze=False)
-        drawn = False
-        for ax, norm in zip(axes[0], norms):
-            g, all_curves = curves(norm)
-            for label, value in all_curves[name]:
-                eps, means, ses = series(g, value)
-                if eps:
-                    ax.errorbar(eps, means, yerr=ses, marker="o", capsize=3, label=label)
-                    drawn = True
-            ax.set_title(f"trained {norm}")
-            ax.set_xlabel("training eps")
-            if name.startswith("fisher"):
-                ax.set_yscale("log")
-            if ax.has_data():
-                ax.legend(fontsize=7)
-        if drawn:
-            fig.tight_layout()
-            fig.savefig(Path(out_dir) / name, dpi=100)
-            written.append(name)
-        plt.close(fig)
-    target = primary_target(rows)
-    if target:
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        for norm in norms:
-            g = group_rows(rows, norm)
-            grid, clean, _ = series(g, clean_acc)
-            egrid, acc, _ = series(g, transfer_to(target))
-            pts = [(c, a, e) for e, c in zip(grid, clean) for e2, a in zip(egrid, acc) if same(e, e2)]
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=norm)
-                for c, a, e in pts:
-                    ax.annotate(f"eps {format_eps(e)}", (c, a), fontsize=7)
-        ax.set_title("one point per training eps")
-        ax.set_xlabel("source clean accuracy")
-        ax.set_ylabel(f"{target} linear-probe accuracy")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(Path(out_dir) / "tradeoff.png", dpi=100)
-        plt.close(fig)
-        written.append("tradeoff.png")
-    return written
+    measures = sorted({t for r in rows for t in r["transfer"]})
+    fisher = ("weights_trace", "input_trace", "input_lambda_max", "repr_trace_normalized")
+    kinds = [k for k in ("full data", "few-shot", "fine-tuned")
+             if any(kind(t) == k for t in measures)]
+    figures = {  # rows of panels: accuracy and Fisher one row, transfer a row per norm
+        "accuracy_vs_eps.png": ("accuracy", False, [[
+            (f"trained {n}", g, [("clean", metric_of("clean_acc"))] + [
+                (f"robust {n} {fmt(e)}", metric_of("robust_acc", (n, e))) for e in radii(g, n)])
+            for n, g in groups]]),
+        "fisher_vs_eps.png": ("Fisher information (log scale)", True, [[
+            (f"trained {n}", g, [(k, metric_of(k)) for k in fisher]) for n, g in groups]]),
+        "transfer_vs_eps.png": ("target test accuracy", False, [[
+            (f"{k}, trained {n}", g, [(t, metric_of("transfer", t)) for t in measures
+                                      if kind(t) == k]) for k in kinds] for n, g in groups]),
+    }
+    written = [name for name, (ylabel, log, panels) in figures.items()
+               if all(panels) and panels_figure(plt, results / name, panels, ylabel, log)]
+    return written + (["inversions.png"] if inversion_figure(plt, rows, results) else [])
 
 
 # ----------------------------------------------------------------------------- script
 
 def get_args(argv=None):
-    p = ArgumentParser(description="Summarise a results folder and judge claims C1-C6 "
-                       "(rules: the RULES table in report.py, printed in report.md).")
-    p.add_argument("results_dir", help="folder whose subfolders hold metrics.json (and fisher/transfer/invert.json)")
+    p = ArgumentParser(description="Judge claims C1-C6 on a results folder (report.md, "
+                       "summary.json, plots), by the study's declaration (DIR/study.json).")
+    p.add_argument("results_dir", nargs="?", help="folder whose subfolders hold metrics.json "
+                   "(and fisher.json, transfer.json, invert.json)")
+    p.add_argument("--declare", choices=sorted(DECLARATIONS), metavar="PRESET",
+                   help="write RESULTS_DIR/study.json with the decisions of this preset ("
+                   + ", ".join(DECLARATIONS) + ") and judge nothing")
+    p.add_argument("--rules", action="store_true", help="print the rules block of docs/PROTOCOL.md")
     return p.parse_args(argv)
 
 
 def main(args):
+    if args.rules:
+        print(f"{RULES_BEGIN}\n{rules_markdown()}{RULES_END}")
+        return
+    if args.results_dir is None:
+        raise UserError("give a results folder (or --rules)")
     results = Path(args.results_dir)
+    if args.declare:
+        decisions = DECLARATIONS[args.declare]
+        atomic_save(results / "study.json", {"preset": args.declare, "decisions": decisions,
+                                             "provenance": provenance({"preset": args.declare})})
+        print(f"wrote {results / 'study.json'} (preset {args.declare})")
+        return
     if not results.is_dir():
         raise UserError(f"results folder not found: {results}")
+    declaration = read_declaration(results)
     rows = collect_rows(results)
     if not rows:
         raise UserError(f"no run with a metrics.json under {results}")
-    claims = judge_claims(rows)
-    plots = make_plots(rows, results)
-    grids = sorted(p.relative_to(results).as_posix() for p in results.glob("*/invert.png"))
-    atomic_save(results / "summary.json", {"rules": RULES, "rows": rows, "claims": claims})
-    atomic_save(results / "report.md", markdown(rows, claims, plots, grids))
+    claims = judge_claims(rows, declaration["decisions"])
+    figures = make_figures(rows, results)
+    kept = [{k: v for k, v in r.items() if k != "correct"} for r in rows]
+    atomic_save(results / "summary.json", {"declaration": declaration, "rules": rules_markdown(),
+                                           "rows": kept, "claims": claims})
+    atomic_save(results / "report.md", markdown(rows, claims, declaration, figures))
     for cid, c in claims.items():
-        print(f"{cid} {c['verdict']}" + (f" (p={c['p']:.2g})" if c["p"] is not None else ""), flush=True)
-    print(f"wrote {results / 'report.md'}, summary.json and {len(plots)} plots ({len(rows)} runs)", flush=True)
+        print(f"{cid} {c['verdict']}" + (f" (p={fmt(c['p'])}, level {c['level']})"
+                                         if c["p"] is not None else ""), flush=True)
+    print(f"wrote {results / 'report.md'}, summary.json and {len(figures)} figures "
+          f"({len(rows)} runs)", flush=True)
 
 
 if __name__ == "__main__":

@@ -3,23 +3,22 @@
 # checkpoints), then Fisher, transfer and inversion on every checkpoint, then the report.
 #
 #   bash run_all.sh                 # preset quick: CPU, Fashion-MNIST 0-4 -> 5-9, 3 seeds
-#   SEEDS=0 bash run_all.sh         # one seed: a look at the numbers, no verdicts (needs 3)
+#   SEEDS=0 bash run_all.sh         # one seed: verdicts at level models (for these models)
 #   bash run_all.sh paper           # CIFAR-10, resnet18, L2 and Linf grids (GPU, internet)
 #   bash run_all.sh paper --smoke   # the paper code path on tiny synthetic CIFAR-shaped data
-#   CKPT_DIR=dir bash run_all.sh imagenet  # published robust ImageNet models: evaluated, not trained
-#   bash run_all.sh imagenet --smoke       # its code path on tiny fake checkpoints and images, CPU
+#   CKPT_DIR=dir bash run_all.sh imagenet  # published robust ImageNet models, evaluated
+#   bash run_all.sh imagenet --smoke       # its code path on tiny fake checkpoints, CPU
 #
-# Environment: SEEDS (default "0 1 2"), JOBS and THREADS (below), FORCE=1 (redo every
-# step), OUT (default results/<preset>[-smoke]), PYTHON (default python3; without torch a
-# .venv is made, see setup_python.sh), DATA_DIR (default ./data; imagenet: DATA_DIR/val in
-# ImageFolder layout, beside the transfer targets' torchvision folders).
-# imagenet only: CKPT_DIR (read only) holds the checkpoints and manifest.csv, a header line then
-# one row `file,norm,eps[,seed]` per checkpoint (file relative to CKPT_DIR; norm l2 or linf;
-# eps as 0.5 or 4/255; seed default 0), e.g. `resnet50_l2_eps3.ckpt,l2,3`; each row is a cell,
-# whatever SEEDS says. UNSAFE_LOAD=1 lets every script unpickle the checkpoints (robustness
-# files need it; only for files you trust). TARGETS_LIST (default: those of "cifar10 cifar100
-# svhn fashion-mnist mnist" found in DATA_DIR) names the transfer targets; a target not found
-# is downloaded, so offline give those you have.
+# Environment: SEEDS (default "0 1 2"), JOBS and THREADS (below), FORCE=1 (redo every step),
+# OUT (default results/<preset>[-smoke]), PYTHON (default python3; without torch a .venv is
+# made, see setup_python.sh), DATA_DIR (default ./data; imagenet: DATA_DIR/val in ImageFolder
+# layout, beside the transfer targets' torchvision folders). imagenet only: CKPT_DIR (read
+# only) holds the checkpoints and manifest.csv: a header, then one row `file,norm,eps[,seed]`
+# per checkpoint, each a cell (file relative to CKPT_DIR, norm l2 or linf, eps as 0.5 or 4/255,
+# seed default 0), e.g. `resnet50_l2_eps3.ckpt,l2,3`; UNSAFE_LOAD=1 lets every script unpickle
+# them (robustness files need it; only for files you trust); TARGETS_LIST (default: those of
+# cifar10 cifar100 svhn fashion-mnist mnist that data.py finds in DATA_DIR; others download).
+# The preset's declared decisions go first to OUT/study.json; report.py judges by them.
 # A step is skipped when its output exists and was made by the same command (recorded in a
 # hidden .<output>.cmd file beside it, with the command of the training it depends on); a
 # changed setting redoes exactly the steps it affects. Training resumes from its last epoch,
@@ -27,81 +26,65 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-PRESET=${1:-quick}
-SMOKE=${2:-}
-SEEDS=${SEEDS:-0 1 2}
-FORCE=${FORCE:-0}
-source setup_python.sh torch torchvision numpy  # sets PY: $PYTHON if it has them, else .venv
+PRESET=${1:-quick} SMOKE=${2:-}
+STUDY=$PRESET${SMOKE:+-smoke}  # the name of its declaration in report.py
+SEEDS=${SEEDS:-0 1 2} FORCE=${FORCE:-0} OUT=${OUT:-results/$STUDY} T0=$SECONDS
 DATA=(--data-dir "${DATA_DIR:-./data}")
-OUT=${OUT:-results/$PRESET${SMOKE:+-smoke}}
-T0=$SECONDS
 die() { echo "error: $*" >&2; exit 2; }
-PUBLISHED=0  # 1: the cells are published checkpoints (imagenet), evaluated instead of trained
-ROWS=()      # the cells, "seed norm eps [checkpoint]": SEEDS x GRID, or (imagenet) the manifest rows
-UNSAFE=()
+[[ -z "$SMOKE" || ("$SMOKE" == --smoke && "$PRESET" != quick) ]] ||
+  die "unknown option '$SMOKE' for preset $PRESET (paper and imagenet take --smoke)"
+source setup_python.sh torch torchvision numpy  # sets PY: $PYTHON if it has them, else .venv
+# ROWS: the cells, "seed norm eps [checkpoint]": SEEDS x GRID, or (imagenet) the manifest's
+# rows, whose published checkpoints (PUBLISHED=1) are evaluated instead of trained
+PUBLISHED=0 ROWS=() UNSAFE=()
 [[ "${UNSAFE_LOAD:-0}" == 1 ]] && UNSAFE=(--unsafe-load)
+cell_name() { echo "${2}_eps${3//\//_}_seed$1"; }  # cell_name SEED NORM EPS
 
-# read_manifest FILE: the rows `file,norm,eps[,seed]` after its header into ROWS, and the judge
-# of every inversion into JUDGE_CKPT: the most robust L2 model listed. No helper classifier is
-# trained for ImageNet, and robust models label by perceptible features (their gradients are
-# perceptually aligned), so it labels reconstructions best; it also judges its own cell (biased
-# there: judge_acc is evidence only, C5 and C6 decide on SSIM). A bad manifest is one line and
-# exit 2, before any work.
+# read_manifest FILE: its rows into ROWS (a bad manifest: one line, exit 2), and into JUDGE_CKPT
+# the judge of every inversion: the most robust L2 model, as robust models label by perceptible
+# features (biased on its own cell: judge_acc is evidence only, C5 and C6 decide on SSIM).
 read_manifest() {
-  local manifest=$1 n=1 line file norm eps seed extra path name seen=" " judge_eps=-1
-  [[ -f "$manifest" ]] || die "manifest not found: $manifest (a header line, then rows file,norm,eps[,seed])"
-  { IFS= read -r line || true
-    [[ "${line%$'\r'}" == file,norm,eps* ]] || die "$manifest: the first line must be the header file,norm,eps[,seed]"
-    while IFS= read -r line || [[ -n "$line" ]]; do
-      n=$((n + 1)) line=${line%$'\r'}
-      [[ -z "${line//[[:space:]]/}" ]] && continue
-      IFS=, read -r file norm eps seed extra <<< "$line"
-      norm=${norm//[[:space:]]/} eps=${eps//[[:space:]]/} seed=${seed//[[:space:]]/}
-      [[ -n "$file" && -n "$norm" && -n "$eps" && -z "$extra" ]] ||
-        die "$manifest line $n: expected file,norm,eps[,seed], got '$line'"
-      [[ "$norm" == l2 || "$norm" == linf ]] || die "$manifest line $n: unknown norm '$norm' (l2 or linf)"
-      [[ "$eps" =~ ^([0-9]+\.?[0-9]*|\.[0-9]+)(/[1-9][0-9]*)?$ ]] ||
-        die "$manifest line $n: eps '$eps' is not a number or a fraction like 4/255"
-      seed=${seed:-0}
-      [[ "$seed" =~ ^[0-9]+$ ]] || die "$manifest line $n: seed '$seed' is not a whole number"
-      path=$file
-      [[ "$file" == /* ]] || path=$(dirname "$manifest")/$file
-      [[ -f "$path" ]] || die "$manifest line $n: checkpoint not found: $path"
-      name="${norm}_eps${eps//\//_}_seed${seed}"
-      [[ "$seen" == *" $name "* ]] && die "$manifest line $n: a second checkpoint for cell $name"
-      seen+="$name "
-      ROWS+=("$seed $norm $eps $path")
-      if [[ "$norm" == l2 ]] && awk -v a="$eps" -v b="$judge_eps" 'BEGIN {
-           split(a, x, "/"); split(b, y, "/"); exit !(x[1] / (x[2] ? x[2] : 1) > y[1] / (y[2] ? y[2] : 1)) }'; then
-        JUDGE_CKPT=$path judge_eps=$eps
-      fi
-    done; } < "$manifest"
-  (( ${#ROWS[@]} > 0 )) || die "$manifest lists no checkpoint"
-}
-
-# have_data NAME: the dataset's files are in DATA_DIR, in the layout data.py reads (torchvision's)
-have_data() {
-  local d=${DATA[1]}
-  case $1 in
-    cifar10) [[ -d "$d/cifar-10-batches-py" ]] ;;
-    cifar100) [[ -d "$d/cifar-100-python" ]] ;;
-    svhn) [[ -f "$d/train_32x32.mat" && -f "$d/test_32x32.mat" ]] ;;
-    mnist) [[ -d "$d/MNIST/raw" || -d "$d/mnist" ]] ;;
-    fashion-mnist) [[ -d "$d/FashionMNIST/raw" || -d "$d/fashion-mnist" || -d /usr/share/datasets/fashion-mnist ]] ;;
-    *) false ;;
-  esac
+  local m=$1 n line lines file norm eps seed extra name seen=" " best=-1
+  bad() { die "$m line $n: $*"; }
+  [[ -f "$m" ]] || die "manifest not found: $m (a header line, then rows file,norm,eps[,seed])"
+  mapfile -t lines < "$m"
+  [[ "${lines[0]:-}" == file,norm,eps* ]] ||
+    die "$m: the first line must be the header file,norm,eps[,seed]"
+  for ((n = 2; n <= ${#lines[@]}; n++)); do
+    line=${lines[n - 1]%$'\r'}
+    [[ -n "${line//[[:space:]]/}" ]] || continue
+    IFS=, read -r file norm eps seed extra <<< "$line"
+    norm=${norm//[[:space:]]/} eps=${eps//[[:space:]]/} seed=${seed//[[:space:]]/}
+    [[ -n "$file" && -n "$norm" && -n "$eps" && -z "$extra" ]] ||
+      bad "expected file,norm,eps[,seed], got '$line'"
+    [[ "$norm" == l2 || "$norm" == linf ]] || bad "unknown norm '$norm' (l2 or linf)"
+    [[ "$eps" =~ ^([0-9]+\.?[0-9]*|\.[0-9]+)(/[1-9][0-9]*)?$ ]] ||
+      bad "eps '$eps' is not a number or a fraction like 4/255"
+    seed=${seed:-0}
+    [[ "$seed" =~ ^[0-9]+$ ]] || bad "seed '$seed' is not a whole number"
+    [[ "$file" == /* ]] || file=$(dirname "$m")/$file
+    [[ -f "$file" ]] || bad "checkpoint not found: $file"
+    name=$(cell_name "$seed" "$norm" "$eps")
+    [[ "$seen" != *" $name "* ]] || bad "a second checkpoint for cell $name"
+    seen+="$name " ROWS+=("$seed $norm $eps $file")
+    # eps is digits, a point and a slash (checked above): awk reads 4/255 as a division
+    if [[ "$norm" == l2 ]] && awk "BEGIN { exit !($eps > $best) }"; then
+      JUDGE_CKPT=$file best=$eps
+    fi
+  done
+  (( ${#ROWS[@]} > 0 )) || die "$m lists no checkpoint"
 }
 
 case "$PRESET" in
   quick)
     GRID=("l2 0" "l2 0.25" "l2 0.5" "l2 1.0" "l2 2.0")
-    # every model is attacked at the reference radii of the preset (report.py decides C1 at L2 0.5)
+    # every model is attacked at the reference radii of the preset (C1 at L2 0.5, declared)
     TRAIN=(--dataset fashion-mnist --classes 0-4 --arch cnn --train-size 10000 --test-size 1000
            --epochs 4 --steps 3 --eval-eps l2:0.5 l2:1.0 --eval-steps 20)
     JUDGE=(--norm l2 --eps 0.5)
-    # near (the other five classes) and far (the same, contrast-inverted) targets; probes on all
-    # labels and on 1, 10 and 100 per class, and fine-tuning. C2 is decided on the far target at
-    # 10 shots (report.py, PRIMARY_TARGETS; rule 3 in the README)
+    # near (the other five classes) and far (the same, contrast-inverted) targets; probes on
+    # all labels and on 1, 10 and 100 per class, and fine-tuning. C2 is decided on the far
+    # target at 10 shots (the quick declaration in report.py)
     TARGETS=(--target fashion-mnist:5-9 --target fashion-mnist:5-9+invert --shots 1 10 100
              --finetune --finetune-size 1000)
     FISHER=(--n 512)
@@ -111,60 +94,61 @@ case "$PRESET" in
   paper)
     GRID=("l2 0" "l2 0.25" "l2 0.5" "l2 1.0" "linf 2/255" "linf 4/255" "linf 8/255")
     TRAIN=(--dataset cifar10 --arch resnet18 --epochs 30 --steps 7 --batch-size 128 --lr 0.1
-           --augment --eval-eps l2:0.5 linf:8/255 --eval-attack apgd --eval-steps 100 --eval-restarts 1)
+           --augment --eval-eps l2:0.5 linf:8/255 --eval-attack apgd --eval-steps 100
+           --eval-restarts 1)
     JUDGE=(--norm l2 --eps 0.5)
-    TARGETS=(--target cifar100 --target svhn --target fashion-mnist --target mnist --shots 1 10 100
-             --finetune --finetune-size 10000)
+    TARGETS=(--target cifar100 --target svhn --target fashion-mnist --target mnist
+             --shots 1 10 100 --finetune --finetune-size 10000)
     FISHER=(--n 512)
     INVERT=(--start 0 --n-images 32 --method baseline,tv,noise,noise-tv)
-    if [[ "$SMOKE" == "--smoke" ]]; then  # same code path, tiny synthetic data, CPU
+    if [[ -n "$SMOKE" ]]; then  # same code path, tiny synthetic data, CPU
       GRID=("l2 0" "l2 0.5" "linf 8/255")
-      TRAIN=(--dataset synthetic --arch resnet18 --width 8 --train-size 64 --test-size 32 --epochs 1
-             --steps 1 --batch-size 32 --augment --eval-eps l2:0.5 linf:8/255 --eval-attack apgd --eval-steps 2
-             --device cpu)
-      TARGETS=(--target synthetic:0-4 --target fashion-mnist:5-9 --train-size 64 --test-size 32 --shots 1 2
-               --finetune --finetune-size 32)
+      TRAIN=(--dataset synthetic --arch resnet18 --width 8 --train-size 64 --test-size 32
+             --epochs 1 --steps 1 --batch-size 32 --augment --eval-eps l2:0.5 linf:8/255
+             --eval-attack apgd --eval-steps 2 --device cpu)
+      TARGETS=(--target synthetic:0-4 --target fashion-mnist:5-9 --train-size 64 --test-size 32
+               --shots 1 2 --finetune --finetune-size 32)
       FISHER=(--n 4 --chunk 4 --power-iters 5 --device cpu)
       INVERT=(--n-images 4 --steps 5 --method baseline,tv,noise,noise-tv --device cpu)
     fi
     ;;
   imagenet)
-    # Published robust ImageNet models (the robustness library's, e.g. Salman et al. 2020, and a
-    # torchvision state dict for eps 0), listed in $CKPT_DIR/manifest.csv: never trained or
-    # resumed. Each is attacked by our evaluation (C1), then measured like a trained cell. The
-    # files in CKPT_DIR are only read; every output goes under $OUT. robustness pickles its
-    # checkpoints with dill and extra objects: they load only with UNSAFE_LOAD=1.
-    if [[ "$SMOKE" == "--smoke" ]]; then  # same code path, tiny fake checkpoints and images, CPU
+    # Published robust ImageNet models (e.g. Salman et al. 2020's; a torchvision state dict for
+    # eps 0), never trained: each is attacked by our evaluation (C1), then measured like a
+    # trained cell. CKPT_DIR is only read. robustness pickles need UNSAFE_LOAD=1.
+    if [[ -n "$SMOKE" ]]; then  # same code path, tiny fake checkpoints and images, CPU
       [[ -f "$OUT/fake/ckpt/manifest.csv" ]] || "$PY" tests/make_fake_imagenet.py --out "$OUT/fake"
       CKPT_DIR=$OUT/fake/ckpt DATA=(--data-dir "$OUT/fake/data")
     fi
-    [[ -n "${CKPT_DIR:-}" ]] || die "the imagenet preset needs CKPT_DIR, a folder of checkpoints with manifest.csv"
+    [[ -n "${CKPT_DIR:-}" ]] ||
+      die "the imagenet preset needs CKPT_DIR, a folder of checkpoints with manifest.csv"
     [[ -d "$CKPT_DIR" ]] || die "CKPT_DIR not found: $CKPT_DIR"
-    [[ -d "${DATA[1]}/val" ]] || die "the imagenet preset needs DATA_DIR/val (ImageFolder layout): not found: ${DATA[1]}/val"
     PUBLISHED=1 JUDGE_CKPT=""
     read_manifest "$CKPT_DIR/manifest.csv"
-    # C1 at report.py's reference radii, on 1000 val images: APGD-CE, 50 steps (2 radii x 50
-    # steps x 1000 images: 100k forward-backward passes of the model, minutes on one GPU)
-    EVAL=(--dataset imagenet --test-size 1000 --eval-eps l2:0.5 linf:8/255 --eval-attack apgd-ce --eval-steps 50)
+    # the datasets data.py finds in DATA_DIR, in the layouts it reads
+    FOUND=" $("$PY" data.py present imagenet cifar10 cifar100 svhn fashion-mnist mnist \
+              "${DATA[@]}" | tr '\n' ' ')"
+    [[ "$FOUND" == *" imagenet "* ]] ||
+      die "the imagenet preset needs DATA_DIR/val (ImageFolder layout): not found: ${DATA[1]}/val"
+    # C1 at the declared reference radii, on 1000 val images: APGD-CE, 50 steps
+    EVAL=(--dataset imagenet --test-size 1000 --eval-eps l2:0.5 linf:8/255 --eval-attack apgd-ce
+          --eval-steps 50)
     # 1000 classes: the weights' Fisher samples 8 labels per example; --chunk bounds its memory
     # (chunk x labels x parameters floats: 3.3 GB for a ResNet-50), --batch-size the Lanczos'
     FISHER=(--dataset imagenet --n 256 --label-samples 8 --chunk 4 --batch-size 32)
-    # the paper's targets whose data is in DATA_DIR, or TARGETS_LIST (absent ones are downloaded)
-    TARGETS=()
-    for t in ${TARGETS_LIST:-cifar10 cifar100 svhn fashion-mnist mnist}; do
-      if [[ -n "${TARGETS_LIST:-}" ]] || have_data "$t"; then TARGETS+=(--target "$t"); fi
-    done
+    TARGETS=()  # TARGETS_LIST, or the paper's targets found in DATA_DIR
+    for t in ${TARGETS_LIST:-${FOUND/ imagenet }}; do TARGETS+=(--target "$t"); done
     TARGETS+=(--shots 1 10 100)
     INVERT=(--n-images 16 --method baseline,tv,noise,noise-tv)
-    if [[ "$SMOKE" == "--smoke" ]]; then
-      EVAL=(--dataset imagenet --test-size 8 --eval-eps l2:0.5 linf:8/255 --eval-attack apgd --eval-steps 2
-            --device cpu)
+    if [[ -n "$SMOKE" ]]; then
+      EVAL=(--dataset imagenet --test-size 8 --eval-eps l2:0.5 linf:8/255 --eval-attack apgd
+            --eval-steps 2 --device cpu)
       FISHER=(--dataset imagenet --n 2 --chunk 1 --probes 4 --power-iters 5 --device cpu)
       TARGETS=(--target synthetic:0-4 --train-size 64 --test-size 32 --shots 1 2 --device cpu)
       INVERT=(--n-images 2 --steps 5 --method baseline,tv,noise,noise-tv --device cpu)
     fi
-    [[ "${TARGETS[*]}" == *--target* ]] || die "no transfer target's data in ${DATA[1]} (cifar10 cifar100 svhn" \
-                                               "fashion-mnist mnist): add it, or name targets in TARGETS_LIST"
+    [[ "${TARGETS[*]}" == *--target* ]] || die "no transfer target's data in ${DATA[1]}" \
+      "(cifar10 cifar100 svhn fashion-mnist mnist): add it, or name targets in TARGETS_LIST"
     ;;
   *) die "unknown preset '$PRESET' (quick, paper or imagenet)" ;;
 esac
@@ -174,32 +158,33 @@ mkdir -p "$OUT"
 # core), each with THREADS torch threads (default 1). Outputs depend on THREADS (the order of
 # float sums), never on JOBS: JOBS=1 and JOBS=4 give identical files.
 GPU_LIST=()
-if command -v nvidia-smi > /dev/null 2>&1 && nvidia-smi -L > /dev/null 2>&1; then
-  IFS=, read -ra GPU_LIST <<< "${CUDA_VISIBLE_DEVICES:-$(seq -s, 0 $(($(nvidia-smi -L | grep -c '^GPU') - 1)))}"
-fi
-if (( ${#GPU_LIST[@]} > 0 )); then JOBS=${JOBS:-${#GPU_LIST[@]}}; else JOBS=${JOBS:-$(nproc 2> /dev/null || echo 1)}; fi
+nvidia-smi -L > /dev/null 2>&1 && IFS=, read -ra GPU_LIST <<< \
+  "${CUDA_VISIBLE_DEVICES:-$(seq -s, 0 $(($(nvidia-smi -L | grep -c '^GPU') - 1)))}"
+JOBS=${JOBS:-$(( ${#GPU_LIST[@]} ? ${#GPU_LIST[@]} : $(nproc 2> /dev/null || echo 1) ))}
 THREADS=${THREADS:-1}
 export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
 
-# step OUTPUT LOG UPSTREAM command...: run the command unless OUTPUT exists and was made by
-# the same command after the same upstream steps (UPSTREAM: their commands, or "" for none;
-# the interpreter's path is not part of a command). One line with the cell, the step and the
-# elapsed time; on failure, the step's last lines and a non-zero exit.
+# step OUTPUT LOG UPSTREAM command...: the one skip-or-run. Skipped when OUTPUT exists and was
+# made by this command (less the interpreter) after the same UPSTREAM (their commands, or "");
+# with another command than the recorded one (or FORCE=1), RESTART (a resumable step's files)
+# goes first. One line with the cell, the step, its time; on failure its last lines, exit 1.
+RESTART=()
 step() {
-  local output=$1 log=$2 upstream=$3; shift 3
-  local stamp cell name t cmd="${*:2}"
-  stamp="$(dirname "$output")/.$(basename "$output").cmd"
+  local output=$1 log=$2 cmd="${*:5}" stamp t cell name
+  stamp=$(dirname "$output")/.$(basename "$output").cmd
   cell=$(basename "$(dirname "$output")") name=$(basename "$output")
-  [[ -n "$upstream" ]] && cmd+=$'\n'"after: $upstream"
-  if [[ -f "$output" && "$FORCE" != 1 && -f "$stamp" && "$(cat "$stamp")" == "$cmd" ]]; then
+  [[ -z "$3" ]] || cmd+=$'\n'"after: $3"
+  if [[ "$FORCE" == 1 || ! -f "$stamp" || "$(< "$stamp")" != "$cmd" ]]; then
+    rm -f "${RESTART[@]}"
+  elif [[ -f "$output" ]]; then
     echo "[$((SECONDS - T0))s] $cell: skip $name (done with these settings)"
     return
   fi
   rm -f "$output"
   printf '%s' "$cmd" > "$stamp"
   t=$SECONDS
-  if ! "$@" > "$log" 2>&1; then
-    echo "[$((SECONDS - T0))s] $cell: FAILED $name: $*" >&2
+  if ! "${@:4}" > "$log" 2>&1; then
+    echo "[$((SECONDS - T0))s] $cell: FAILED $name: ${*:4}" >&2
     tail -n 20 "$log" >&2
     exit 1
   fi
@@ -207,31 +192,28 @@ step() {
   printf '%s\t%s\t%s\n' "$cell" "${name%.json}" "$((SECONDS - t))" >> "$OUT/steps.tsv"
 }
 
-train() {  # train DIR args...: resumable, so a killed run continues from its last epoch
-  local dir=$1; shift
-  local cmd=("$PY" advtrain.py "${TRAIN[@]}" "${DATA[@]}" "$@" --out "$dir" --resume)
+train() {  # train DIR ARGS...: resumable, so a killed run continues from its last epoch
+  local dir=$1 RESTART=("$1/model.pt" "$1/log.jsonl"); shift
   mkdir -p "$dir"
-  # a checkpoint of other settings (or FORCE=1) is not resumed: start that run afresh
-  if [[ "$FORCE" == 1 || ! -f "$dir/.metrics.json.cmd" || "$(cat "$dir/.metrics.json.cmd")" != "${cmd[*]:1}" ]]; then
-    rm -f "$dir/model.pt" "$dir/log.jsonl"
-  fi
-  step "$dir/metrics.json" "$dir/train.log" "" "${cmd[@]}"
+  step "$dir/metrics.json" "$dir/train.log" "" \
+    "$PY" advtrain.py "${TRAIN[@]}" "${DATA[@]}" "$@" --out "$dir" --resume
 }
 
-evaluate() {  # evaluate DIR CKPT args...: our evaluation of a published checkpoint (metrics.json)
-  local dir=$1 ckpt=$2; shift 2
-  mkdir -p "$dir"
-  step "$dir/metrics.json" "$dir/eval.log" "" \
-    "$PY" advtrain.py --eval-only --ckpt "$ckpt" "${EVAL[@]}" "${DATA[@]}" "$@" "${UNSAFE[@]}" --out "$dir"
-}
+# made_by DIR...: the training commands of the cells DIR, on which every step of a checkpoint
+# trained here depends; nothing for a published one (its path is in the step's own command)
+made_by() { (( PUBLISHED )) || for dir; do cat "$dir/.metrics.json.cmd"; done; }
 
-# made_by CKPT: the training command of a checkpoint trained here, which every step on it
-# depends on; nothing for a published one (its path is in the step's own command)
-made_by() { (( PUBLISHED )) || cat "$(dirname "$1")/.metrics.json.cmd"; }
-
-measure() {  # measure DIR CKPT: Fisher and transfer of the cell's checkpoint
+measure() {  # measure DIR CKPT NORM EPS SEED: train (or evaluate CKPT), then Fisher, transfer
   local dir=$1 ckpt=$2 trained
-  trained=$(made_by "$ckpt")
+  mkdir -p "$dir"
+  if (( PUBLISHED )); then  # the --trained-* flags: what the published model was trained with
+    step "$dir/metrics.json" "$dir/eval.log" "" "$PY" advtrain.py --eval-only --ckpt "$ckpt" \
+      "${EVAL[@]}" "${DATA[@]}" --trained-norm "$3" --trained-eps "$4" --trained-seed "$5" \
+      "${UNSAFE[@]}" --out "$dir"
+  else
+    train "$dir" --norm "$3" --eps "$4" --seed "$5"
+  fi
+  trained=$(made_by "$dir")
   step "$dir/fisher.json" "$dir/fisher.log" "$trained" \
     "$PY" fisher.py --ckpt "$ckpt" "${FISHER[@]}" "${DATA[@]}" "${UNSAFE[@]}" --out "$dir"
   step "$dir/transfer.json" "$dir/transfer.log" "$trained" \
@@ -239,81 +221,61 @@ measure() {  # measure DIR CKPT: Fisher and transfer of the cell's checkpoint
 }
 
 invert() {  # invert DIR CKPT: inversion of the cell's checkpoint, labelled by the judge (if any)
-  local dir=$1 ckpt=$2
-  step "$dir/invert.json" "$dir/invert.log" "$(made_by "$ckpt"; [[ -z "$JUDGE_CKPT" ]] || made_by "$JUDGE_CKPT")" \
-    "$PY" invert.py --ckpt "$ckpt" ${JUDGE_CKPT:+--judge "$JUDGE_CKPT"} "${INVERT[@]}" "${DATA[@]}" "${UNSAFE[@]}" \
-    --out "$dir"
+  step "$1/invert.json" "$1/invert.log" "$(made_by "$1" "$OUT/judge")" \
+    "$PY" invert.py --ckpt "$2" ${JUDGE_CKPT:+--judge "$JUDGE_CKPT"} "${INVERT[@]}" \
+    "${DATA[@]}" "${UNSAFE[@]}" --out "$1"
 }
 
 # A pool of at most JOBS background jobs (the shell's own job control). A job that fails
 # leaves $FAILED behind; the pool then stops the others and the study. On a GPU machine job k
 # runs on GPU k mod (number of GPUs), round-robin over CUDA_VISIBLE_DEVICES.
-FAILED="$OUT/.failed"
+FAILED=$OUT/.failed LAUNCHED=0
 rm -f "$FAILED"
-LAUNCHED=0
-launch() {
+launch() {  # launch COMMAND...: in the background, once fewer than JOBS jobs run
+  local gpu=""
+  check_failed
   while (( $(jobs -rp | wc -l) >= JOBS )); do wait -n || true; check_failed; done
-  if (( ${#GPU_LIST[@]} > 0 )); then
-    ( export CUDA_VISIBLE_DEVICES=${GPU_LIST[$((LAUNCHED % ${#GPU_LIST[@]}))]}; "$@" ) || touch "$FAILED" &
-  else
-    ( "$@" ) || touch "$FAILED" &
-  fi
-  LAUNCHED=$((LAUNCHED + 1))
+  (( ${#GPU_LIST[@]} == 0 )) || gpu=${GPU_LIST[$((LAUNCHED++ % ${#GPU_LIST[@]}))]}
+  ( [[ -z "$gpu" ]] || export CUDA_VISIBLE_DEVICES=$gpu; "$@" ) || touch "$FAILED" &
 }
 check_failed() {
-  if [[ -f "$FAILED" ]]; then
-    jobs -p | xargs -r kill 2> /dev/null || true
-    wait || true
-    echo "[$((SECONDS - T0))s] study stopped: a step failed (above)" >&2
-    exit 1
-  fi
-}
-wait_all() { wait || true; check_failed; }
-JUDGED="$OUT/.judge_done"  # made when the judge is ready; every inversion waits for it
-judge() {  # the judge is trained here, or (imagenet) one of the published checkpoints
-  (( PUBLISHED )) || train "$OUT/judge" "${JUDGE[@]}" --seed 100 || return 1
-  touch "$JUDGED"
-}
-cell() {  # cell DIR CKPT args...: train (CKPT "") or evaluate CKPT, Fisher, transfer, then (the judge ready) inversion
-  local dir=$1 ckpt=$2; shift 2
-  if [[ -z "$ckpt" ]]; then
-    train "$dir" "$@" && ckpt=$dir/model.pt || return 1
-  else
-    evaluate "$dir" "$ckpt" "$@" || return 1
-  fi
-  measure "$dir" "$ckpt" || return 1
-  until [[ -f "$JUDGED" ]]; do [[ -f "$FAILED" ]] && return 1; sleep 1; done
-  invert "$dir" "$ckpt"
+  [[ -f "$FAILED" ]] || return 0
+  jobs -p | xargs -r kill 2> /dev/null || true
+  wait || true
+  echo "[$((SECONDS - T0))s] study stopped: a step failed (above)" >&2
+  exit 1
 }
 
-# Longest first (robust cells, then eps 0, whose training has no attack), so that both
-# cores stay busy until the end; the judge starts first, so no inversion waits long for it.
-if (( ! PUBLISHED )); then
-  for seed in $SEEDS; do for g in "${GRID[@]}"; do ROWS+=("$seed $g"); done; done
-fi
-cells=()
-for c in "${ROWS[@]}"; do read -r _ _ eps _ <<< "$c"; [[ "$eps" != 0 ]] && cells+=("$c"); done
-for c in "${ROWS[@]}"; do read -r _ _ eps _ <<< "$c"; [[ "$eps" == 0 ]] && cells+=("$c"); done
-if (( PUBLISHED )); then
-  what="from $CKPT_DIR/manifest.csv, judged by ${JUDGE_CKPT:-no model (no l2 checkpoint)},"
-else
-  what="(seeds $SEEDS) and the judge"
-fi
-echo "[0s] $PRESET: ${#cells[@]} cells $what in $OUT; $JOBS jobs at once, $THREADS torch thread(s) each"
-: > "$OUT/steps.tsv"
-rm -f "$JUDGED"
-launch judge
-for c in "${cells[@]}"; do
-  read -r seed norm eps ckpt <<< "$c"
-  launch cell "$OUT/${norm}_eps${eps//\//_}_seed${seed}" "$ckpt" --norm "$norm" --eps "$eps" --seed "$seed"
+# Longest first (robust cells, then eps 0, whose training has no attack), so that every core
+# stays busy until the end; the judge starts first.
+(( PUBLISHED )) || for s in $SEEDS; do for g in "${GRID[@]}"; do ROWS+=("$s $g"); done; done
+robust=() plain=()
+for c in "${ROWS[@]}"; do
+  [[ "$(cut -d' ' -f3 <<< "$c")" == 0 ]] && plain+=("$c") || robust+=("$c")
 done
-wait_all
+echo "[0s] $PRESET: ${#ROWS[@]} cells in $OUT; judge ${JUDGE_CKPT:-none (no l2 checkpoint)};" \
+     "$JOBS jobs at once, $THREADS torch thread(s) each"
+"$PY" report.py --declare "$STUDY" "$OUT"
+: > "$OUT/steps.tsv"
+# Each cell's job trains (or evaluates) it and measures Fisher and transfer; its inversion is
+# launched once that job and the judge's have ended (`wait` on their process ids).
+judge=()
+(( PUBLISHED )) || { launch train "$OUT/judge" "${JUDGE[@]}" --seed 100; judge=($!); }
+dirs=() ckpts=() pids=()
+for c in "${robust[@]}" "${plain[@]}"; do
+  read -r seed norm eps ckpt <<< "$c"
+  dirs+=("$OUT/$(cell_name "$seed" "$norm" "$eps")") ckpts+=("${ckpt:-${dirs[-1]}/model.pt}")
+  launch measure "${dirs[-1]}" "${ckpts[-1]}" "$norm" "$eps" "$seed"
+  pids+=($!)
+done
+for i in "${!dirs[@]}"; do
+  wait "${judge[@]}" "${pids[i]}" || true
+  launch invert "${dirs[i]}" "${ckpts[i]}"
+done
+wait || true
+check_failed
 # the report always reflects every run present
-if ! "$PY" report.py "$OUT" > "$OUT/report.log" 2>&1; then
-  echo "[$((SECONDS - T0))s] FAILED: report.py $OUT" >&2
-  tail -n 20 "$OUT/report.log" >&2
-  exit 1
-fi
-cat "$OUT/report.log"
+"$PY" report.py "$OUT" 2>&1 | tee "$OUT/report.log" ||
+  { echo "[$((SECONDS - T0))s] FAILED: report.py $OUT (above)" >&2; exit 1; }
 printf 'total\tstudy\t%s\n' "$((SECONDS - T0))" >> "$OUT/steps.tsv"
 echo "[$((SECONDS - T0))s] study done: $OUT/report.md"

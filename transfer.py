@@ -14,10 +14,17 @@ on them. Higher target accuracy = more linearly transferable representation.
     python transfer.py --ckpt runs/eps0.5/model.pt --target fashion-mnist:5-9 --shots 1 10 100
 
 Outputs under --out (default: the checkpoint's folder): transfer.json (target name -> {acc,
-l2, val_acc, n_train, n_test, feature_dim, classes, adapt, fit_seconds, grad_max, and with
---shots few_shot: K -> {acc, acc_se, draws, l2, at_edge}}, and `provenance`) and
-features/<dataset>_<classes>_<split>.npy (float32 [N, d], reused by later runs while newer
-than the checkpoint).
+l2, val_acc, n_train, n_test, feature_dim, classes, adapt, fit_seconds, grad_max, correct,
+with --shots few_shot: K -> {acc, acc_se, draws, l2, at_edge}, with --finetune finetune:
+{acc, epochs, lr, n_train}}, and `provenance`); correct/<stem>.npz (per test example, 1 =
+correct, uint8: "probe" [N_test], "<K>-shot" [draws, N_test], "fine-tuned" [N_test]; stem =
+the target with ':' and ',' replaced by '_'; transfer.json[target]["correct"] names it), and
+features/<stem>_<split>.npy (float32 [N, d], reused by later runs while newer than the
+checkpoint).
+
+Functions to copy (a model or features, and tensors): extract_features, linear_probe,
+few_shot_probe (with fit_logistic, probe_correct, k_shot_indices), finetune (with
+common.lr_at, models.make_optimizer and models.eval_mode).
 """
 import copy
 import time
@@ -27,12 +34,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from advtrain import lr_at, make_optimizer, train_epoch  # fine-tuning trains as advtrain.py does
 from common import (ArgumentParser, Clock, UserError, add_checkpoint_args, add_common_args,
-                    atomic_save, mean_se, nonnegative_int, parse_classes, positive_int, provenance, user_errors,
-                    writable_dir)
-from data import DATASETS, STREAM_RULE, adapt_images, iterate_batches, load_split, open_split, split_labels
-from models import get_device, load_checkpoint
+                    atomic_save, checked, lr_at, mean_se, nonnegative_int, parse_classes,
+                    positive_int, provenance, user_errors, writable_dir)
+from data import (DATASETS, STREAM_RULE, adapt_images, iterate_batches, load_split, open_split,
+                  split_labels)
+from models import eval_mode, get_device, load_checkpoint, make_optimizer
 
 
 # Distribution shifts a target may carry ("fashion-mnist:5-9+invert"): a target further from
@@ -44,20 +51,32 @@ SHIFTS = {
 
 
 def parse_target(text):
-    """'fashion-mnist:5-9' -> ('fashion-mnist', [5, 6, 7, 8, 9], None); 'mnist' -> ('mnist', all,
-    None); 'fashion-mnist:5-9+invert' -> (..., 'invert'), the images shifted by SHIFTS['invert']."""
+    """'fashion-mnist:5-9' -> ('fashion-mnist', [5, 6, 7, 8, 9], None); 'mnist' -> ('mnist',
+    all, None); 'fashion-mnist:5-9+invert' -> (..., 'invert'), the images shifted by
+    SHIFTS['invert']. A text of another form is a ValueError."""
     body, plus, shift = text.partition("+")
     name, sep, classes = body.partition(":")
     if not name or (sep and not classes) or ":" in classes or (plus and shift not in SHIFTS):
-        raise UserError(f"target must look like dataset[:classes][+shift] (e.g. fashion-mnist:5-9+invert; "
-                        f"shifts: {', '.join(SHIFTS)}), got {text!r}")
+        raise ValueError(f"target must look like dataset[:classes][+shift] (e.g. "
+                         f"fashion-mnist:5-9+invert; shifts: {', '.join(SHIFTS)}), got {text!r}")
     if name not in DATASETS:
-        raise UserError(f"unknown target dataset {name!r} in {text!r}; choose from {', '.join(DATASETS)}")
-    return name, parse_classes(classes, DATASETS[name].num_classes), shift or None
+        raise ValueError(f"unknown target dataset {name!r} in {text!r}; choose from "
+                         f"{', '.join(DATASETS)}")
+    try:
+        return name, parse_classes(classes, DATASETS[name].num_classes), shift or None
+    except ValueError as e:
+        raise ValueError(f"target {text!r}: {e}") from None
+
+
+def target_stem(text):
+    """The target's name in file names: ':' and ',' replaced by '_'
+    (fashion-mnist:5-9+invert -> fashion-mnist_5-9+invert)."""
+    return text.replace(":", "_").replace(",", "_")
 
 
 def describe_adaptation(channels, size, model_channels, model_size):
-    """How target images are changed to fit the model, e.g. '1->3 channels, 28->32 px' or 'none'."""
+    """How target images are changed to fit the model, e.g. '1->3 channels, 28->32 px' or
+    'none'."""
     steps = []
     if channels != model_channels:
         steps.append(f"{channels}->{model_channels} channels")
@@ -66,29 +85,28 @@ def describe_adaptation(channels, size, model_channels, model_size):
     return ", ".join(steps) or "none"
 
 
-def extract_features(model, split, channels, size, batch_size=128, progress=None, transform=None, workers=None):
+def extract_features(model, split, channels, size, batch_size=128, progress=None,
+                     transform=None, workers=None):
     """Frozen penultimate features of a split -> float32 [N, d] on the CPU.
 
     split: images [N, C, H, W] in [0, 1] (a tensor, or (x, y) tensors) held in memory, or a
     Dataset of (image, label) streamed from disk (data.open_split chooses, data.STREAM_RULE).
-    Eval mode (BatchNorm uses its running statistics and never updates them) and no_grad;
-    each batch is transformed (transform, e.g. a SHIFTS entry) and adapted to the model's input
-    (channels, size) on the fly, so the adapted copy of the whole set never sits in memory.
-    progress: optional wrapper of the batch indices (e.g. common.Clock().progress) for rate
-    and time-left lines.
+    Eval mode (BatchNorm uses its running statistics and never updates them; the model's mode
+    is given back) and no_grad; each batch is transformed (transform, e.g. a SHIFTS entry) and
+    adapted to the model's input (channels, size) on the fly, so the adapted copy of the whole
+    set never sits in memory. progress: optional wrapper of the batch indices (e.g.
+    common.Clock().progress) for rate and time-left lines.
     """
     device = next(model.parameters()).device
     if torch.is_tensor(split):
         split = (split, torch.zeros(len(split), dtype=torch.long))
     n_batches = -(-len(split[0] if isinstance(split, tuple) else split) // batch_size)
-    was_training = model.training
-    model.eval()
+    starts = progress(range(n_batches)) if progress else range(n_batches)
     feats = []
     batches = iterate_batches(split, batch_size, channels, size, device, workers, transform)
-    with torch.no_grad():
-        for _, (xb, _) in zip(progress(range(n_batches)) if progress else range(n_batches), batches):
+    with eval_mode(model), torch.no_grad():
+        for _, (xb, _) in zip(starts, batches):
             feats.append(model.features(xb).float().cpu())
-    model.train(was_training)
     return torch.cat(feats)
 
 
@@ -105,9 +123,11 @@ def fit_logistic(x, y, l2, num_classes, init=None, max_iter=1000, tol=1e-4):
         weight = x.new_zeros(num_classes, x.shape[1]).requires_grad_()  # [k, d]
         bias = x.new_zeros(num_classes).requires_grad_()
     else:
-        weight, bias = init["weight"].clone().requires_grad_(), init["bias"].clone().requires_grad_()
+        weight = init["weight"].clone().requires_grad_()
+        bias = init["bias"].clone().requires_grad_()
     opt = torch.optim.LBFGS([weight, bias], lr=1, max_iter=max_iter, history_size=20,
-                            tolerance_grad=tol, tolerance_change=1e-15, line_search_fn="strong_wolfe")
+                            tolerance_grad=tol, tolerance_change=1e-15,
+                            line_search_fn="strong_wolfe")
 
     def objective():
         opt.zero_grad()
@@ -123,10 +143,16 @@ def fit_logistic(x, y, l2, num_classes, init=None, max_iter=1000, tol=1e-4):
                 grad_max=grad_max, iterations=opt.state[weight]["n_iter"])
 
 
+def probe_correct(probe, x, y):
+    """Whether a fitted probe (fit_logistic) classifies each example right: bool [N], from
+    features x [N, d] and labels y [N]."""
+    logits = ((x - probe["mean"]) / probe["std"]) @ probe["weight"].T + probe["bias"]
+    return logits.argmax(1) == y
+
+
 def probe_accuracy(probe, x, y):
     """Accuracy of a fitted probe (fit_logistic) on features x [N, d], labels y [N]."""
-    logits = ((x - probe["mean"]) / probe["std"]) @ probe["weight"].T + probe["bias"]
-    return (logits.argmax(1) == y).double().mean().item()
+    return probe_correct(probe, x, y).double().mean().item()
 
 
 def linear_probe(train_feats, train_labels, test_feats, test_labels,
@@ -135,14 +161,14 @@ def linear_probe(train_feats, train_labels, test_feats, test_labels,
     """Multinomial logistic regression probe (fit_logistic); returns test accuracy and the fit.
 
     Features [N, d] are standardised with the mean and std of the training features only.
-    Fitted in `dtype` (float32 is twice as fast as float64 and stalls near max |gradient|
-    1e-5, so ask for float64 to go tighter). The penalty is the l2_grid value with the best
-    accuracy on a random `val_fraction` of the training set (ties go to the larger penalty),
-    fitted to max |gradient| <= select_tol (a choice among penalties needs less precision than
-    the reported probe: half the time), then the probe is refitted on the whole training set
-    to `tol`. Deterministic for a seed. Returns a
-    dict: acc, l2, val_acc {l2: accuracy}, and fit_logistic's weight, bias, mean, std,
-    grad_max (largest |gradient| of the objective at the returned weights), iterations.
+    Fitted in `dtype` (float64 reaches smaller gradients than float32, at a higher cost). The
+    penalty is the l2_grid value with the best accuracy on a random `val_fraction` of the
+    training set (ties go to the larger penalty), fitted to max |gradient| <= select_tol (a
+    choice among penalties needs less precision than the reported probe), then the probe is
+    refitted on the whole training set to `tol`. Deterministic for a seed. Returns a dict:
+    acc, correct (bool [N_test], whether each test example is classified right), l2, val_acc
+    {l2: accuracy}, and fit_logistic's weight, bias, mean, std, grad_max (largest |gradient|
+    of the objective at the returned weights), iterations.
     """
     train_feats, test_feats = train_feats.to(dtype), test_feats.to(dtype)
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
@@ -153,31 +179,40 @@ def linear_probe(train_feats, train_labels, test_feats, test_labels,
         val, fit_part = order[:n_val].to(train_feats.device), order[n_val:].to(train_feats.device)
         previous = None
         for l2 in sorted(l2_grid, reverse=True):  # strong to weak penalty, each warm-started
-            previous = val_probes[l2] = fit_logistic(train_feats[fit_part], train_labels[fit_part], l2,
-                                                     num_classes, previous, max_iter, select_tol)
+            previous = val_probes[l2] = fit_logistic(
+                train_feats[fit_part], train_labels[fit_part], l2, num_classes, previous,
+                max_iter, select_tol)
             val_acc[l2] = probe_accuracy(previous, train_feats[val], train_labels[val])
     best_l2 = max(l2_grid, key=lambda l2: (val_acc.get(l2, 0.0), l2))
-    probe = fit_logistic(train_feats, train_labels, best_l2, num_classes, val_probes.get(best_l2), max_iter, tol)
-    return dict(acc=probe_accuracy(probe, test_feats, test_labels), l2=best_l2, val_acc=val_acc, **probe)
+    probe = fit_logistic(train_feats, train_labels, best_l2, num_classes, val_probes.get(best_l2),
+                         max_iter, tol)
+    correct = probe_correct(probe, test_feats, test_labels)
+    return dict(acc=correct.double().mean().item(), correct=correct, l2=best_l2, val_acc=val_acc,
+                **probe)
 
 
+# few_shot_probe's penalty per K (rule 4, docs/FEW_SHOT.md): fixed in advance on settings the
+# claims are not judged on; other K are interpolated (few_shot_l2).
+FEW_SHOT_L2_BY_SHOTS = {1: 1e2, 10: 10 ** -0.5, 100: 1e-1}
+# Rule 3's grid (a penalty chosen within each draw by cross-validation on correct counts),
+# kept to reproduce rule 3: few_shot_probe(..., l2_grid=FEW_SHOT_L2_GRID).
 FEW_SHOT_L2_GRID = tuple(10.0 ** e for e in range(-3, 4))  # 1e-3 .. 1e3: wide, few examples
 
 
 def check_shots(labels, shots):
-    """Per-class counts of labels [N] (classes 0..k-1); UserError when a class has fewer than
+    """Per-class counts of labels [N] (classes 0..k-1); ValueError when a class has fewer than
     `shots` examples."""
     counts = torch.bincount(labels.cpu(), minlength=int(labels.max()) + 1)
     if (counts < shots).any():
         short = int(counts.argmin())
-        raise UserError(f"{shots} shots per class asked for, but class {short} has "
-                        f"{int(counts[short])} training examples")
+        raise ValueError(f"{shots} shots per class asked for, but class {short} has "
+                         f"{int(counts[short])} training examples")
     return counts
 
 
 def k_shot_indices(labels, shots, generator):
     """`shots` distinct random examples of every class of labels [N] (classes 0..k-1), class by
-    class: indices [k * shots]; raises UserError when a class has fewer."""
+    class: indices [k * shots]; raises ValueError when a class has fewer."""
     counts = check_shots(labels, shots)
     picks = []
     for c in range(len(counts)):
@@ -186,54 +221,79 @@ def k_shot_indices(labels, shots, generator):
     return torch.cat(picks).to(labels.device)
 
 
-def few_shot_probe(train_feats, train_labels, test_feats, test_labels, shots, draws=5, seed=0,
-                   l2_grid=FEW_SHOT_L2_GRID, folds=5, dtype=torch.float32):
-    """Linear probe fitted on `shots` labelled examples per class, over `draws` seeded draws,
-    evaluated on the whole test set.
+def few_shot_l2(shots, l2_by_shots=FEW_SHOT_L2_BY_SHOTS):
+    """Rule 4's penalty for `shots` examples per class: l2_by_shots[shots] where given, else
+    log-linear in log K between the nearest given K, and the end value beyond them."""
+    ks = sorted(l2_by_shots)
+    shots = min(max(shots, ks[0]), ks[-1])
+    if shots in l2_by_shots:
+        return float(l2_by_shots[shots])
+    log_l2 = np.interp(np.log(shots), np.log(ks), [np.log(l2_by_shots[k]) for k in ks])
+    return float(np.exp(log_l2))
 
-    The penalty of each draw is chosen by stratified cross-validation within its K-shot set
-    (min(shots, folds) folds; fold f holds out the f-th, f + folds-th, ... example of every
-    class), never on test data: the grid value with the most correct held-out predictions,
-    ties to the larger penalty. With one shot per class no held-out example can be predicted
-    (its class would be absent), so the largest penalty is used. Returns {acc, acc_se (over
-    draws), draws, l2 (the chosen penalty of each draw), at_edge (draws whose penalty is the
-    grid's smallest or largest)}.
+
+def few_shot_probe(train_feats, train_labels, test_feats, test_labels, shots, draws=5, seed=0,
+                   l2_grid=None, folds=5, dtype=torch.float32):
+    """Linear probe (fit_logistic) fitted on `shots` labelled examples per class, over `draws`
+    seeded draws, evaluated on the whole test set.
+
+    The penalty: with l2_grid None (rule 4, docs/FEW_SHOT.md) fixed in advance per K,
+    few_shot_l2(shots), the same for every draw and model: a choice made within 5 or 10
+    examples per class is noisier than the accuracy it chooses for. With a grid of several
+    values (rule 3: l2_grid=FEW_SHOT_L2_GRID) each draw chooses by stratified
+    cross-validation within its K-shot set (min(shots, folds) folds; fold f holds out the
+    f-th, f + folds-th, ... example of every class), never on test data: the value with the
+    most correct held-out predictions, ties to the larger penalty; with one shot per class
+    no held-out example can be predicted (its class would be absent), so the largest value is
+    used. A one-value grid is that penalty. Deterministic for a seed. Returns {acc, acc_se
+    (over draws), draws, l2 (the penalty of each draw), criterion ("fixed" or "cv-correct":
+    how the penalties were chosen), at_edge (cv-correct: draws whose penalty is the grid's
+    smallest or largest; else None), correct (bool [draws, N_test] on the CPU: whether draw
+    d's probe classifies test example i right)}.
     """
     train_feats, test_feats = train_feats.to(dtype), test_feats.to(dtype)
     num_classes = int(train_labels.max()) + 1
-    accs, chosen = [], []
+    grid = [few_shot_l2(shots)] if l2_grid is None else sorted(l2_grid, reverse=True)
+    cross_validate = len(grid) > 1 and shots > 1
+    rows, chosen = [], []
     for draw in range(draws):
         g = torch.Generator().manual_seed(seed * 1000003 + shots * 1009 + draw)
         idx = k_shot_indices(train_labels, shots, g)
         x, y = train_feats[idx], train_labels[idx]
-        position = torch.arange(shots, device=y.device).repeat(num_classes)  # index within its class
-        best = max(l2_grid)
-        if shots > 1:
-            n_folds, correct = min(shots, folds), {}
+        best = grid[0]  # the one value, or the largest penalty (one shot per class)
+        if cross_validate:
+            position = torch.arange(shots, device=y.device).repeat(num_classes)  # within class
+            n_folds, correct = min(shots, folds), dict.fromkeys(grid, 0)
             for f in range(n_folds):
                 held = position % n_folds == f
                 previous = None
-                for l2 in sorted(l2_grid, reverse=True):  # strong to weak, each warm-started
+                for l2 in grid:  # strong to weak, each warm-started
                     previous = fit_logistic(x[~held], y[~held], l2, num_classes, previous)
-                    correct[l2] = correct.get(l2, 0) + probe_accuracy(previous, x[held], y[held]) * int(held.sum())
-            best = max(l2_grid, key=lambda l2: (round(correct[l2]), l2))
-        accs.append(probe_accuracy(fit_logistic(x, y, best, num_classes), test_feats, test_labels))
+                    correct[l2] += int(probe_correct(previous, x[held], y[held]).sum())
+            best = max(grid, key=lambda l2: (correct[l2], l2))
+        probe = fit_logistic(x, y, best, num_classes)
+        rows.append(probe_correct(probe, test_feats, test_labels).cpu())
         chosen.append(best)
-    acc, acc_se = mean_se(accs)
-    edges = (min(l2_grid), max(l2_grid))
+    correct = torch.stack(rows)  # [draws, N_test]
+    acc, acc_se = mean_se(correct.double().mean(1))
+    edges = (min(grid), max(grid))
     return {"acc": acc, "acc_se": acc_se, "draws": draws, "l2": chosen,
-            "at_edge": sum(l2 in edges for l2 in chosen) if shots > 1 else None}
+            "criterion": "cv-correct" if cross_validate else "fixed",
+            "at_edge": sum(l2 in edges for l2 in chosen) if cross_validate else None,
+            "correct": correct}
 
 
 def finetune(model, x, y, test_split, channels, size, epochs=2, lr=0.01, batch_size=128, seed=0,
              weight_decay=5e-4, transform=None):
-    """Test accuracy after fine-tuning a copy of model, every weight, with a new zero-initialised
-    linear head for the target's classes: SGD with Nesterov momentum 0.9, one-cycle learning
-    rate peaking at lr, BatchNorm in train mode (it adapts to the target, unlike the frozen
-    probe). Training images x [N, C, H, W] in [0, 1] are transformed (e.g. a SHIFTS entry) and
-    adapted to the model in memory (N x channels x size x size floats); test_split ((x, y)
-    tensors or a streamed Dataset, as for extract_features) is adapted per batch. The model
-    itself is left untouched."""
+    """Fine-tune a copy of model, every weight, with a new zero-initialised linear head for
+    the target's classes, and test it. SGD with Nesterov momentum 0.9 (models.make_optimizer),
+    one-cycle learning rate peaking at lr (common.lr_at), batches in a random order from the
+    global RNG seeded with `seed`, BatchNorm in train mode (it adapts to the target, unlike the
+    frozen probe). Training images x [N, C, H, W] in [0, 1] are transformed (e.g. a SHIFTS
+    entry) and adapted to the model in memory (N x channels x size x size floats); test_split
+    ((x, y) tensors or a streamed Dataset, as for extract_features) is adapted per batch. The
+    model itself is left untouched. Returns {"acc": test accuracy, "correct": bool [N_test],
+    whether each test example is classified right}."""
     device = next(model.parameters()).device
     net = copy.deepcopy(model)
     net.head = torch.nn.Linear(net.head.in_features, int(y.max()) + 1).to(device)
@@ -241,15 +301,28 @@ def finetune(model, x, y, test_split, channels, size, epochs=2, lr=0.01, batch_s
     torch.nn.init.zeros_(net.head.bias)
     opt = make_optimizer(net, lr, 0.9, weight_decay)
     x = adapt_images(transform(x) if transform else x, channels, size)
-    steps = epochs * -(-len(x) // batch_size)
+    total_steps = epochs * -(-len(x) // batch_size)
     torch.manual_seed(seed)
-    for epoch in range(epochs):
-        train_epoch(net, opt, x, y, batch_size=batch_size, eps=0.0, steps=0, step0=epoch * (steps // epochs),
-                    lr_schedule=lambda step: lr_at(step, steps, lr))
+    net.train()
+    step = 0
+    for _ in range(epochs):
+        order = torch.randperm(len(x))
+        for i in range(0, len(x), batch_size):
+            idx = order[i:i + batch_size]
+            loss = F.cross_entropy(net(x[idx].to(device)), y[idx].to(device))
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"fine-tuning loss is {loss.item()} at step {step + 1}")
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, total_steps, lr)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
     feats = extract_features(net, test_split, channels, size, transform=transform)
     with torch.no_grad():
         logits = net.head(feats.to(device))
-    return (logits.argmax(1).cpu() == split_labels(test_split).cpu()).double().mean().item()
+    correct = logits.argmax(1).cpu() == split_labels(test_split).cpu()
+    return {"acc": correct.double().mean().item(), "correct": correct}
 
 
 def cached_features(path, min_mtime, n, compute):
@@ -270,95 +343,142 @@ def cached_features(path, min_mtime, n, compute):
 
 
 def get_args(argv=None):
-    p = ArgumentParser(description="Linear-probe transfer of a frozen model's penultimate features.")
+    p = ArgumentParser(description="Linear-probe transfer of a frozen model's penultimate "
+                                   "features.")
     add_checkpoint_args(p)
     p.add_argument("--target", action="append", required=True,
-                   help="target task dataset[:classes], e.g. fashion-mnist:5-9 or cifar100; repeat for several")
-    p.add_argument("--out", default=None, help="output folder for transfer.json and features/ (default: the checkpoint's folder)")
-    p.add_argument("--train-size", type=positive_int, default=None, help="use the first N target training examples (default all)")
-    p.add_argument("--test-size", type=positive_int, default=None, help="use the first N target test examples (default all)")
+                   help="target task dataset[:classes][+shift], e.g. fashion-mnist:5-9, "
+                        f"cifar100 or fashion-mnist:5-9+invert (shifts: {', '.join(SHIFTS)}); "
+                        "repeat for several")
+    p.add_argument("--out", default=None, help="output folder for transfer.json, correct/ and "
+                   "features/ (default: the checkpoint's folder)")
+    p.add_argument("--train-size", type=positive_int, default=None,
+                   help="use the first N target training examples (default all)")
+    p.add_argument("--test-size", type=positive_int, default=None,
+                   help="use the first N target test examples (default all)")
     p.add_argument("--batch-size", type=positive_int, default=128,
-                   help="images per batch for feature extraction (on CPU, 128 measured 2.4x faster than 500)")
+                   help="images per batch for feature extraction")
     p.add_argument("--workers", type=nonnegative_int, default=None,
-                   help="DataLoader processes reading a streamed split (default min(4, CPUs)); " + STREAM_RULE)
+                   help="DataLoader processes reading a streamed split (default min(4, CPUs)); "
+                        + STREAM_RULE)
     p.add_argument("--shots", type=positive_int, nargs="*", default=[],
-                   help="also fit few-shot probes on K labelled examples per class, for each K given (default none)")
-    p.add_argument("--draws", type=positive_int, default=5, help="seeded draws of the K-shot training set per K")
-    p.add_argument("--finetune", action="store_true", help="also fine-tune the whole network with a new head on each "
-                   "target (SGD, --finetune-lr, --finetune-epochs) and report its test accuracy")
+                   help="also fit few-shot probes on K labelled examples per class, for each K "
+                        "given (default none)")
+    p.add_argument("--draws", type=positive_int, default=5,
+                   help="seeded draws of the K-shot training set per K")
+    p.add_argument("--finetune", action="store_true",
+                   help="also fine-tune the whole network with a new head on each target (SGD, "
+                        "--finetune-lr, --finetune-epochs) and report its test accuracy")
     p.add_argument("--finetune-epochs", type=positive_int, default=2, help="fine-tuning epochs")
-    p.add_argument("--finetune-lr", type=float, default=0.01, help="fine-tuning peak learning rate (one-cycle)")
+    p.add_argument("--finetune-lr", type=float, default=0.01,
+                   help="fine-tuning peak learning rate (one-cycle)")
     p.add_argument("--finetune-size", type=positive_int, default=None,
                    help="fine-tune on the first N target training images (default all)")
-    p.add_argument("--seed", type=int, default=0, help="random seed of the probe's validation split, the K-shot draws "
-                   "and fine-tuning")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the probe's validation "
+                   "split, the K-shot draws and fine-tuning")
     add_common_args(p)
     return p.parse_args(argv)
 
 
+def open_target(text, name, classes, args):
+    """{"train": split, "test": split} of a target (data.open_split: tensors in memory or a
+    streamed Dataset). A split without an example of some class, or (--shots) a training split
+    with too few of one, is a UserError, before any features are extracted."""
+    splits = {}
+    for split, size in (("train", args.train_size), ("test", args.test_size)):
+        data = splits[split] = open_split(name, split == "train", args.data_dir, classes, size,
+                                          not args.no_download)
+        labels = split_labels(data)
+        absent = sorted(set(range(len(classes))) - set(labels.unique().tolist()))
+        if absent:  # a probe could never predict it; few-shot draws could not stratify
+            raise UserError(f"target {text}: {split} split has no example of class "
+                            f"{', '.join(str(classes[c]) for c in absent)} "
+                            f"(of {len(labels)} examples)")
+        if split == "train" and args.shots:
+            checked(check_shots, labels, max(args.shots))
+    return splits
+
+
+def target_features(model, ckpt, text, splits, transform, args, out, clock):
+    """{split: (features [N, d], labels [N]) on the model's device}: the frozen features of
+    each split, cached in out/features/<stem>_<split>.npy."""
+    device = next(model.parameters()).device
+    feats = {}
+    for split, data in splits.items():
+        labels = split_labels(data)
+        progress = lambda starts: clock.progress(starts, f"{text} {split} features")
+        x, cached = cached_features(
+            out / "features" / f"{target_stem(text)}_{split}.npy", Path(args.ckpt).stat().st_mtime,
+            len(labels), lambda: extract_features(model, data, ckpt["in_channels"],
+                                                  ckpt["image_size"], args.batch_size, progress,
+                                                  transform, args.workers))
+        feats[split] = (x.to(device), labels.to(device))
+        clock.log(f"{text} {split}: features {list(x.shape)} "
+                  f"{'cached' if cached else 'extracted'}"
+                  f"{'' if isinstance(data, tuple) else ' (streamed)'}")
+    return feats
+
+
+def transfer_to(model, ckpt, text, target, args, out, clock):
+    """One target: (its transfer.json entry, its per-example correctness {measure: uint8
+    array}: "probe" [N_test], "fine-tuned" [N_test], "<K>-shot" [draws, N_test])."""
+    name, classes, shift = target
+    ds = DATASETS[name]
+    adapt = describe_adaptation(ds.channels, ds.size, ckpt["in_channels"], ckpt["image_size"])
+    transform = SHIFTS[shift] if shift else None
+    splits = open_target(text, name, classes, args)
+    feats = target_features(model, ckpt, text, splits, transform, args, out, clock)
+    tf = time.time()
+    probe = linear_probe(*feats["train"], *feats["test"], seed=args.seed)
+    fit_seconds = time.time() - tf
+    entry = dict(acc=probe["acc"], l2=probe["l2"],
+                 val_acc={f"{l2:g}": a for l2, a in probe["val_acc"].items()},
+                 n_train=len(feats["train"][1]), n_test=len(feats["test"][1]),
+                 feature_dim=probe["weight"].shape[1], classes=classes, adapt=adapt,
+                 fit_seconds=fit_seconds, grad_max=probe["grad_max"])
+    correct = {"probe": probe["correct"]}
+    clock.log(f"{text} probe (adapt {adapt}): acc {probe['acc']:.4f} l2 {probe['l2']:g} "
+              f"grad_max {probe['grad_max']:.1e} fit {fit_seconds:.1f}s")
+    if args.finetune:
+        tf = time.time()
+        n = min(args.finetune_size or len(feats["train"][1]), len(feats["train"][1]))
+        train = splits["train"]
+        x, y = (train[0][:n], train[1][:n]) if isinstance(train, tuple) else \
+            load_split(name, True, args.data_dir, classes, n, not args.no_download)  # same first n
+        tuned = finetune(model, x, y, splits["test"], ckpt["in_channels"], ckpt["image_size"],
+                         epochs=args.finetune_epochs, lr=args.finetune_lr, batch_size=128,
+                         seed=args.seed, transform=transform)
+        entry["finetune"] = {"acc": tuned["acc"], "epochs": args.finetune_epochs,
+                             "lr": args.finetune_lr, "n_train": n, "seconds": time.time() - tf}
+        correct["fine-tuned"] = tuned["correct"]
+        clock.log(f"{text} fine-tuned on {n} images: acc {tuned['acc']:.4f} "
+                  f"({time.time() - tf:.1f}s)")
+    if args.shots:
+        few = entry["few_shot"] = {}
+        for shots in args.shots:
+            result = few_shot_probe(*feats["train"], *feats["test"], shots, args.draws, args.seed)
+            per_draw = result.pop("correct", None)  # [draws, N_test]
+            if per_draw is not None:
+                correct[f"{shots}-shot"] = per_draw
+            few[str(shots)] = result
+            clock.log(f"{text} {shots}-shot: acc {result['acc']:.4f} ± {result['acc_se']:.4f} "
+                      f"over {args.draws} draws, l2 {result['l2']}")
+    return entry, {k: torch.as_tensor(v).cpu().numpy().astype(np.uint8) for k, v in correct.items()}
+
+
 def main(args):
     clock = Clock()
-    targets = {text: parse_target(text) for text in args.target}  # check them all before any work
+    targets = {text: checked(parse_target, text) for text in args.target}  # all, before any work
     device = get_device(args.device)
     model, ckpt = load_checkpoint(args.ckpt, device, arch=args.arch, unsafe=args.unsafe_load)
     out = writable_dir(args.out or Path(args.ckpt).parent)
-    ckpt_mtime = Path(args.ckpt).stat().st_mtime
-    clock.log(f"model {args.ckpt}: {ckpt['arch']} on {ckpt['dataset']} classes {ckpt['classes']} eps {ckpt['eps']} "
-              f"on {device}")
-
+    clock.log(f"model {args.ckpt}: {ckpt['arch']} on {ckpt['dataset']} classes "
+              f"{ckpt['classes']} eps {ckpt['eps']} on {device}")
     results = {}
-    for text, (name, classes, shift) in targets.items():
-        ds = DATASETS[name]
-        adapt = describe_adaptation(ds.channels, ds.size, ckpt["in_channels"], ckpt["image_size"])
-        cache_stem = text.replace(":", "_").replace(",", "_")  # fashion-mnist:5-9+invert -> fashion-mnist_5-9+invert
-        transform = SHIFTS[shift] if shift else None
-        splits, split_feats = {}, {}  # split -> data (in memory or streamed); (features [N, d], labels [N])
-        for split, n_max in (("train", args.train_size), ("test", args.test_size)):
-            data = splits[split] = open_split(name, split == "train", args.data_dir, classes, n_max,
-                                              not args.no_download)
-            labels = split_labels(data)
-            absent = sorted(set(range(len(classes))) - set(labels.unique().tolist()))
-            if absent:  # a probe could never predict it; few-shot draws could not stratify
-                raise UserError(f"target {text}: {split} split has no example of class "
-                                f"{', '.join(str(classes[c]) for c in absent)} (of {len(labels)} examples)")
-            if split == "train" and args.shots:  # before any features are extracted
-                check_shots(labels, max(args.shots))
-            progress = lambda starts: clock.progress(starts, f"{text} {split} features")
-            feats, cached = cached_features(
-                out / "features" / f"{cache_stem}_{split}.npy", ckpt_mtime, len(labels),
-                lambda: extract_features(model, data, ckpt["in_channels"], ckpt["image_size"], args.batch_size,
-                                         progress, transform, args.workers))
-            split_feats[split] = (feats.to(device), labels.to(device))
-            clock.log(f"{text} {split}: features {list(feats.shape)} {'cached' if cached else 'extracted'}"
-                      f"{'' if isinstance(data, tuple) else ' (streamed)'}, adapt {adapt}")
-
-        tf = time.time()
-        probe = linear_probe(*split_feats["train"], *split_feats["test"], seed=args.seed)
-        fit_seconds = time.time() - tf
-        results[text] = dict(acc=probe["acc"], l2=probe["l2"],
-                             val_acc={f"{l2:g}": a for l2, a in probe["val_acc"].items()},
-                             n_train=len(split_feats["train"][1]), n_test=len(split_feats["test"][1]),
-                             feature_dim=probe["weight"].shape[1], classes=classes, adapt=adapt,
-                             fit_seconds=fit_seconds, grad_max=probe["grad_max"])
-        clock.log(f"{text} probe: acc {probe['acc']:.4f} l2 {probe['l2']:g} grad_max {probe['grad_max']:.1e} "
-                  f"fit {fit_seconds:.1f}s")
-        if args.finetune:
-            tf = time.time()
-            n = min(args.finetune_size or len(split_feats["train"][1]), len(split_feats["train"][1]))
-            x, y = (splits["train"][0][:n], splits["train"][1][:n]) if isinstance(splits["train"], tuple) else \
-                load_split(name, True, args.data_dir, classes, n, not args.no_download)  # the same first n
-            acc = finetune(model, x, y, splits["test"], ckpt["in_channels"], ckpt["image_size"],
-                           epochs=args.finetune_epochs, lr=args.finetune_lr, batch_size=128, seed=args.seed,
-                           transform=transform)
-            results[text]["finetune"] = {"acc": acc, "epochs": args.finetune_epochs, "lr": args.finetune_lr,
-                                         "n_train": n, "seconds": time.time() - tf}
-            clock.log(f"{text} fine-tuned on {n} images: acc {acc:.4f} ({time.time() - tf:.1f}s)")
-        if args.shots:
-            few = results[text]["few_shot"] = {}
-            for shots in args.shots:
-                few[str(shots)] = few_shot_probe(*split_feats["train"], *split_feats["test"], shots, args.draws, args.seed)
-                clock.log(f"{text} {shots}-shot: acc {few[str(shots)]['acc']:.4f} ± {few[str(shots)]['acc_se']:.4f} "
-                          f"over {args.draws} draws, l2 {few[str(shots)]['l2']}")
+    for text, target in targets.items():
+        results[text], correct = transfer_to(model, ckpt, text, target, args, out, clock)
+        results[text]["correct"] = f"correct/{target_stem(text)}.npz"  # relative to out
+        atomic_save(out / results[text]["correct"], correct)
     # Written once, when every target is done: run_all.sh takes an existing transfer.json as a
     # finished step. A killed run restarts cheaply, from the cached features.
     results["provenance"] = provenance(vars(args))

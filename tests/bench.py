@@ -1,11 +1,19 @@
-"""Performance of each stage against its ideal or a naive baseline, as ratios (a script, not a test).
+"""Performance of each stage against its ideal or a naive baseline, as ratios (a script, not a
+test), and on an accelerator the paper preset's rates and projected hours.
 
     python tests/bench.py            # full run, a few minutes on two CPU cores
     python tests/bench.py --quick    # smaller sizes, under a minute (run by the test suite)
-    python tests/bench.py --study results/quick   # and the quick study's time split (after run_all.sh)
+    python tests/bench.py --study results/quick   # and the quick study's time split
+    python tests/bench.py --device cuda --device-only   # GPU rows, the paper preset's hours
+    python tests/bench.py --quick --device cpu --device-only   # their code on a tiny model
 
 Prints a Markdown table. Ratios compare two timings taken on the same inputs in the same
 process (medians over repeats after a warm-up), so they stay meaningful on a noisy machine.
+The device rows (--device; CUDA by default where present) time the PGD-7 training step of the
+CIFAR ResNet-18 in float32, bf16 autocast, bf16 + channels_last and under torch.compile, with
+its FLOPs counted by FlopCounterMode and the fraction of the device's dense bf16 peak they
+reach, time the other stages of the paper preset, and project the hours of `bash run_all.sh
+paper` from these rates and the preset's settings, read from run_all.sh.
 """
 import argparse
 import statistics
@@ -13,6 +21,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -60,7 +69,8 @@ def bench_adversarial_step(arch, k, batch, repeats):
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
 
     def step(eps, steps):
-        return lambda: advtrain.train_epoch(model, opt, x, y, batch_size=batch, norm="l2", eps=eps, steps=steps)
+        return lambda: advtrain.train_epoch(model, opt, x, y, batch_size=batch, norm="l2", eps=eps,
+                                            steps=steps)
 
     standard = median_time(step(0.0, 0), repeats)
     adversarial = median_time(step(0.5, k), repeats)
@@ -74,7 +84,8 @@ def trained_cnn(n=5000, epochs=1):
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
     steps = epochs * -(-n // 128)
     for epoch in range(epochs):
-        advtrain.train_epoch(model, opt, x, y, batch_size=128, eps=0.0, steps=0, step0=epoch * (steps // epochs),
+        advtrain.train_epoch(model, opt, x, y, batch_size=128, eps=0.0, steps=0,
+                             step0=epoch * (steps // epochs),
                              lr_schedule=lambda step: advtrain.lr_at(step, steps, 0.05))
     return model.eval()
 
@@ -94,7 +105,8 @@ def nngeometry_trace(model, x):
 def bench_fisher(model, n, repeats):
     """Weights trace: ours (k - 1 vjps per example, vmap(jacrev)) vs one vjp per class (the
     same vmap with e_y - p directions), the per-example Python loop of the tests, and
-    nngeometry's diagonal FIM when importable; same data, one thread. Returns {name: (seconds, trace)}."""
+    nngeometry's diagonal FIM when importable; same data, one thread. Returns {name: (seconds,
+    trace)}."""
     from test_fisher import loop_grad_sqnorms
     x, _ = fashion_mnist(n, train=False)
     with torch.no_grad():
@@ -112,7 +124,8 @@ def bench_fisher(model, n, repeats):
     results = {}
     for name, fn in (("ours, k - 1 vjps", lambda: fisher.fisher_trace_weights(model, x)[0]),
                      ("one vjp per class", per_class), ("per-example loop", loop)):
-        results[name] = (median_time(fn, repeats if name != "per-example loop" else 1), fn().mean().item())
+        seconds = median_time(fn, repeats if name != "per-example loop" else 1)
+        results[name] = (seconds, fn().mean().item())
     if nngeometry_trace(model, x[:8]) is not None:
         results["nngeometry PMatDiag"] = (median_time(lambda: nngeometry_trace(model, x), repeats),
                                           nngeometry_trace(model, x))
@@ -136,7 +149,8 @@ def bench_channels_last(batch, repeats):
 def study_split(results_dir):
     """The study's wall time and its split by stage and seed, from run_all.sh's steps.tsv
     (cell, step, seconds per step; `total study` is the wall time)."""
-    lines = [line.split("\t") for line in (Path(results_dir) / "steps.tsv").read_text().splitlines()]
+    text = (Path(results_dir) / "steps.tsv").read_text()
+    lines = [line.split("\t") for line in text.splitlines()]
     wall = sum(int(s) for cell, step, s in lines if cell == "total")
     stages, seeds = {}, {}
     for cell, step, seconds in lines:
@@ -192,9 +206,11 @@ def bench_few_shot_and_finetune(model, shots, n_finetune, repeats):
     x_test, y_test = fashion_mnist(1000, train=False, classes=(5, 6, 7, 8, 9))
     with torch.no_grad():
         f_train, f_test = model.features(x), model.features(x_test)
-    few = {k: median_time(lambda: transfer.few_shot_probe(f_train, y, f_test, y_test, k, draws=1), repeats)
+    few = {k: median_time(lambda: transfer.few_shot_probe(f_train, y, f_test, y_test, k, draws=1),
+                          repeats)
            for k in shots}
-    finetune = median_time(lambda: transfer.finetune(model, x[:n_finetune], y[:n_finetune], (x_test, y_test), 1, 28),
+    finetune = median_time(lambda: transfer.finetune(model, x[:n_finetune], y[:n_finetune],
+                                                     (x_test, y_test), 1, 28),
                            repeats)
     return few, finetune
 
@@ -207,22 +223,455 @@ def bench_inversion(model, n, steps, repeats):
     start = invert.grey_start(x0.shape, 0)
     rates = {}
     for method, kwargs in (("baseline", {}), ("improved", dict(noise_std=0.05, tv_weight=0.1))):
-        seconds = median_time(lambda: invert.invert_features(model, z0, start, steps, **kwargs), repeats)
+        seconds = median_time(lambda: invert.invert_features(model, z0, start, steps, **kwargs),
+                              repeats)
         rates[method] = n * steps / seconds
     return rates
 
 
+# ----------------------------------------------------------------------------- device rows
+# The paper preset's work on one accelerator (or, with --device cpu, the same code on a tiny
+# model: the code path, not the numbers): the PGD-7 training step of the CIFAR ResNet-18 in
+# images per second and as a fraction of the device's dense bf16 peak, the rates of the other
+# stages, and from them the projected time of `bash run_all.sh paper`.
+
+# Dense (without sparsity) bf16 tensor-core peak in TFLOPS, from the vendors' spec sheets, by a
+# substring of torch.cuda.get_device_name(), first match first ("H100 PCIe" before "H100", "L40S"
+# before "L4"). NVL variants run at other clocks: unknown, so only the absolute rate is given.
+BF16_PEAK_TFLOPS = (("H100 PCIe", 756), ("NVL", None), ("GH200", 989), ("H200", 989), ("H100", 989),
+                    ("A100", 312), ("L40S", 362), ("L4", 121))
+
+# Sizes of the datasets the paper preset reads: (training images, test images).
+SPLIT_SIZES = {"cifar10": (50000, 10000), "cifar100": (50000, 10000), "svhn": (73257, 26032),
+               "fashion-mnist": (60000, 10000), "mnist": (60000, 10000)}
+
+
+def paper_preset(run_all=HERE.parent / "run_all.sh"):
+    """`bash run_all.sh paper` as run_all.sh sets it: its arrays (GRID, TRAIN, JUDGE, TARGETS,
+    FISHER, INVERT, before the smoke's) read from the script and parsed by the scripts' own
+    argument parsers, so that their defaults count too; SEEDS' default."""
+    import re
+    import shlex
+    from common import parse_eps
+    text = run_all.read_text()
+    block = text[text.index("\n  paper)\n"):]
+    block = block[:block.index("\n    if [[")]  # the smoke's settings follow
+    arrays = {name: shlex.split(body) for name, body in re.findall(r"(\w+)=\(([^)]*)\)", block)}
+    seeds = re.search(r'SEEDS=\$\{SEEDS:-([^}]*)\}', text).group(1).split()
+    ckpt = ["--ckpt", "model.pt"]
+    train = advtrain.get_args(arrays["TRAIN"])
+    judge = advtrain.get_args(arrays["TRAIN"] + arrays["JUDGE"])
+    targets = transfer.get_args(ckpt + arrays["TARGETS"])
+    inversion = invert.get_args(ckpt + arrays["INVERT"])
+    return dict(
+        grid=[(norm, parse_eps(eps)) for norm, eps in map(str.split, arrays["GRID"])],
+        seeds=len(seeds), judge=(judge.norm, judge.eps), epochs=train.epochs, steps=train.steps,
+        batch=train.batch_size,
+        train_images=SPLIT_SIZES[train.dataset][0], test_images=SPLIT_SIZES[train.dataset][1],
+        eval_radii=train.eval_eps, eval_steps=train.eval_steps, eval_attack=train.eval_attack,
+        eval_restarts=train.eval_restarts,
+        fisher_n=fisher.get_args(ckpt + arrays["FISHER"]).n,
+        targets={t: (*SPLIT_SIZES[t], data.DATASETS[t].num_classes) for t in targets.target},
+        shots=targets.shots, draws=targets.draws, finetune_size=targets.finetune_size,
+        finetune_epochs=targets.finetune_epochs, invert_images=inversion.n_images,
+        invert_steps=inversion.steps, invert_methods=len(inversion.method))
+
+
+# attack runs per example at evaluation; apgd: APGD-CE, then APGD-DLR towards 3 other classes
+APGD_RUNS = {"apgd": 4, "apgd-ce": 1, "pgd": 1}
+
+
+def peak_bf16_tflops(device_name):
+    """The dense bf16 peak of a device by its name (BF16_PEAK_TFLOPS), or None when unknown."""
+    return next((tflops for key, tflops in BF16_PEAK_TFLOPS if key in device_name), None)
+
+
+def cifar_resnet18(device, width=64, memory_format=torch.contiguous_format):
+    torch.manual_seed(0)
+    ds = data.DATASETS["cifar10"]
+    net = models.build_model("resnet18", 10, 3, 32, ds.mean, ds.std, width=width)
+    return net.to(device, memory_format=memory_format)
+
+
+def training_step_flops(width, steps, batch=2):
+    """Model FLOPs per image of one PGD-`steps` training step of the CIFAR ResNet-18 (Linf
+    8/255), counted by torch.utils.flop_counter.FlopCounterMode on the CPU (convolutions and
+    matrix products; a multiply-add is 2 FLOPs): each attack step is a forward and a backward
+    pass to the input only (no weight gradients), the training step a forward and a full
+    backward. Returns (total, attack step, training forward-backward, forward) per image."""
+    from torch.utils.flop_counter import FlopCounterMode
+    x, y = torch.rand(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
+    counts = []
+    for k in (steps, 0):
+        model = cifar_resnet18("cpu", width)
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        with FlopCounterMode(display=False) as counter:
+            advtrain.train_epoch(model, opt, x, y, batch_size=batch, norm="linf", eps=8 / 255,
+                                 steps=k)
+        counts.append(counter.get_total_flops() / batch)
+    model = cifar_resnet18("cpu", width).eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x)
+    total, standard = counts
+    return total, (total - standard) / steps, standard, counter.get_total_flops() / batch
+
+
+def synced(fn, device):
+    """fn followed by a wait for the device's queued work, so that wall time measures it."""
+    def run():
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    return run
+
+
+def training_rate(device, width, batch, n_batches, steps, amp, channels_last, compiled, repeats):
+    """Images per second of train_epoch on random CIFAR-shaped data held on the device: PGD
+    (Linf 8/255, `steps` steps; 0 = standard training), bf16 autocast (amp), channels_last,
+    torch.compile'd (compiled) or not. The first epoch (warm-up, compilation) is not timed."""
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    model = cifar_resnet18(device, width, layout)
+    net = torch.compile(model) if compiled else model
+    opt = models.make_optimizer(model, 0.01)
+    x = torch.rand(n_batches * batch, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (len(x),), device=device)
+    epoch = synced(lambda: advtrain.train_epoch(
+        net, opt, x, y, batch_size=batch, norm="linf", eps=8 / 255, steps=steps, amp=amp,
+        channels_last=channels_last), device)
+    return len(x) / median_time(epoch, repeats)
+
+
+def apgd_rate(device, width, batch, steps):
+    """Image-steps per second of APGD-CE (the evaluation's attack; float32, as advtrain.py
+    evaluates) on a batch of random CIFAR-shaped images."""
+    model = cifar_resnet18(device, width).eval()
+    x = torch.rand(batch, 3, 32, 32, device=device)
+    with torch.no_grad():
+        y = model(x).argmax(1)  # every example starts correct: APGD attacks all of them
+    run = synced(lambda: advtrain.apgd_single(model, x, y, "linf", 8 / 255, steps), device)
+    return batch * steps / median_time(run, 1)
+
+
+def fisher_seconds_per_example(device, width, n, iters=100):
+    """Seconds per example of fisher.py's estimators with its defaults (chunk 64, batches of 64,
+    Lanczos up to `iters` = 100 steps, 16 Hutchinson probes), on n random CIFAR-shaped images.
+    One call, its set-up included."""
+    model = cifar_resnet18(device, width).eval()
+    x = torch.rand(n, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (n,), device=device)
+
+    def run():
+        g = torch.Generator().manual_seed(0)
+        fisher.fisher_trace_weights(model, x, chunk=64)
+        fisher.fisher_trace_weights(model, x, y, chunk=64)
+        for i in range(0, n, 64):
+            xb = x[i:i + 64]
+            fisher.input_fisher_trace(model, xb)
+            fisher.input_fisher_lambda_max(model, xb, iters, 1e-4, g)
+            fisher.repr_jacobian_frobenius(model, xb, 16, g)
+            fisher.repr_lambda_max(model, xb, iters, 1e-4, g)
+    return median_time(synced(run, device), 1, warmup=0) / n
+
+
+def transfer_rates(device, width, n_extract, n_probe, shots):
+    """(images per second of extract_features at transfer.py's batch 128, grayscale 28-px images
+    held on the CPU and adapted on the device; (seconds of one linear probe on 5/6 of n_probe
+    features of the model's dimension, 10 classes, that number of features); {K: seconds of one
+    draw of few_shot_probe for K in shots}), probes fitted on the device as transfer.py does."""
+    model = cifar_resnet18(device, width).eval()
+    x = torch.rand(n_extract, 1, 28, 28)
+    split = (x, torch.zeros(len(x)))
+    extract = synced(lambda: transfer.extract_features(model, split, 3, 32, 128), device)
+    rate = n_extract / median_time(extract, 1)
+    g = torch.Generator().manual_seed(0)
+    dim = model.head.in_features
+    labels = torch.arange(n_probe) % 10
+    feats = torch.randn(10, dim, generator=g)[labels] + 3 * torch.randn(n_probe, dim, generator=g)
+    feats = feats.to(device)
+    labels = labels.to(device)
+    split = n_probe * 5 // 6
+    args = (feats[:split], labels[:split], feats[split:], labels[split:])
+    probe = median_time(synced(lambda: transfer.linear_probe(*args), device), 1, warmup=0)
+    few = {k: median_time(synced(lambda: transfer.few_shot_probe(*args, k, draws=1), device), 1,
+                          warmup=0) for k in shots}
+    return rate, (probe, split), few
+
+
+def inversion_rate(device, width, n, steps, noise):
+    """Image-steps per second of invert_features (noise: the noise-averaged objective)."""
+    model = cifar_resnet18(device, width).eval()
+    x0 = torch.rand(n, 3, 32, 32, device=device)
+    with torch.no_grad():
+        z0 = model.features(x0)
+    start = invert.grey_start(x0.shape, 0).to(device)
+    gen = torch.Generator(device=device).manual_seed(1)
+    noise_std = 0.05 if noise else 0.0
+    run = synced(lambda: invert.invert_features(model, z0, start, steps, noise_std=noise_std,
+                                                generator=gen), device)
+    return n * steps / median_time(run, 1)
+
+
+def process_start_seconds(device):
+    """Seconds for a fresh Python to import torch and reach the device (every step of
+    run_all.sh is a process of its own)."""
+    import subprocess
+    t = time.perf_counter()
+    code = f"import torch; torch.zeros(1, device='{device}')"
+    subprocess.run([sys.executable, "-c", code], check=True)
+    return time.perf_counter() - t
+
+
+def paper_cells(paper):
+    """[(norm, eps, seed or 'judge')]: the trainings of the preset, its cells and the judge."""
+    cells = [(norm, eps, seed) for seed in range(paper["seeds"]) for norm, eps in paper["grid"]]
+    return cells + [(*paper["judge"], "judge")]
+
+
+def eval_radii_count(paper):
+    """Radii attacked over every training of the preset: its own radius (eps > 0) and the
+    evaluation radii, each once per model (advtrain.evaluate attacks set(radii))."""
+    return sum(sum(e > 0 for _, e in {(norm, eps), *paper["eval_radii"]})
+               for norm, eps, _ in paper_cells(paper))
+
+
+def paper_projection(paper, rates):
+    """[(stage, work, seconds low, seconds high)] of `bash run_all.sh paper` on one device at
+    the measured rates. JOBS is the number of GPUs, so on one GPU the steps run one after
+    another: the sum is the wall time. The evaluation's APGD runs once (low: APGD-CE fools
+    every example it can) to 4 times (high: no run fools any) on every test image at every
+    radius, as rates["apgd"] measures APGD-CE."""
+    p = paper
+    cells = paper_cells(p)
+    robust = sum(eps > 0 for _, eps, _ in cells)
+    standard = len(cells) - robust
+    measured = len(cells) - 1  # the judge is trained, not measured
+    images = p["epochs"] * p["train_images"]
+    radii = eval_radii_count(p)
+    eval_steps = radii * p["test_images"] * p["eval_steps"] * p["eval_restarts"]
+    runs = APGD_RUNS[p["eval_attack"]]
+    extract = sum(tr + te for tr, te, _ in p["targets"].values())
+    # a probe's cost grows with the features, a few-shot probe's with the classes
+    probe_seconds, probe_n = rates["probe"]
+    few = sum(rates["few_shot"].values()) * p["draws"]
+    probes = sum(probe_seconds * tr / probe_n + few * k / 10 for tr, _, k in p["targets"].values())
+    finetune = p["finetune_size"] * p["finetune_epochs"] * len(p["targets"])
+    inversion = p["invert_images"] * p["invert_steps"] * p["invert_methods"]
+    processes = len(cells) + 3 * measured + 2  # + report.py's declaration and report
+    rows = [
+        (f"training, {robust} robust models (PGD-{p['steps']}, bf16, channels_last, "
+         f"batch {p['batch']})", f"{robust} x {p['epochs']} epochs x {p['train_images']} images",
+         robust * images / rates["pgd"]),
+        (f"training, {standard} models at eps 0", f"{standard} x {images} images",
+         standard * images / rates["standard"]),
+        (f"evaluation, {p['eval_attack']} {p['eval_steps']} steps at {radii} radii over the "
+         f"models (float32, batch {p['batch']})",
+         f"{radii} x {p['test_images']} images x {p['eval_steps']} steps x {p['eval_restarts']} "
+         f"restarts x 1 to {runs} runs",
+         (eval_steps / rates["apgd"], runs * eval_steps / rates["apgd"])),
+        (f"Fisher, {measured} models", f"{measured} x {p['fisher_n']} examples",
+         measured * p["fisher_n"] * rates["fisher"]),
+        ("transfer: features", f"{measured} x {extract} target images",
+         measured * extract / rates["extract"]),
+        ("transfer: probes and few-shot probes", f"{measured} x {len(p['targets'])} targets",
+         measured * probes),
+        ("transfer: fine-tuning (float32, batch 128)", f"{measured} x {finetune} images",
+         measured * finetune / rates["finetune"]),
+        ("inversion", f"{measured} x {p['invert_images']} images x {p['invert_steps']} steps x "
+         f"{p['invert_methods']} methods", measured * inversion / rates["inversion"]),
+        ("process start-ups", f"{processes} processes", processes * rates["start"])]
+    return [(stage, work, *(s if isinstance(s, tuple) else (s, s))) for stage, work, s in rows]
+
+
+# Sizes of the device section: on CUDA the paper's model and batches (None: the preset's batch
+# size, or shots); on the CPU (--device cpu) a tiny model, one batch, few steps: the code path
+# in seconds, not a measurement.
+DEVICE_SIZES = {
+    "cuda": dict(width=64, big=512, small=None, apgd_batches=(None, 1024), apgd_steps=20,
+                 fisher_n=64, fisher_iters=100, extract=10000, probe=60000, shots=None, invert_n=32,
+                 invert_steps=20),
+    "tiny": dict(width=8, big=8, small=4, apgd_batches=(4,), apgd_steps=2, fisher_n=1,
+                 fisher_iters=5, extract=64, probe=120, shots=(1,), invert_n=4, invert_steps=2)}
+
+
+class DeviceBench(NamedTuple):
+    """What every device row needs: the device, its name and dense bf16 peak (TFLOPS or None),
+    the preset (paper_preset), the sizes (DEVICE_SIZES), the FLOPs per image
+    (training_step_flops), and how many batches per timed epoch and timed repeats."""
+    device: torch.device
+    name: str
+    peak: Optional[float]
+    paper: dict
+    size: dict
+    flops: tuple
+    n_batches: int
+    reps: int
+
+    @property
+    def small(self):  # the preset's batch size, or the tiny one
+        return self.size["small"] or self.paper["batch"]
+
+    def train_rate(self, batch, steps, amp, channels_last, compiled=False):
+        """training_rate over the same number of images at every batch size."""
+        n_batches = self.n_batches * self.size["big"] // batch
+        return training_rate(self.device, self.size["width"], batch, n_batches, steps, amp,
+                             channels_last, compiled, self.reps)
+
+    def cell(self, measured, unit, flops):
+        """(measured text, fraction of the peak text) of a rate with its FLOPs per unit."""
+        achieved = measured * flops / 1e12
+        return (f"{measured:,.0f} {unit}, {achieved:.3g} TFLOPS",
+                f"{achieved / self.peak:.3f}" if self.peak else "")
+
+
+def device_rows(device, quick, compile_rows="after"):
+    """The device section: rows (stage, measured, fraction of the dense bf16 peak) and the
+    projection of the paper preset, then (compile_rows "after"; "only": these alone; "skip":
+    not) torch.compile's rows, last because compilation takes a minute."""
+    cuda = device.type == "cuda"
+    if not cuda:
+        torch.set_num_threads(1)  # tiny work: on a shared CPU more threads only wait for each other
+    name = torch.cuda.get_device_name(device) if cuda else "cpu"
+    size = DEVICE_SIZES["cuda" if cuda else "tiny"]
+    paper = paper_preset()
+    flops = training_step_flops(size["width"], paper["steps"])
+    bench = DeviceBench(device, name, peak_bf16_tflops(name) if cuda else None, paper, size, flops,
+                        *((4, 3) if quick and cuda else (8, 5) if cuda else (1, 1)))
+    total, attack, standard, forward = (f / 1e9 for f in flops)
+    peak = f"{bench.peak} TFLOPS (vendor spec sheet)" if bench.peak else "unknown"
+    tiny = "" if cuda else " (tiny: the code path only)"
+    print(f"\ndevice {name}: dense bf16 peak {peak}; CIFAR ResNet-18 width {size['width']}{tiny}: "
+          f"PGD-{paper['steps']} training step {total:.3g} GFLOPs per image (attack step "
+          f"{attack:.3g}, training forward-backward {standard:.3g}, forward {forward:.3g}; "
+          f"FlopCounterMode)", flush=True)
+    if compile_rows != "only":
+        rates = measure_device(bench)
+        print_projection(bench, rates)
+    if compile_rows != "skip":
+        measure_compiled(bench)
+
+
+def measure_device(bench):
+    """Prints the device rows as they are measured, then their table; returns the rates the
+    projection needs."""
+    cuda, size, k = bench.device.type == "cuda", bench.size, bench.paper["steps"]
+    width, big, small = size["width"], size["big"], bench.small
+    total, attack, standard, forward = bench.flops
+    rows, rates = [], {}
+
+    def row(stage, measured, fraction=""):
+        rows.append((stage, measured, fraction))
+        print(f"  {rows[-1]}", flush=True)
+
+    configs = [("float32", False, False), ("bf16 autocast", True, False),
+               ("bf16 + channels_last", True, True)]
+    for label, amp, channels_last in configs if cuda else configs[::2]:  # CPU bf16: emulated, slow
+        row(f"PGD-{k} training step, batch {big}, {label}",
+            *bench.cell(bench.train_rate(big, k, amp, channels_last), "images/s", total))
+    bf16 = "bf16 + " if cuda else ""  # advtrain.py: bf16 autocast on CUDA only
+    rates["pgd"] = bench.train_rate(small, k, cuda, True)
+    preset = " (the paper preset)" if cuda else ""
+    row(f"PGD-{k} training step, batch {small}{preset}, {bf16}channels_last (advtrain.py on CUDA)",
+        *bench.cell(rates["pgd"], "images/s", total))
+    rates["standard"] = bench.train_rate(small, 0, cuda, True)
+    row(f"standard training step (eps 0), batch {small}, {bf16}channels_last",
+        *bench.cell(rates["standard"], "images/s", standard))
+    rates["finetune"] = bench.train_rate(small, 0, False, False)
+    row(f"fine-tuning step (standard, float32), batch {small}",
+        *bench.cell(rates["finetune"], "images/s", standard))
+    for batch in (b or bench.paper["batch"] for b in size["apgd_batches"]):
+        rate = apgd_rate(bench.device, width, batch, size["apgd_steps"])
+        rates.setdefault("apgd", rate)  # the preset evaluates at its batch size
+        row(f"APGD-CE evaluation, float32, batch {batch}",
+            *bench.cell(rate, "image-steps/s", attack))
+    rates["fisher"] = fisher_seconds_per_example(bench.device, width, size["fisher_n"],
+                                                 size["fisher_iters"])
+    row("Fisher, fisher.py's estimators and defaults",
+        f"{rates['fisher'] * 1e3:.1f} ms per example")
+    rates["extract"], rates["probe"], rates["few_shot"] = transfer_rates(
+        bench.device, width, size["extract"], size["probe"], size["shots"] or bench.paper["shots"])
+    row("transfer: frozen features (28-px grayscale adapted on the device), batch 128",
+        *bench.cell(rates["extract"], "images/s", forward))
+    few = ", ".join(f"{shots}-shot {s:.2f} s" for shots, s in rates["few_shot"].items())
+    row(f"transfer: linear probe on {rates['probe'][1]} x {8 * width} features, 10 classes; "
+        f"few-shot probes, one draw", f"{rates['probe'][0]:.2f} s; {few}")
+    for noise in (False, True):
+        rate = inversion_rate(bench.device, width, size["invert_n"], size["invert_steps"], noise)
+        rates["inversion"] = min(rate, rates.get("inversion", rate))
+        objective = "noise-averaged" if noise else "plain"
+        row(f"inversion, {size['invert_n']} images, {objective} objective",
+            *bench.cell(rate, "image-steps/s", attack))
+    rates["start"] = process_start_seconds(bench.device)
+    row("process start-up (import torch, reach the device)", f"{rates['start']:.1f} s")
+
+    print(f"\n| stage on {bench.name} | measured | fraction of dense bf16 peak |\n|---|---|---|")
+    for r in rows:
+        print("| " + " | ".join(r) + " |")
+    return rates
+
+
+def print_projection(bench, rates):
+    projection = paper_projection(bench.paper, rates)
+    low, high = sum(r[2] for r in projection) / 3600, sum(r[3] for r in projection) / 3600
+    tiny = " (tiny model: not the real cost)" if bench.device.type != "cuda" else ""
+    print(f"\nprojected `bash run_all.sh paper` on one {bench.name}{tiny}: {low:.1f} to "
+          f"{high:.1f} hours\n\n| stage | work | hours |\n|---|---|---|")
+    for stage, work, s_low, s_high in projection:
+        hours = f"{s_low / 3600:.2f}"
+        if s_low != s_high:
+            hours += f" to {s_high / 3600:.2f}"
+        print(f"| {stage} | {work} | {hours} |")
+    print(f"| total | | {low:.2f} to {high:.2f} |", flush=True)
+
+
+def measure_compiled(bench):
+    """torch.compile'd PGD training steps (bf16, channels_last) at both batch sizes; a failure
+    to compile is reported in its row."""
+    if bench.device.type != "cuda":
+        print("\ntorch.compile: not tried on the CPU")
+        return
+    k = bench.paper["steps"]
+    print(f"\n| torch.compile on {bench.name} | measured | fraction of dense bf16 peak |\n"
+          f"|---|---|---|", flush=True)
+    for batch in (bench.size["big"], bench.small):
+        stage = f"PGD-{k} training step, batch {batch}, bf16 + channels_last + torch.compile"
+        try:
+            rate = bench.train_rate(batch, k, True, True, compiled=True)
+            cells = bench.cell(rate, "images/s", bench.flops[0])
+        except Exception as e:  # a compiler failure is a finding to report, not a crash
+            cells = (f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}", "")
+        print(f"| {stage} | {' | '.join(cells)} |", flush=True)
+
+
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("--quick", action="store_true", help="small sizes, under a minute")
-    p.add_argument("--study", default=None, help="also split the wall time of a run_all.sh results folder "
-                   "(its steps.tsv) by stage and seed, e.g. results/quick")
+    p.add_argument("--study", default=None, help="also split the wall time of a run_all.sh results "
+                   "folder (its steps.tsv) by stage and seed, e.g. results/quick")
+    p.add_argument("--device", default=None,
+                   help="also measure the paper preset's work on this device (cuda, cuda:N; cpu "
+                        "runs the code on a tiny model) and project run_all.sh paper (default: "
+                        "cuda when present, except with --quick)")
+    p.add_argument("--device-only", action="store_true",
+                   help="only the device rows (not the CPU ratios)")
+    p.add_argument("--compile", default="after", choices=("after", "skip", "only"),
+                   help="torch.compile's device rows: after the others, skipped, or only they")
     return p.parse_args(argv)
 
 
 def main(args):
     # torch.func's jvp triggers torch's own deprecation warning of torch.jit.script: not ours.
     warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
+    if not args.device_only:
+        cpu_rows(args)
+    device = args.device or ("cuda" if torch.cuda.is_available() and not args.quick else None)
+    if device is not None:
+        device_rows(torch.device(device), args.quick, args.compile)
+    elif args.device_only:
+        print("no device rows: CUDA is not available (--device cpu runs their code on the CPU)")
+
+
+def cpu_rows(args):
+    """The CPU section: ratios of each stage against its ideal or a naive baseline."""
     torch.manual_seed(0)
     q = args.quick
     reps = 3 if q else 7
@@ -252,33 +701,41 @@ def main(args):
     ours = fisher_times["ours, k - 1 vjps"][0]
     for name, (seconds, trace) in fisher_times.items():
         rows.append((f"Fisher weights trace, cnn, {n} examples, 5 classes, 1 thread: {name}",
-                     f"{seconds:.2f} s (mean trace {trace:.4g})", f"{seconds / ours:.2f}x ours", "", ""))
+                     f"{seconds:.2f} s (mean trace {trace:.4g})", f"{seconds / ours:.2f}x ours", "",
+                     ""))
         print(f"  {rows[-1]}", flush=True)
-    rows.append(("input-Fisher lambda_max (Lanczos, jvp/vjp), cnn", f"{power * 1e3:.1f} ms per example", "", "", ""))
+    rows.append(("input-Fisher lambda_max (Lanczos, jvp/vjp), cnn",
+                 f"{power * 1e3:.1f} ms per example", "", "", ""))
     print(f"  {rows[-1]}", flush=True)
 
     n_train, epochs = (2000, 30) if q else (5000, 150)
     probe_time, probe_acc, sgd_time, sgd_acc = bench_transfer(model, n_train, epochs)
     equal = round(abs(probe_acc - sgd_acc), 4) <= 0.005  # 1000 test images: steps of 0.001
-    rows.append((f"linear probe, {n_train} target images: L-BFGS on cached features vs SGD {epochs} epochs",
-                 f"{probe_time:.1f} s (acc {probe_acc:.3f}) vs {sgd_time:.1f} s (acc {sgd_acc:.3f})",
+    rows.append((f"linear probe, {n_train} target images: L-BFGS on cached features vs SGD "
+                 f"{epochs} epochs",
+                 f"{probe_time:.1f} s (acc {probe_acc:.3f}) vs {sgd_time:.1f} s (acc "
+                 f"{sgd_acc:.3f})",
                  f"{sgd_time / probe_time:.0f}x", ">= 20x at equal accuracy (0.5 points)",
                  "met" if sgd_time / probe_time >= 20 and equal else
-                 ("missed" if equal else f"accuracies differ by {abs(probe_acc - sgd_acc) * 100:.1f} points")))
+                 ("missed" if equal else
+                  f"accuracies differ by {abs(probe_acc - sgd_acc) * 100:.1f} points")))
     print(f"  {rows[-1]}", flush=True)
 
     few, finetune = bench_few_shot_and_finetune(model, (1, 10, 100), 1000, 1 if q else 3)
     for k, seconds in few.items():
-        rows.append((f"few-shot probe, {k} per class, one draw with its cross-validated penalty, cnn features",
+        rows.append((f"few-shot probe, {k} per class, one draw with its cross-validated penalty, "
+                     f"cnn features",
                      f"{seconds:.2f} s", "", "< 1 s", "met" if seconds < 1 else "missed"))
         print(f"  {rows[-1]}", flush=True)
-    rows.append(("fine-tuning every weight, cnn, 1000 images x 2 epochs (quick preset), 1000 test images",
+    rows.append(("fine-tuning every weight, cnn, 1000 images x 2 epochs (quick preset), 1000 test "
+                 "images",
                  f"{finetune:.2f} s", "", "", ""))
     print(f"  {rows[-1]}", flush=True)
 
     steps = 20 if q else 100
     for method, rate in bench_inversion(model, 16, steps, 1 if q else 3).items():
-        rows.append((f"inversion, {method}, cnn, 16 images", f"{rate:.0f} image-steps per second", "", "", ""))
+        rows.append((f"inversion, {method}, cnn, 16 images", f"{rate:.0f} image-steps per second",
+                     "", "", ""))
         print(f"  {rows[-1]}", flush=True)
 
     print("\n| stage | measured | ratio | target | |\n|---|---|---|---|---|")
@@ -286,11 +743,13 @@ def main(args):
         print("| " + " | ".join(r) + " |")
     if args.study:
         wall, stages, seeds = study_split(args.study)
-        print(f"\nstudy {args.study}: wall time {wall // 60} min {wall % 60} s; step seconds summed over jobs:")
+        print(f"\nstudy {args.study}: wall time {wall // 60} min {wall % 60} s; step seconds "
+              f"summed over jobs:")
         print("| stage | seconds |\n|---|---|")
         for stage, seconds in stages.items():
             print(f"| {stage} | {seconds} |")
-        print("| " + " | ".join(f"seed {k}: {v} s" if k.isdigit() else f"{k}: {v} s" for k, v in seeds.items()) + " |")
+        split = (f"seed {k}: {v} s" if k.isdigit() else f"{k}: {v} s" for k, v in seeds.items())
+        print("| " + " | ".join(split) + " |")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,7 @@
-"""Shared fixtures: the repository root on sys.path, and a tiny trained checkpoint."""
+"""Shared fixtures: the repository root on sys.path, a tiny trained checkpoint, the outside
+references (skipped when absent, failing under CI=true) and the Fashion-MNIST check."""
+import importlib
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,11 +17,14 @@ def run_script(*args, cwd=ROOT):
     return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, capture_output=True, text=True)
 
 
-def assert_user_error(proc):
-    """A user error: non-zero exit, exactly one line on stderr, no traceback."""
+def assert_user_error(proc, expected, *more):
+    """A user error: non-zero exit, exactly one line on stderr, no traceback, and the line says
+    what is wrong: it contains `expected` and each of `more` (the flag, value or file it names).
+    Returns the line."""
     assert proc.returncode != 0, proc.stdout + proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert all(text in lines[0] for text in (expected, *more)), (lines[0], expected, more)
     return lines[0]
 
 
@@ -42,3 +48,84 @@ def tiny_ckpt(tmp_path_factory):
                               "--out", str(out)])
     advtrain.main(args)
     return out / "model.pt"
+
+
+# ----------------------------------------------------------------------------- outside references
+# tests/test_references.py compares our estimators with scikit-learn, scipy, torchattacks and
+# scikit-image (requirements-dev.txt, installed by tests/run.sh). Absent, their tests are
+# skipped, saying how to install them; under CI=true an absent reference fails its test.
+
+def under_ci():
+    """True when env CI says so (CI=true, as CI services set it)."""
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def reference(name):
+    """The outside reference module `name` (e.g. "sklearn.linear_model"); when it cannot be
+    imported the calling test is skipped, or fails under CI=true, with one line saying how
+    to install it."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        message = (f"outside reference {name} not importable ({e}); "
+                   f"install them with: python -m pip install -r requirements-dev.txt")
+        if under_ci():
+            pytest.fail(f"CI=true: {message}", pytrace=False)
+        pytest.skip(message)
+
+
+# ----------------------------------------------------------------------------- Fashion-MNIST
+# Most tests read Fashion-MNIST (from ./data or the Debian package's system copy) and never
+# download it. When it is absent the run stops before any test, with one line saying how
+# to get it, instead of failing test after test.
+
+def fashion_mnist_missing(data_dir=ROOT / "data"):
+    """None when Fashion-MNIST is where the tests read it, else the one line saying how to
+    get it."""
+    import data
+    if data.dataset_present("fashion-mnist", str(data_dir)):
+        return None
+    download = "import torchvision; torchvision.datasets.FashionMNIST('data', download=True)"
+    return (f"Fashion-MNIST is in neither {data_dir} nor {data.SYSTEM_FASHION_MNIST}, and the "
+            "tests need it: install the Debian/Ubuntu package (sudo apt-get install "
+            "dataset-fashion-mnist), or let torchvision download it into ./data on a machine "
+            f"with internet: python -c \"{download}\"")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    if items and not config.option.collectonly:
+        missing = fashion_mnist_missing()
+        if missing:
+            raise pytest.UsageError(missing)
+
+
+# ----------------------------------------------------------------------------- device (env DEVICE)
+# tests/test_device.py runs the device code paths on torch.device(DEVICE) (default cpu) and
+# compares them with the CPU: `DEVICE=cuda bash tests/run.sh`. A device that cannot be used
+# stops the whole run with one line, before any test.
+
+def requested_device():
+    """The device name the device tests run on: env DEVICE, default cpu."""
+    return os.environ.get("DEVICE") or "cpu"
+
+
+def pytest_sessionstart(session):
+    """DEVICE names a device torch can use, or the run stops here with one line."""
+    name = requested_device()
+    if name == "cpu":
+        return
+    import torch
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise pytest.UsageError(f"DEVICE={name} asked for, but CUDA is not available (torch "
+                                f"{torch.__version__}); unset DEVICE to test on the CPU")
+    try:
+        torch.zeros(1, device=name)
+    except (RuntimeError, AssertionError, ValueError) as e:  # no such device or index
+        raise pytest.UsageError(f"DEVICE={name} cannot be used: {str(e).splitlines()[0]}")
+
+
+@pytest.fixture(scope="session")
+def device():
+    """torch.device of env DEVICE (default cpu), checked usable in pytest_sessionstart."""
+    import torch
+    return torch.device(requested_device())

@@ -1,11 +1,28 @@
 #!/usr/bin/env bash
-# The test suite in one command, on any machine with Python 3: sets up the Python that has
-# the requirements (setup_python.sh: $PYTHON if it has them, else a project-local .venv) and
-# runs pytest on tests/, passing on every argument:
+# The test suite in one command, on any machine with Python 3: sets up a Python with the
+# requirements and the outside references the tests compare against (requirements-dev.txt),
+# then runs pytest on tests/, passing on every argument:
 #
-#   bash tests/run.sh            # all tests, a few minutes on two CPU cores
-#   bash tests/run.sh -k fisher  # a selection
+#   bash tests/run.sh                 # all tests
+#   bash tests/run.sh -m "not slow"   # the fast loop: every test but the end-to-end ones
+#   bash tests/run.sh -k fisher       # a selection
+#
+# The Python: $PYTHON or the active virtual environment's, used as it is when it has torch,
+# torchvision, numpy and pytest (a reference it lacks: one line says how to install them,
+# and their tests are skipped, or fail under CI=true); else the project's .venv, made or
+# topped up with requirements-dev.txt by setup_python.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-source setup_python.sh torch torchvision numpy pytest
+runtime=(torch torchvision numpy pytest)
+references=(sklearn scipy torchattacks skimage)  # the import names of requirements-dev.txt's
+chosen=${PYTHON:-${VIRTUAL_ENV:+python3}}
+if [[ -n "$chosen" ]] && "$chosen" -c "import $(IFS=,; echo "${runtime[*]}")" > /dev/null 2>&1; then
+  PY=$chosen
+  if ! "$PY" -c "import $(IFS=,; echo "${references[*]}")" > /dev/null 2>&1; then
+    echo "note: $PY lacks an outside reference (${references[*]}); their tests are skipped;" \
+         "install them with: $PY -m pip install -r requirements-dev.txt"
+  fi
+else
+  source setup_python.sh -r requirements-dev.txt "${runtime[@]}" "${references[@]}"
+fi
 exec "$PY" -m pytest -q tests "$@"

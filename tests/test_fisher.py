@@ -70,8 +70,32 @@ def test_weights_trace_exact_matches_per_example_loop(tiny):
     assert rel_err(trace, sum((probs * sq).sum(1) for sq in expected.values())) < 1e-4
 
 
+def test_estimators_run_in_eval_mode_and_give_the_mode_back(tiny):
+    """A model left in train mode gives the eval-mode numbers (train-mode BatchNorm would mix
+    the examples) and is in train mode again afterwards, its BatchNorm statistics unchanged."""
+    model, x = tiny
+    seeded = lambda: torch.Generator().manual_seed(0)
+    calls = {"weights": lambda: fisher.fisher_trace_weights(model, x, chunk=3)[0],
+             "input_trace": lambda: fisher.input_fisher_trace(model, x),
+             "input_lambda_max": lambda: fisher.input_fisher_lambda_max(model, x, 8,
+                                                                        generator=seeded())[0],
+             "repr_trace": lambda: fisher.repr_jacobian_frobenius(model, x, 4, seeded()),
+             "repr_lambda_max": lambda: fisher.repr_lambda_max(model, x, 8, generator=seeded())[0]}
+    expected = {name: call() for name, call in calls.items()}
+    buffers = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()
+    try:
+        for name, call in calls.items():
+            assert torch.equal(call(), expected[name]), name
+            assert all(m.training for m in model.modules()), name
+    finally:
+        model.eval()
+    assert all(torch.equal(buffers[k], v) for k, v in model.state_dict().items())
+
+
 def test_fisher_factor_has_k_minus_1_columns_and_reproduces_the_covariance():
-    probs = torch.softmax(torch.randn(6, 5, generator=torch.Generator().manual_seed(0)).double() * 3, -1)
+    logits = torch.randn(6, 5, generator=torch.Generator().manual_seed(0)).double() * 3
+    probs = torch.softmax(logits, -1)
     probs[0] = torch.tensor([1.0, 0, 0, 0, 0], dtype=torch.float64)  # a certain prediction: M = 0
     factor = fisher.fisher_factor(probs)
     assert factor.shape == (6, 5, 4)
@@ -113,7 +137,8 @@ def input_fisher_brute(model, x):
 def test_input_fisher_trace_and_lambda_max_match_full_jacobian(tiny):
     model, x = tiny
     fishers = input_fisher_brute(model, x)
-    assert rel_err(fisher.input_fisher_trace(model, x), fishers.diagonal(dim1=1, dim2=2).sum(1)) < 1e-4
+    traces = fishers.diagonal(dim1=1, dim2=2).sum(1)
+    assert rel_err(fisher.input_fisher_trace(model, x), traces) < 1e-4
     lam, steps = fisher.input_fisher_lambda_max(model, x, iters=50, tol=1e-6,
                                                 generator=torch.Generator().manual_seed(0))
     assert rel_err(lam, torch.linalg.eigvalsh(fishers)[:, -1]) < 1e-3
@@ -123,36 +148,43 @@ def test_input_fisher_trace_and_lambda_max_match_full_jacobian(tiny):
 def test_input_fisher_trace_sampled_labels_within_3_se(tiny):
     """Label sampling (for many classes): unbiased, within 3 SE of the exact sum over classes."""
     model, x = tiny
-    jac = torch.stack([jacobian(lambda v: torch.log_softmax(model(v[None])[0], -1), xi).flatten(1) for xi in x])
+    log_probs = lambda v: torch.log_softmax(model(v[None])[0], -1)
+    jac = torch.stack([jacobian(log_probs, xi).flatten(1) for xi in x])
     sq = jac.pow(2).sum(2).double()  # ||grad_x log p(y|x)||^2 [N, k]
     probs = torch.softmax(model(x), -1).detach().double()
     exact = (probs * sq).sum(1)
     samples = 50
     variance = (probs * (sq - exact[:, None]) ** 2).sum(1) / samples  # of the per-example mean
-    trace = fisher.input_fisher_trace(model, x, label_samples=samples, generator=torch.Generator().manual_seed(0))
+    trace = fisher.input_fisher_trace(model, x, label_samples=samples,
+                                      generator=torch.Generator().manual_seed(0))
     assert abs((trace - exact).sum()) < 3 * variance.sum().sqrt()
     assert not torch.allclose(trace.double(), exact, rtol=1e-4)  # really sampled
 
 
 def repr_jacobians(model, x):
-    return torch.stack([jacobian(lambda v: model.features(v[None])[0], xi).flatten(1) for xi in x])  # [N, d, D]
+    features = lambda v: model.features(v[None])[0]
+    return torch.stack([jacobian(features, xi).flatten(1) for xi in x])  # [N, d, D]
 
 
 def test_repr_frobenius_exact_and_lambda_max_match_full_jacobian(tiny):
     model, x = tiny
     jac = repr_jacobians(model, x).double()
-    assert rel_err(fisher.repr_jacobian_frobenius(model, x, probes=64), jac.pow(2).sum((1, 2))) < 1e-4
-    lam, _ = fisher.repr_lambda_max(model, x, iters=64, tol=1e-7, generator=torch.Generator().manual_seed(0))
+    frobenius = fisher.repr_jacobian_frobenius(model, x, probes=64)
+    assert rel_err(frobenius, jac.pow(2).sum((1, 2))) < 1e-4
+    lam, _ = fisher.repr_lambda_max(model, x, iters=64, tol=1e-7,
+                                    generator=torch.Generator().manual_seed(0))
     assert rel_err(lam, torch.linalg.eigvalsh(jac.transpose(1, 2) @ jac)[:, -1]) < 1e-3
 
 
 def test_repr_frobenius_hutchinson_within_3_se(tiny):
     model, x = tiny
     jac = repr_jacobians(model, x).double()
-    gram = jac @ jac.transpose(1, 2)  # A = J_f J_f^T [N, d, d]; Rademacher r: Var r^T A r = 2 (||A||^2 - sum A_ii^2)
+    # A = J_f J_f^T [N, d, d]; Rademacher r: Var r^T A r = 2 (||A||^2 - sum A_ii^2)
+    gram = jac @ jac.transpose(1, 2)
     probes = 8
     variance = 2 * (gram.pow(2).sum((1, 2)) - gram.diagonal(dim1=1, dim2=2).pow(2).sum(1)) / probes
-    estimate = fisher.repr_jacobian_frobenius(model, x, probes, torch.Generator().manual_seed(0)).double()
+    estimate = fisher.repr_jacobian_frobenius(model, x, probes,
+                                              torch.Generator().manual_seed(0)).double()
     exact = jac.pow(2).sum((1, 2))
     assert ((estimate - exact).abs() < 3 * variance.sqrt()).all()
     assert rel_err(estimate, exact) > 1e-6  # really estimated
@@ -166,7 +198,8 @@ def test_lanczos_small_eigengap_and_low_rank():
     spectra = torch.stack([torch.cat([torch.tensor([1.0, 0.99]), torch.linspace(0.9, 0, 48)]),
                            torch.cat([torch.tensor([3.0, 1.0]), torch.zeros(48)])])
     ops = basis @ torch.diag_embed(spectra) @ basis.transpose(1, 2)
-    lam, _ = fisher.lanczos_lambda_max(lambda v: (ops @ v[:, :, None])[:, :, 0], torch.randn(2, 50), 50, 1e-7)
+    lam, _ = fisher.lanczos_lambda_max(lambda v: (ops @ v[:, :, None])[:, :, 0],
+                                       torch.randn(2, 50), 50, 1e-7)
     assert rel_err(lam, torch.linalg.eigvalsh(ops.double())[:, -1]) < 1e-3
 
 
@@ -190,10 +223,12 @@ def test_cli_writes_fisher_json_and_arrays(tiny_ckpt, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert len(proc.stdout.strip().splitlines()) >= 7  # one line per stage
     result = json.loads((tmp_path / "fisher.json").read_text())
-    scalars = ["weights_trace", "weights_trace_empirical", "input_trace", "input_lambda_max", "repr_trace",
-               "repr_lambda_max", "repr_trace_normalized", "repr_lambda_max_normalized"]
+    scalars = ["weights_trace", "weights_trace_empirical", "input_trace", "input_lambda_max",
+               "repr_trace", "repr_lambda_max", "repr_trace_normalized",
+               "repr_lambda_max_normalized"]
     for key in scalars:
-        assert np.isfinite(result[key]) and result[key] > 0 and np.isfinite(result[key + "_se"]), key
+        assert np.isfinite(result[key]) and result[key] > 0, key
+        assert np.isfinite(result[key + "_se"]), key
     assert result["n"] == 12
     per_layer = result["weights_trace_per_layer"]
     assert set(per_layer) == set(result["weights_trace_per_layer_se"]) and "head" in per_layer
@@ -205,13 +240,12 @@ def test_cli_writes_fisher_json_and_arrays(tiny_ckpt, tmp_path):
         assert values.shape == (12,) and values.mean() == pytest.approx(result[name]), name
 
 
-def test_cli_user_errors(tiny_ckpt, tmp_path):
+def test_cli_user_errors(tiny_ckpt, tmp_path, capsys):
     # Two through the script (one line on stderr, no traceback), the rest in-process (faster).
-    line = assert_user_error(run_script("fisher.py", "--ckpt", tmp_path / "missing.pt"))
-    assert "not found" in line, line
-    line = assert_user_error(run_script("fisher.py", "--ckpt", tiny_ckpt, "--n", 10 ** 6, "--out", tmp_path,
-                                        "--no-download"))
-    assert "asked for 1000000 test examples" in line and "has 5000" in line, line
+    assert_user_error(run_script("fisher.py", "--ckpt", tmp_path / "missing.pt"), "not found")
+    assert_user_error(run_script("fisher.py", "--ckpt", tiny_ckpt, "--n", 10 ** 6,
+                                 "--out", tmp_path, "--no-download"),
+                      "asked for 1000000 test examples", "has 5000")
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(b"not a checkpoint")
     with pytest.raises(UserError, match="cannot read"):
@@ -219,4 +253,5 @@ def test_cli_user_errors(tiny_ckpt, tmp_path):
     for bad in (["--n", "0"], ["--probes", "0"], ["--tol", "0"], ["--dataset", "nope"]):
         with pytest.raises(SystemExit) as exit_info:
             fisher.get_args(["--ckpt", str(tiny_ckpt), *bad])
-        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and bad[0] in err and bad[1] in err, err

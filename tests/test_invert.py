@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 from conftest import assert_user_error, run_script
+import data
 import invert
 from common import user_errors
 from models import build_model
@@ -23,7 +24,8 @@ def test_psnr_known_values():
     x = images() * 0.8
     assert torch.isinf(invert.psnr(x, x)).all()
     for c in (0.1, 0.05):  # MSE = c^2 -> PSNR = -10 log10(c^2): 20 dB, 26.02 dB
-        assert torch.allclose(invert.psnr(x + c, x), torch.full((3,), -10 * math.log10(c ** 2)), atol=1e-3)
+        expected = torch.full((3,), -10 * math.log10(c ** 2))
+        assert torch.allclose(invert.psnr(x + c, x), expected, atol=1e-3)
 
 
 def test_ssim_identical_symmetric_and_below_one():
@@ -57,7 +59,8 @@ def test_ssim_matches_a_window_by_window_reference():
                     mp, mq = (w * p).sum(), (w * q).sum()
                     vp, vq = (w * (p - mp) ** 2).sum(), (w * (q - mq) ** 2).sum()
                     cov = (w * (p - mp) * (q - mq)).sum()
-                    values.append((2 * mp * mq + c1) * (2 * cov + c2) / ((mp ** 2 + mq ** 2 + c1) * (vp + vq + c2)))
+                    values.append((2 * mp * mq + c1) * (2 * cov + c2)
+                                  / ((mp ** 2 + mq ** 2 + c1) * (vp + vq + c2)))
         ref[n] = np.mean(values)
     assert np.allclose(invert.ssim(x, y).numpy(), ref, atol=1e-6)
 
@@ -94,6 +97,21 @@ def test_inversion_is_reproducible_and_noise_changes_it(random_cnn):
     assert not torch.equal(run(), invert.invert_features(model, z0, x_start, 3))
 
 
+def test_inversion_runs_in_eval_mode_and_gives_the_mode_back(random_cnn):
+    """A model left in train mode inverts as in eval mode (train-mode BatchNorm would mix the
+    images) and is in train mode again afterwards."""
+    model, z0 = random_cnn
+    x_start = invert.grey_start((4, 1, 28, 28), seed=0)
+    expected = invert.invert_features(model, z0, x_start, 2)
+    model.train()
+    try:
+        assert torch.equal(invert.invert_features(model, z0, x_start, 2), expected)
+        assert all(m.training for m in model.modules())
+    finally:
+        model.eval()
+    assert not model.training
+
+
 def test_noise_average_adds_the_jacobian_penalty():
     # for a linear representation f(x) = A x the identity is exact:
     # E_n ||f(x + n) - z0||^2 = ||f(x) - z0||^2 + sigma^2 ||A||_F^2
@@ -105,15 +123,17 @@ def test_noise_average_adds_the_jacobian_penalty():
     sigma = 0.3
     noisy = invert.inversion_loss(model, x, z0, noise_std=sigma, n_noise=20000,
                                   generator=torch.Generator().manual_seed(0)).detach()
-    exact = ((lin(x.flatten(1)) - z0).pow(2).sum(1) + sigma ** 2 * lin.weight.pow(2).sum()) / z0.pow(2).sum(1)
+    exact = ((lin(x.flatten(1)) - z0).pow(2).sum(1) + sigma ** 2 * lin.weight.pow(2).sum())
+    exact = exact / z0.pow(2).sum(1)
     assert torch.allclose(noisy, exact.detach(), rtol=0.02)
 
 
 # ----------------------------------------------------------------------------- command line
 
 def test_cli_writes_grid_arrays_and_json(tiny_ckpt, tmp_path):
-    proc = run_script("invert.py", "--ckpt", tiny_ckpt, "--judge", tiny_ckpt, "--start", 62, "--n-images", 5,
-                      "--method", "baseline,improved", "--steps", 4, "--out", tmp_path)
+    proc = run_script("invert.py", "--ckpt", tiny_ckpt, "--judge", tiny_ckpt, "--start", 62,
+                      "--n-images", 5, "--method", "baseline,improved", "--steps", 4,
+                      "--out", tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "baseline:" in proc.stdout and "improved:" in proc.stdout
     result = json.loads((tmp_path / "invert.json").read_text())
@@ -121,7 +141,13 @@ def test_cli_writes_grid_arrays_and_json(tiny_ckpt, tmp_path):
     assert result["images"] == {"split": "test", "start": 62, "n": 5}
     # 4 steps are not the tuned defaults: where they were chosen is the user's to say
     assert result["tuned_on"] == "user" and result["disjoint"] is None
-    assert result["provenance"]["settings"]["start"] == 62 and len(result["provenance"]["settings_hash"]) == 16
+    assert result["provenance"]["settings"]["start"] == 62
+    assert len(result["provenance"]["settings_hash"]) == 16
+    # the originals, test images 62-66 of classes 0-4, once for every method
+    originals = np.load(tmp_path / "originals.npy")
+    expected, _ = data.load_split("fashion-mnist", False, classes=[0, 1, 2, 3, 4], size=67,
+                                  download=False)
+    assert originals.dtype == np.float32 and np.array_equal(originals, expected[62:].numpy())
     for method in ("baseline", "improved"):
         entry = result[method]
         for key in ("psnr", "ssim", "feature_rel_err", "judge_acc", "psnr_se"):
@@ -131,8 +157,19 @@ def test_cli_writes_grid_arrays_and_json(tiny_ckpt, tmp_path):
         recon = np.load(tmp_path / f"recon_{method}.npy")
         assert recon.shape == (5, 1, 28, 28) and recon.dtype == np.float32
         assert recon.min() >= 0 and recon.max() <= 1
+        # per image, in the order of the originals: the SSIM and PSNR of each reconstruction,
+        # whose means are the reported numbers
+        per_image = entry["per_image"]
+        assert set(per_image) == {"ssim", "psnr"} and all(len(v) == 5 for v in per_image.values())
+        own = {"ssim": invert.ssim, "psnr": invert.psnr}
+        for name, metric in own.items():
+            values = np.array(per_image[name])
+            assert values.mean() == pytest.approx(entry[name], rel=1e-12, abs=1e-12), name
+            direct = metric(torch.from_numpy(recon), torch.from_numpy(originals)).double().numpy()
+            np.testing.assert_allclose(values, direct, rtol=1e-5, atol=1e-6)
     from PIL import Image  # a dependency of torchvision
-    with Image.open(tmp_path / "invert.png") as grid:  # 3 rows (originals + 2 methods), 5 columns, padding 1
+    # 3 rows (originals + 2 methods), 5 columns, padding 1
+    with Image.open(tmp_path / "invert.png") as grid:
         assert grid.size == (5 * 29 + 1, 3 * 29 + 1)
 
 
@@ -140,16 +177,18 @@ def test_user_errors_are_one_line(tiny_ckpt, tmp_path, capsys):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
     for argv in (["--ckpt", str(tmp_path / "missing.pt")], ["--ckpt", str(bad)],
-                 ["--ckpt", "x.pt", "--method", "baseline,magic"], ["--ckpt", "x.pt", "--n-images", "0"],
-                 ["--ckpt", str(tiny_ckpt), "--start", "4990", "--n-images", "20", "--out", str(tmp_path)]):
+                 ["--ckpt", "x.pt", "--method", "baseline,magic"],
+                 ["--ckpt", "x.pt", "--n-images", "0"],
+                 ["--ckpt", str(tiny_ckpt), "--start", "4990", "--n-images", "20",
+                  "--out", str(tmp_path)]):
         with pytest.raises(SystemExit) as exit_info, user_errors():
             invert.main(invert.get_args(argv))
         assert exit_info.value.code != 0
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error:"), (argv, err)
-    assert "magic" in assert_user_error(run_script("invert.py", "--ckpt", "x.pt", "--method", "magic"))
-    line = assert_user_error(run_script("invert.py", "--ckpt", tiny_ckpt, "--n-images", 100000, "--out", tmp_path))
-    assert "asked for 100000 test examples" in line and "has 5000" in line, line
+    assert_user_error(run_script("invert.py", "--ckpt", "x.pt", "--method", "magic"), "magic")
+    assert_user_error(run_script("invert.py", "--ckpt", tiny_ckpt, "--n-images", 100000,
+                                 "--out", tmp_path), "asked for 100000 test examples", "has 5000")
 
 
 def test_default_step_size_scales_with_the_square_root_of_the_image_values():
@@ -164,7 +203,9 @@ def test_default_step_size_scales_with_the_square_root_of_the_image_values():
 
 def test_tuning_record_says_whether_images_are_disjoint():
     classes = [0, 1, 2, 3, 4]
-    assert invert.tuning_record("fashion-mnist", classes, 64, 32, invert.DEFAULTS) == (invert.TUNED_ON, True)
+    assert invert.tuning_record("fashion-mnist", classes, 64, 32, invert.DEFAULTS) == (
+        invert.TUNED_ON, True)
     assert invert.tuning_record("fashion-mnist", classes, 63, 32, invert.DEFAULTS)[1] is False
     assert invert.tuning_record("mnist", classes, 0, 32, invert.DEFAULTS)[1] is True
-    assert invert.tuning_record("fashion-mnist", classes, 0, 8, dict(invert.DEFAULTS, tv=0.3)) == ("user", None)
+    other = dict(invert.DEFAULTS, tv=0.3)
+    assert invert.tuning_record("fashion-mnist", classes, 0, 8, other) == ("user", None)

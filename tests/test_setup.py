@@ -2,7 +2,10 @@
 Stub interpreters record their calls, so nothing is installed and no network is needed."""
 import os
 import subprocess
+import sys
 import textwrap
+
+import pytest
 
 from conftest import ROOT
 
@@ -88,3 +91,84 @@ def test_active_virtual_environment_is_never_modified(tmp_path):
     (active / "bin" / "has-packages").write_text("")
     code, py, out, err, calls = setup(tmp_path, virtual_env=active, path_first=active / "bin")
     assert code == 0 and py == "python3" and not (tmp_path / "venv").exists()
+
+
+# ----------------------------------------------------------------------------- test requirements
+
+def setup_dev(tmp_path, python):
+    """Source setup_python.sh as tests/run.sh does (-r requirements-dev.txt)."""
+    calls = tmp_path / "calls"
+    calls.write_text("")
+    env = dict(os.environ, CALLS=str(calls), VENV=str(tmp_path / "venv"), PIP_FAILS="0",
+               PYTHON=str(python))
+    env.pop("VIRTUAL_ENV", None)
+    script = 'set -euo pipefail; source "$0" -r requirements-dev.txt torch sklearn; echo "PY=$PY"'
+    proc = subprocess.run(["bash", "-c", script, str(ROOT / "setup_python.sh")], env=env,
+                          capture_output=True, text=True)
+    return proc, calls.read_text().splitlines()
+
+
+def test_requirements_file_given_is_installed_and_tops_up_a_venv_made_without_it(tmp_path):
+    stub = stub_python(tmp_path / "sys", has_packages=False)
+    proc, calls = setup_dev(tmp_path, stub)
+    venv_python = tmp_path / "venv" / "bin" / "python"
+    assert proc.returncode == 0 and f"PY={venv_python}" in proc.stdout, proc.stdout + proc.stderr
+    assert "installing requirements-dev.txt" in proc.stdout
+    assert any("-m pip install -q -r" in c and c.endswith("/requirements-dev.txt") for c in calls)
+    # a .venv made by run_all.sh (requirements.txt) lacks the references: topped up, not remade
+    (tmp_path / "venv" / "bin" / "has-packages").unlink()
+    proc, calls = setup_dev(tmp_path, stub)
+    assert proc.returncode == 0 and f"PY={venv_python}" in proc.stdout, proc.stdout + proc.stderr
+    assert not any("-m venv" in c for c in calls)
+    assert any(c.startswith(str(venv_python.parent)) and c.endswith("/requirements-dev.txt")
+               for c in calls), calls
+
+
+def test_run_sh_uses_a_chosen_python_and_says_how_to_add_the_references(tmp_path):
+    """$PYTHON with torch but no references: used as it is, one line says how to install them."""
+    stub = tmp_path / "python3"
+    stub.write_text('#!/usr/bin/env bash\ncase "$1" in\n  -c) [[ "$2" != *sklearn* ]] ;;\n'
+                    '  -m) echo "ran $*" ;;\nesac\n')
+    stub.chmod(0o755)
+    env = dict(os.environ, PYTHON=str(stub))
+    env.pop("VIRTUAL_ENV", None)
+    proc = subprocess.run(["bash", str(ROOT / "tests" / "run.sh"), "-k", "probe"], env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    note, ran = proc.stdout.strip().splitlines()
+    assert f"{stub} -m pip install -r requirements-dev.txt" in note and "sklearn" in note
+    assert ran == "ran -m pytest -q tests -k probe"
+
+
+def test_a_missing_reference_skips_and_fails_under_ci(monkeypatch):
+    from conftest import reference
+    assert reference("json").loads("[1]") == [1]
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="pip install -r requirements-dev.txt"):
+        reference("absent_reference_module")
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI=true.*absent_reference_module"):
+        reference("absent_reference_module")
+
+
+def test_missing_fashion_mnist_stops_the_run_with_one_line_naming_both_remedies(tmp_path):
+    """A copy of the project whose data folder is empty, the system copy pointed elsewhere."""
+    import shutil
+    copy = tmp_path / "project"
+    (copy / "tests").mkdir(parents=True)
+    for path in [*ROOT.glob("*.py"), ROOT / "tests" / "conftest.py", ROOT / "pytest.ini"]:
+        shutil.copy(path, copy / path.relative_to(ROOT))
+    (copy / "tests" / "test_any.py").write_text("def test_any():\n    pass\n")
+    # a plugin (-p) is imported before conftest: it points data.py's system copy elsewhere
+    plugin = f"import data\ndata.SYSTEM_FASHION_MNIST = {str(tmp_path)!r}\n"
+    (tmp_path / "no_system_copy.py").write_text(plugin)
+    env = dict(os.environ, PYTHONPATH=f"{tmp_path}:{copy}")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no_system_copy",
+                           "-p", "no:cacheprovider", "tests"], cwd=copy, env=env,
+                          capture_output=True, text=True)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 4 and len(lines) == 1, proc.stdout + proc.stderr
+    assert "Fashion-MNIST" in lines[0] and "apt-get install dataset-fashion-mnist" in lines[0]
+    assert "FashionMNIST('data', download=True)" in lines[0] and "passed" not in proc.stdout
+    from conftest import fashion_mnist_missing
+    assert fashion_mnist_missing() is None  # here it is present

@@ -63,19 +63,24 @@ def test_folder_loads_centre_crops_with_labels_in_a_seeded_order(folder):
 def test_folder_classes_relabel_and_size_opens_only_a_prefix(folder, monkeypatch):
     x_all, y_all = data.load_split("imagenet", False, folder)
     x, y = data.load_split("imagenet", False, folder, classes=[2, 0])
-    assert len(x) == 8 and torch.equal(x[y == 0], x_all[y_all == 2]) and torch.equal(x[y == 1], x_all[y_all == 0])
+    assert len(x) == 8 and torch.equal(x[y == 0], x_all[y_all == 2])
+    assert torch.equal(x[y == 1], x_all[y_all == 0])
     opened = []
     real_open = Image.open
-    monkeypatch.setattr(Image, "open", lambda fp, *a, **k: opened.append(fp) or real_open(fp, *a, **k))
+    monkeypatch.setattr(Image, "open",
+                        lambda fp, *a, **k: opened.append(fp) or real_open(fp, *a, **k))
     x5, y5 = data.load_split("imagenet", False, folder, size=5)
     assert len(opened) == 5 and torch.equal(x5, x_all[:5]) and torch.equal(y5, y_all[:5])
 
 
 def test_folder_user_errors_are_one_line(folder, tmp_path):
-    assert "has 12" in one_line_error("asked for 13", data.load_split, "imagenet", False, folder, size=13)
-    assert "has 4" in one_line_error("asked for 5", data.load_split, "imagenet", False, folder, classes=[1], size=5)
+    assert "has 12" in one_line_error("asked for 13", data.load_split, "imagenet", False, folder,
+                                      size=13)
+    assert "has 4" in one_line_error("asked for 5", data.load_split, "imagenet", False, folder,
+                                     classes=[1], size=5)
     one_line_error(f"not found: {tmp_path / 'val'}", data.load_split, "imagenet", False, tmp_path)
-    one_line_error("DATA_DIR/train with one sub-folder per class", data.open_split, "imagenet", True, folder)
+    one_line_error("DATA_DIR/train with one sub-folder per class", data.open_split, "imagenet",
+                   True, folder)
     one_line_error("out of range", data.load_split, "imagenet", False, folder, classes=[0, 3])
     (tmp_path / "val").mkdir()
     one_line_error("not in ImageFolder layout", data.load_split, "imagenet", False, tmp_path)
@@ -85,7 +90,8 @@ def test_open_split_streams_above_the_memory_limit(folder):
     x, y = data.open_split("imagenet", False, folder)
     assert x.shape == (12, 3, 224, 224)
     one_image = 3 * 224 * 224 * 4
-    assert isinstance(data.open_split("imagenet", False, folder, size=4, memory_limit=4 * one_image), tuple)
+    in_memory = data.open_split("imagenet", False, folder, size=4, memory_limit=4 * one_image)
+    assert isinstance(in_memory, tuple)
     streamed = data.open_split("imagenet", False, folder, memory_limit=4 * one_image)
     assert isinstance(streamed, torch.utils.data.Dataset) and len(streamed) == 12
     for i in range(12):
@@ -143,20 +149,25 @@ import torch
 import data
 from test_stream import LazyImages
 torch.set_num_threads(1)
-net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 8, stride=8), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 8, stride=8), torch.nn.AdaptiveAvgPool2d(1),
+                          torch.nn.Flatten())
 before, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.time()  # KiB on Linux
 with torch.no_grad():
-    feats = torch.cat([net(x) for x, _ in data.iterate_batches(LazyImages({n}), 100, 3, 224, workers=0)])
+    batches = data.iterate_batches(LazyImages({n}), 100, 3, 224, workers=0)
+    feats = torch.cat([net(x) for x, _ in batches])
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps(dict(shape=list(feats.shape), growth_mb=(peak - before) / 1024, seconds=time.time() - t0)))
+print(json.dumps(dict(shape=list(feats.shape), growth_mb=(peak - before) / 1024,
+                      seconds=time.time() - t0)))
 """
 
 
+@pytest.mark.slow
 def test_streaming_memory_stays_bounded():
     """20000 images of 224 px (12 GB as float32 tensors) through a tiny network: the process's
     peak resident memory grows by a few batches, not by the set."""
     n = 20000
-    proc = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT.format(n=n)], cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT.format(n=n)], cwd=ROOT,
+                          capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     print(result)
