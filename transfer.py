@@ -263,14 +263,14 @@ def few_shot_probe(train_feats, train_labels, test_feats, test_labels, shots, dr
         best = grid[0]  # the one value, or the largest penalty (one shot per class)
         if cross_validate:
             position = torch.arange(shots, device=y.device).repeat(num_classes)  # within class
-            n_folds, correct = min(shots, folds), dict.fromkeys(grid, 0)
+            n_folds, held_right = min(shots, folds), dict.fromkeys(grid, 0)
             for f in range(n_folds):
                 held = position % n_folds == f
                 previous = None
                 for l2 in grid:  # strong to weak, each warm-started
                     previous = fit_logistic(x[~held], y[~held], l2, num_classes, previous)
-                    correct[l2] += int(probe_correct(previous, x[held], y[held]).sum())
-            best = max(grid, key=lambda l2: (correct[l2], l2))
+                    held_right[l2] += int(probe_correct(previous, x[held], y[held]).sum())
+            best = max(grid, key=lambda l2: (held_right[l2], l2))  # ties: the larger penalty
         probe = fit_logistic(x, y, best, num_classes)
         rows.append(probe_correct(probe, test_feats, test_labels).cpu())
         chosen.append(best)

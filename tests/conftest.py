@@ -50,6 +50,25 @@ def tiny_ckpt(tmp_path_factory):
     return out / "model.pt"
 
 
+# ----------------------------------------------------------------------------- one thread
+# The tests' tensors are small: one thread is about as fast, and on a busy two-core machine
+# two threads spin-wait on each other, many times slower. The scripts the tests start inherit
+# OMP_NUM_THREADS=1.
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    import torch
+    threads, omp = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    yield
+    torch.set_num_threads(threads)
+    if omp is None:
+        del os.environ["OMP_NUM_THREADS"]
+    else:
+        os.environ["OMP_NUM_THREADS"] = omp
+
+
 # ----------------------------------------------------------------------------- outside references
 # tests/test_references.py compares our estimators with scikit-learn, scipy, torchattacks and
 # scikit-image (requirements-dev.txt, installed by tests/run.sh). Absent, their tests are

@@ -16,15 +16,6 @@ import transfer
 from conftest import reference
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors: one thread is faster, and far faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def blobs(n_per_class, k=4, d=12, spread=1.5, seed=0):
     """Overlapping Gaussian classes (not separable, so the penalty matters), the same class
     centres for every seed: x [k n, d] float64, y [k n], class by class."""

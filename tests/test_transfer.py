@@ -255,10 +255,15 @@ def test_few_shot_probe_reproduces_and_reports_its_choices():
     xt, yt = blobs(50, seed=1)
     a = transfer.few_shot_probe(x, y, xt, yt, shots=10, draws=3, seed=7)
     b = transfer.few_shot_probe(x, y, xt, yt, shots=10, draws=3, seed=7)
-    assert a == b and a["draws"] == 3 and len(a["l2"]) == 3
-    assert all(l2 in transfer.FEW_SHOT_L2_GRID for l2 in a["l2"]) and 0 <= a["at_edge"] <= 3
+    assert torch.equal(a.pop("correct"), b.pop("correct")) and a == b and a["draws"] == 3
+    assert a["criterion"] == "fixed" and a["l2"] == [transfer.few_shot_l2(10)] * 3
+    assert a["at_edge"] is None
+    cv = transfer.few_shot_probe(x, y, xt, yt, shots=10, draws=3, seed=7,
+                                 l2_grid=transfer.FEW_SHOT_L2_GRID)  # rule 3
+    assert cv["criterion"] == "cv-correct" and 0 <= cv["at_edge"] <= 3
+    assert all(l2 in transfer.FEW_SHOT_L2_GRID for l2 in cv["l2"])
     one = transfer.few_shot_probe(x, y, xt, yt, shots=1, draws=2, seed=7)
-    assert one["l2"] == [max(transfer.FEW_SHOT_L2_GRID)] * 2 and one["at_edge"] is None
+    assert one["l2"] == [transfer.few_shot_l2(1)] * 2 and one["correct"].shape == (2, len(yt))
     assert 0.25 < one["acc"] < a["acc"] <= 1  # more shots, better than chance and than one shot
 
 
