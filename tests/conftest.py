@@ -14,7 +14,8 @@ sys.path.insert(0, str(ROOT))
 
 def run_script(*args, cwd=ROOT):
     """Run `python script args...` and return the CompletedProcess (text output)."""
-    return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, capture_output=True, text=True)
+    return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True)
 
 
 def assert_user_error(proc, expected, *more):
@@ -44,8 +45,8 @@ def tiny_ckpt(tmp_path_factory):
     import advtrain
     out = tmp_path_factory.mktemp("tiny")
     args = advtrain.get_args(["--classes", "0-4", "--train-size", "1024", "--test-size", "128",
-                              "--epochs", "2", "--batch-size", "64", "--eps", "0.5", "--steps", "1", "--eval-steps", "2",
-                              "--out", str(out)])
+                              "--epochs", "2", "--batch-size", "64", "--eps", "0.5", "--steps", "1",
+                              "--eval-steps", "2", "--out", str(out)])
     advtrain.main(args)
     return out / "model.pt"
 

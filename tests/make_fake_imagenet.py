@@ -26,7 +26,8 @@ from common import atomic_save  # noqa: E402
 
 NUM_CLASSES, PER_CLASS, SIZE = 10, 4, (48, 40)  # width x height of the PNGs; data.py resizes to 224
 # file, norm, eps, seed ("" = the manifest's default 0); the eps 0 model is a plain state dict
-CHECKPOINTS = [("resnet18_l2_eps0.pth", "l2", "0", "0"), ("resnet18_linf_eps4.ckpt", "linf", "4/255", "")]
+CHECKPOINTS = [("resnet18_l2_eps0.pth", "l2", "0", "0"),
+               ("resnet18_linf_eps4.ckpt", "linf", "4/255", "")]
 ROBUSTNESS_MEAN, ROBUSTNESS_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -47,8 +48,10 @@ def randomize_bn(net, seed=0):
 
 def robustness_file(state, mean, std, **extra):
     """A checkpoint in the robustness library's layout: the network twice (model and the
-    attacker's copy, the same tensors) under a DataParallel prefix, plus the normalizer [3, 1, 1]."""
-    model = {f"module.{part}.{k}": v for part in ("model", "attacker.model") for k, v in state.items()}
+    attacker's copy, the same tensors) under a DataParallel prefix, plus the normalizer
+    [3, 1, 1]."""
+    model = {f"module.{part}.{k}": v
+             for part in ("model", "attacker.model") for k, v in state.items()}
     model["module.normalizer.new_mean"] = torch.tensor(mean).view(3, 1, 1)
     model["module.normalizer.new_std"] = torch.tensor(std).view(3, 1, 1)
     return {"model": model, "epoch": 3, **extra}
@@ -83,8 +86,9 @@ def main(out):
     (out / "ckpt").mkdir(parents=True, exist_ok=True)
     for i, (name, norm, eps, seed) in enumerate(CHECKPOINTS):
         state = resnet18_state(seed=i)
-        torch.save(state if name.endswith(".pth") else robustness_file(state, ROBUSTNESS_MEAN, ROBUSTNESS_STD),
-                   out / "ckpt" / name)
+        if not name.endswith(".pth"):
+            state = robustness_file(state, ROBUSTNESS_MEAN, ROBUSTNESS_STD)
+        torch.save(state, out / "ckpt" / name)
     rows = ["file,norm,eps,seed"] + [",".join(row).rstrip(",") for row in CHECKPOINTS]
     atomic_save(out / "ckpt" / "manifest.csv", "\n".join(rows) + "\n")
     print(f"wrote {out / 'data' / 'val'} ({NUM_CLASSES} classes x {PER_CLASS} images) and "
@@ -92,6 +96,8 @@ def main(out):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Tiny ImageNet-style folder and published-style checkpoints.")
-    parser.add_argument("--out", required=True, help="folder for data/val and ckpt/ (with manifest.csv)")
+    parser = argparse.ArgumentParser(
+        description="Tiny ImageNet-style folder and published-style checkpoints.")
+    parser.add_argument("--out", required=True,
+                        help="folder for data/val and ckpt/ (with manifest.csv)")
     main(parser.parse_args().out)

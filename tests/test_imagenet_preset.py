@@ -280,7 +280,8 @@ def torchvision_ckpt(tmp_path_factory):
     """A plain torchvision ResNet-18 state dict (10 classes) and a 10-class folder of 10 images."""
     root = tmp_path_factory.mktemp("published")
     torch.manual_seed(0)
-    torch.save(torchvision.models.resnet18(weights=None, num_classes=10).state_dict(), root / "r18.pth")
+    model = torchvision.models.resnet18(weights=None, num_classes=10)
+    torch.save(model.state_dict(), root / "r18.pth")
     write_folder(root / "data", per_class=1)
     return root
 
@@ -288,32 +289,38 @@ def torchvision_ckpt(tmp_path_factory):
 @pytest.mark.slow
 def test_eval_only_a_torchvision_state_dict_on_an_imagenet_folder(torchvision_ckpt, tmp_path):
     root = torchvision_ckpt
-    argv = ["advtrain.py", "--eval-only", "--ckpt", root / "r18.pth", "--dataset", "imagenet", "--data-dir",
-            root / "data", "--trained-norm", "linf", "--trained-eps", "4/255", "--trained-seed", "3",
-            "--eval-eps", "l2:0.5", "--eval-steps", "1", "--device", "cpu"]
+    argv = ["advtrain.py", "--eval-only", "--ckpt", root / "r18.pth", "--dataset", "imagenet",
+            "--data-dir", root / "data", "--trained-norm", "linf", "--trained-eps", "4/255",
+            "--trained-seed", "3", "--eval-eps", "l2:0.5", "--eval-steps", "1", "--device", "cpu"]
     proc = run_script(*argv, "--test-size", "4", "--out", tmp_path)
     assert proc.returncode == 0, proc.stderr
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert (metrics["norm"], metrics["seed"], metrics["dataset"], metrics["arch"], metrics["test_size"]) == (
-        "linf", 3, "imagenet", "resnet18", 4)
+    keys = ("norm", "seed", "dataset", "arch", "test_size")
+    assert tuple(metrics[k] for k in keys) == ("linf", 3, "imagenet", "resnet18", 4)
     assert metrics["eps"] == pytest.approx(4 / 255)
-    assert [(r["norm"], round(r["eps"], 6)) for r in metrics["robust_acc"]] == [("l2", 0.5), ("linf", round(4 / 255, 6))]
-    assert_user_error(run_script(*argv, "--test-size", "11", "--out", tmp_path), "asked for 11 test examples")
-    assert_user_error(run_script(*argv[:8], "--trained-eps", "1", "--out", tmp_path), "needs --trained-norm")
+    radii = [(r["norm"], round(r["eps"], 6)) for r in metrics["robust_acc"]]
+    assert radii == [("l2", 0.5), ("linf", round(4 / 255, 6))]
+    assert_user_error(run_script(*argv, "--test-size", "11", "--out", tmp_path),
+                      "asked for 11 test examples")
+    assert_user_error(run_script(*argv[:8], "--trained-eps", "1", "--out", tmp_path),
+                      "needs --trained-norm")
 
 
-def test_eval_only_keeps_our_checkpoints_training_and_imagenet_is_not_for_training(tiny_ckpt, tmp_path):
+def test_eval_only_keeps_our_checkpoints_training_and_imagenet_is_not_for_training(tiny_ckpt,
+                                                                                   tmp_path):
     """Our checkpoints record norm, eps and seed: a contradicting value is an error (the
     metrics would be filed under a radius the model never had); agreeing values are fine."""
-    for flag, value in (("--trained-eps", "1.0"), ("--trained-norm", "linf"), ("--trained-seed", "7"),
-                        ("--dataset", "mnist")):
+    for flag, value in (("--trained-eps", "1.0"), ("--trained-norm", "linf"),
+                        ("--trained-seed", "7"), ("--dataset", "mnist")):
         with pytest.raises(common.UserError, match=f"{flag} .* contradicts"):
             advtrain.main(advtrain.get_args(["--eval-only", "--ckpt", str(tiny_ckpt), flag, value,
                                              "--out", str(tmp_path)]))
-    advtrain.main(advtrain.get_args(["--eval-only", "--ckpt", str(tiny_ckpt), "--trained-eps", "0.5",
-                                     "--trained-norm", "l2", "--trained-seed", "0", "--test-size", "16",
-                                     "--eval-steps", "1", "--out", str(tmp_path)]))
+    advtrain.main(advtrain.get_args(["--eval-only", "--ckpt", str(tiny_ckpt), "--trained-eps",
+                                     "0.5", "--trained-norm", "l2", "--trained-seed", "0",
+                                     "--test-size", "16", "--eval-steps", "1",
+                                     "--out", str(tmp_path)]))
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert (metrics["norm"], metrics["eps"], metrics["seed"], metrics["dataset"]) == ("l2", 0.5, 0, "fashion-mnist")
+    keys = ("norm", "eps", "seed", "dataset")
+    assert tuple(metrics[k] for k in keys) == ("l2", 0.5, 0, "fashion-mnist")
     assert_user_error(run_script("advtrain.py", "--dataset", "imagenet", "--epochs", "1"),
                       "invalid choice for training", "--eval-only")

@@ -35,10 +35,13 @@ def stub_python(folder, has_packages):
 
 
 def setup(tmp_path, python=None, pip_fails=False, virtual_env=None, path_first=None):
-    """Source setup_python.sh as run_all.sh does; (exit code, PY it chose, stdout, stderr, calls)."""
+    """Source setup_python.sh as run_all.sh does.
+
+    Returns (exit code, the PY it chose, stdout, stderr, the stub's recorded calls)."""
     calls = tmp_path / "calls"
     calls.write_text("")
-    env = dict(os.environ, CALLS=str(calls), VENV=str(tmp_path / "venv"), PIP_FAILS="1" if pip_fails else "0")
+    env = dict(os.environ, CALLS=str(calls), VENV=str(tmp_path / "venv"),
+               PIP_FAILS="1" if pip_fails else "0")
     env.pop("PYTHON", None)
     env.pop("VIRTUAL_ENV", None)
     if python:
@@ -47,10 +50,12 @@ def setup(tmp_path, python=None, pip_fails=False, virtual_env=None, path_first=N
         env["VIRTUAL_ENV"] = str(virtual_env)
     if path_first:
         env["PATH"] = f"{path_first}:{env['PATH']}"
-    proc = subprocess.run(["bash", "-c", 'set -euo pipefail; source "$0" torch numpy; echo "PY=$PY"',
-                           str(ROOT / "setup_python.sh")], env=env, capture_output=True, text=True)
+    script = 'set -euo pipefail; source "$0" torch numpy; echo "PY=$PY"'
+    proc = subprocess.run(["bash", "-c", script, str(ROOT / "setup_python.sh")], env=env,
+                          capture_output=True, text=True)
     chosen = [line[3:] for line in proc.stdout.splitlines() if line.startswith("PY=")]
-    return proc.returncode, (chosen or [None])[0], proc.stdout, proc.stderr, calls.read_text().splitlines()
+    calls = calls.read_text().splitlines()
+    return proc.returncode, (chosen or [None])[0], proc.stdout, proc.stderr, calls
 
 
 def test_python_with_the_packages_is_used_as_it_is(tmp_path):
@@ -66,8 +71,8 @@ def test_python_without_them_gets_a_venv_once(tmp_path):
     venv_python = tmp_path / "venv" / "bin" / "python"
     assert code == 0 and py == str(venv_python), out + err
     assert "installing requirements.txt" in out
-    assert any("-m venv" in c for c in calls) and any("-m pip install -q -r" in c and "requirements.txt" in c
-                                                      for c in calls)
+    assert any("-m venv" in c for c in calls)
+    assert any("-m pip install -q -r" in c and "requirements.txt" in c for c in calls)
     # the second run finds the venv: nothing is created or installed
     code, py, out, err, calls = setup(tmp_path, python=stub)
     assert code == 0 and py == str(venv_python)
