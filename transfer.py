@@ -15,8 +15,8 @@ on them. Higher target accuracy = more linearly transferable representation.
 
 Outputs under --out (default: the checkpoint's folder): transfer.json (target name -> {acc,
 l2, val_acc, n_train, n_test, feature_dim, classes, adapt, fit_seconds, grad_max, correct,
-with --shots few_shot: K -> {acc, acc_se, draws, l2, at_edge}, with --finetune finetune:
-{acc, epochs, lr, n_train}}, and `provenance`); correct/<stem>.npz (per test example, 1 =
+with --shots few_shot: K -> {acc, acc_se, draws, l2 (per draw), criterion, at_edge}, with
+--finetune finetune: {acc, epochs, lr, n_train}}, and `provenance`); correct/<stem>.npz (per test example, 1 =
 correct, uint8: "probe" [N_test], "<K>-shot" [draws, N_test], "fine-tuned" [N_test]; stem =
 the target with ':' and ',' replaced by '_'; transfer.json[target]["correct"] names it), and
 features/<stem>_<split>.npy (float32 [N, d], reused by later runs while newer than the
@@ -461,8 +461,9 @@ def transfer_to(model, ckpt, text, target, args, out, clock):
             if per_draw is not None:
                 correct[f"{shots}-shot"] = per_draw
             few[str(shots)] = result
+            l2 = sorted(set(result["l2"]))
             clock.log(f"{text} {shots}-shot: acc {result['acc']:.4f} ± {result['acc_se']:.4f} "
-                      f"over {args.draws} draws, l2 {result['l2']}")
+                      f"over {args.draws} draws, l2 {l2[0] if len(l2) == 1 else result['l2']}")
     return entry, {k: torch.as_tensor(v).cpu().numpy().astype(np.uint8) for k, v in correct.items()}
 
 
