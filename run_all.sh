@@ -160,7 +160,9 @@ mkdir -p "$OUT"
 GPU_LIST=()
 nvidia-smi -L > /dev/null 2>&1 && IFS=, read -ra GPU_LIST <<< \
   "${CUDA_VISIBLE_DEVICES:-$(seq -s, 0 $(($(nvidia-smi -L | grep -c '^GPU') - 1)))}"
-JOBS=${JOBS:-$(( ${#GPU_LIST[@]} ? ${#GPU_LIST[@]} : $(nproc 2> /dev/null || echo 1) ))}
+# (nproc counts the cores this process may use, but reads OMP_NUM_THREADS as its answer)
+CORES=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc 2> /dev/null || echo 1)
+JOBS=${JOBS:-$(( ${#GPU_LIST[@]} ? ${#GPU_LIST[@]} : CORES ))}
 THREADS=${THREADS:-1}
 export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
 

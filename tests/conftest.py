@@ -113,6 +113,10 @@ def fashion_mnist_missing(data_dir=ROOT / "data"):
 
 
 def pytest_collection_modifyitems(session, config, items):
+    # the files with end-to-end tests first: spread over workers (tests/run.sh), the longest
+    # start at once rather than last
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)  # stable: file order kept
     if items and not config.option.collectonly:
         missing = fashion_mnist_missing()
         if missing:

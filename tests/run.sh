@@ -7,6 +7,9 @@
 #   bash tests/run.sh -m "not slow"   # the fast loop: every test but the end-to-end ones
 #   bash tests/run.sh -k fisher       # a selection
 #
+# With pytest-xdist (requirements-dev.txt) the test files are spread over one worker per core
+# (each test runs one torch thread); WORKERS=1 runs them in one process.
+#
 # The Python: $PYTHON or the active virtual environment's, used as it is when it has torch,
 # torchvision, numpy and pytest (a reference it lacks: one line says how to install them,
 # and their tests are skipped, or fail under CI=true); else the project's .venv, made or
@@ -23,6 +26,11 @@ if [[ -n "$chosen" ]] && "$chosen" -c "import $(IFS=,; echo "${runtime[*]}")" > 
          "install them with: $PY -m pip install -r requirements-dev.txt"
   fi
 else
-  source setup_python.sh -r requirements-dev.txt "${runtime[@]}" "${references[@]}"
+  source setup_python.sh -r requirements-dev.txt "${runtime[@]}" "${references[@]}" xdist
 fi
-exec "$PY" -m pytest -q tests "$@"
+workers=${WORKERS:-$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc 2> /dev/null || echo 1)}
+parallel=()
+if (( workers > 1 )) && "$PY" -c "import xdist" > /dev/null 2>&1; then
+  parallel=(-n "$workers" --dist loadfile)
+fi
+exec "$PY" -m pytest -q "${parallel[@]}" tests "$@"

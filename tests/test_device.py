@@ -52,6 +52,12 @@ from common import lr_at
 from conftest import ROOT, run_script
 
 CPU = torch.device("cpu")
+
+
+def accelerator_only(device, duplicate):
+    """Skip on the CPU a test whose CPU form is `duplicate`, another test of the suite."""
+    if device.type == "cpu":
+        pytest.skip(f"on the CPU this is {duplicate}")
 TRAIN_RTOL = 3e-3  # the change of the state over a training epoch (assert_same_update)
 FISHER_RTOL = 3e-3
 
@@ -246,7 +252,9 @@ def fashion_mnist():
 @pytest.mark.slow
 def test_bf16_training_on_the_device_within_the_band_of_float32(device, fashion_mnist):
     """The cnn, 2 epochs of PGD-1 training (L2 0.5) on 2000 Fashion-MNIST images: bf16
-    autocast on the device, with and without channels_last, against float32 on the CPU."""
+    autocast on the device, with and without channels_last, against float32 on the CPU.
+    The scripts use bf16 on CUDA only; on the CPU they train in float32 (tested elsewhere)."""
+    accelerator_only(device, "test_a_float32_training_epoch_on_the_device_matches_the_cpu")
     x, y, x_test, y_test = fashion_mnist
     torch.manual_seed(0)
     model = models.build_model("cnn", 5, 1, 28, (0.286,), (0.353,))
@@ -299,6 +307,7 @@ def test_torchrun_one_process_on_the_device(device, tmp_path):
     """advtrain.py under torchrun with one process on the device: it trains and writes.
     (advtrain.py joins no process group when WORLD_SIZE is 1: the in-process test above
     exercises NCCL.)"""
+    accelerator_only(device, "tests/test_ddp.py")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
            "advtrain.py", "--dataset", "synthetic", "--arch", "resnet18", "--width", "8",
            "--train-size", "64", "--test-size", "32", "--epochs", "1", "--steps", "1",
@@ -478,6 +487,7 @@ def test_paper_mini_smoke_on_the_device(device, tmp_path):
     (run_all.sh paper --smoke pins --device cpu): training (on CUDA bf16 autocast and
     channels_last, augmentation, APGD evaluation), Fisher, transfer (probes, few-shot,
     fine-tuning), the four inversions; then Fisher on the CPU from the same checkpoint."""
+    accelerator_only(device, "tests/test_study.py's paper smoke")
     cell = tmp_path / "l2_eps0.5_seed0"
     dev = ["--device", str(device)]
 

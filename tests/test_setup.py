@@ -135,7 +135,7 @@ def test_run_sh_uses_a_chosen_python_and_says_how_to_add_the_references(tmp_path
     stub.write_text('#!/usr/bin/env bash\ncase "$1" in\n  -c) [[ "$2" != *sklearn* ]] ;;\n'
                     '  -m) echo "ran $*" ;;\nesac\n')
     stub.chmod(0o755)
-    env = dict(os.environ, PYTHON=str(stub))
+    env = dict(os.environ, PYTHON=str(stub), WORKERS="1")
     env.pop("VIRTUAL_ENV", None)
     proc = subprocess.run(["bash", str(ROOT / "tests" / "run.sh"), "-k", "probe"], env=env,
                           capture_output=True, text=True)
@@ -143,6 +143,10 @@ def test_run_sh_uses_a_chosen_python_and_says_how_to_add_the_references(tmp_path
     note, ran = proc.stdout.strip().splitlines()
     assert f"{stub} -m pip install -r requirements-dev.txt" in note and "sklearn" in note
     assert ran == "ran -m pytest -q tests -k probe"
+    # more workers: the test files spread over them (the stub says it has pytest-xdist)
+    proc = subprocess.run(["bash", str(ROOT / "tests" / "run.sh")], capture_output=True,
+                          env=dict(env, WORKERS="3"), text=True)
+    assert proc.stdout.strip().splitlines()[-1] == "ran -m pytest -q -n 3 --dist loadfile tests"
 
 
 def test_a_missing_reference_skips_and_fails_under_ci(monkeypatch):

@@ -37,9 +37,10 @@ FAKE_PYTHON = textwrap.dedent("""\
 """)
 
 
-def run_all(tmp_path, fail="", force="0", script=ROOT / "run_all.sh", jobs="1", judge_sleep="0"):
+def run_all(tmp_path, fail="", force="0", script=ROOT / "run_all.sh", jobs="1", judge_sleep="0",
+            **extra_env):
     """The quick preset (seeds 0 1) with the stand-in interpreter: (process, the scripts called
-    after the declaration, which must come first and once)."""
+    after the declaration, which must come first and once). jobs None: JOBS unset."""
     fake = tmp_path / "fake_python"
     fake.write_text(FAKE_PYTHON)
     fake.chmod(0o755)
@@ -47,7 +48,10 @@ def run_all(tmp_path, fail="", force="0", script=ROOT / "run_all.sh", jobs="1", 
     calls.write_text("")
     (tmp_path / "calls.order").write_text("")
     env = dict(os.environ, PYTHON=str(fake), CALLS=str(calls), FAIL=fail, FORCE=force,
-               OUT=str(tmp_path / "res"), SEEDS="0 1", JOBS=jobs, JUDGE_SLEEP=judge_sleep)
+               OUT=str(tmp_path / "res"), SEEDS="0 1", JOBS=jobs, JUDGE_SLEEP=judge_sleep,
+               **extra_env)
+    if jobs is None:
+        del env["JOBS"]
     proc = subprocess.run(["bash", str(script)], cwd=ROOT, env=env, capture_output=True, text=True)
     calls = calls.read_text().split()
     assert calls[:1] == ["declare:quick"] and calls.count("declare:quick") == 1, calls
@@ -66,6 +70,13 @@ def test_run_all_skips_done_steps_and_forces(tmp_path):
     assert proc.stdout.count(": skip ") == 41
     proc, calls = run_all(tmp_path, force="1")
     assert len(calls) == 42
+
+
+def test_run_all_runs_one_job_per_core_whatever_omp_num_threads_says(tmp_path):
+    """GNU nproc answers OMP_NUM_THREADS when it is set (the test suite sets it to 1)."""
+    proc, _ = run_all(tmp_path, jobs=None, OMP_NUM_THREADS="1")
+    assert proc.returncode == 0, proc.stderr
+    assert f"{len(os.sched_getaffinity(0))} jobs at once" in proc.stdout, proc.stdout
 
 
 def test_run_all_redoes_exactly_the_steps_whose_settings_changed(tmp_path):
@@ -177,13 +188,13 @@ def smoke(out, seeds, jobs):
 @pytest.mark.slow
 def test_paper_preset_smoke_parallel_equals_sequential(tmp_path):
     """The paper code path (resnet18, L2 and Linf, several targets) on tiny synthetic data,
-    three seeds with 2 jobs at once: the eps = 0 model is attacked in both norms, so each norm's
-    grid has its baseline and C1 is decided for both, at level seeds. Seed 0 again, one job at
-    a time, gives identical files and verdicts at level models at most."""
-    smoke(tmp_path / "parallel", "0 1 2", "2")
+    one seed with 2 jobs at once: the eps = 0 model is attacked in both norms, so each norm's
+    grid has its baseline (report.py's use of it: tests/test_report.py). The same, one job at
+    a time, gives identical files."""
+    smoke(tmp_path / "parallel", "0", "2")
     runs = {p.parent.name: json.loads(p.read_text())
             for p in (tmp_path / "parallel").glob("*/metrics.json")}
-    assert set(runs) == {"judge"} | {f"{cell}_seed{s}" for s in range(3)
+    assert set(runs) == {"judge"} | {f"{cell}_seed{s}" for s in range(1)
                                      for cell in ("l2_eps0", "l2_eps0.5", "linf_eps8_255")}
     for name, metrics in runs.items():
         radii = {(r["norm"], round(r["eps"], 6)) for r in metrics["robust_acc"]}
@@ -195,18 +206,13 @@ def test_paper_preset_smoke_parallel_equals_sequential(tmp_path):
     assert json.loads((tmp_path / "parallel" / "study.json").read_text())["preset"] == "paper-smoke"
     summary = json.loads((tmp_path / "parallel" / "summary.json").read_text())
     assert set(summary["claims"]) == {"C1", "C2", "C3", "C4", "C5", "C6"}
-    # three seeds and a baseline for each norm: C1 is decided (either way) for L2 and for Linf
+    # one seed of a two-eps grid per norm: judged per norm, decided at no level
     by_norm = summary["claims"]["C1"]["by_norm"]
-    assert set(by_norm) == {"l2", "linf"}
-    assert all(by_norm[norm]["holds"] is not None and by_norm[norm]["n_seeds"] == 3
-               for norm in by_norm), by_norm
-    assert summary["claims"]["C1"]["level"] == "seeds"
+    assert set(by_norm) == {"l2", "linf"}, by_norm
+    assert all(claim["verdict"] == "undetermined" for claim in summary["claims"].values())
 
     proc = smoke(tmp_path / "sequential", "0", "1")
     assert "1 jobs at once" in proc.stdout
-    # one seed: whatever is decided is decided for these models
-    claims = json.loads((tmp_path / "sequential" / "summary.json").read_text())["claims"]
-    assert all(claim["level"] in (None, "models") for claim in claims.values()), claims
     compared = 0
     for path in sorted((tmp_path / "sequential").glob("*/*")):
         twin = tmp_path / "parallel" / path.relative_to(tmp_path / "sequential")
