@@ -91,7 +91,7 @@ def pgd_attack(model, x, y, norm, eps, steps, step_size=None, random_start=True)
         delta = (torch.rand_like(x) * 2 - 1) * eps
     else:
         delta = torch.randn_like(x)
-        radius = eps * torch.rand(len(x), *[1] * (x.dim() - 1), device=x.device)
+        radius = eps * torch.rand(len(x), *[1] * (x.dim() - 1), device=x.device, dtype=x.dtype)
         delta *= radius / _per_sample_norm(delta)
     delta = ((x + delta).clamp(0, 1) - x).requires_grad_(True)
     with eval_mode(model):

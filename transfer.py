@@ -16,11 +16,11 @@ on them. Higher target accuracy = more linearly transferable representation.
 Outputs under --out (default: the checkpoint's folder): transfer.json (target name -> {acc,
 l2, val_acc, n_train, n_test, feature_dim, classes, adapt, fit_seconds, grad_max, correct,
 with --shots few_shot: K -> {acc, acc_se, draws, l2 (per draw), criterion, at_edge}, with
---finetune finetune: {acc, epochs, lr, n_train}}, and `provenance`); correct/<stem>.npz (per test example, 1 =
-correct, uint8: "probe" [N_test], "<K>-shot" [draws, N_test], "fine-tuned" [N_test]; stem =
-the target with ':' and ',' replaced by '_'; transfer.json[target]["correct"] names it), and
-features/<stem>_<split>.npy (float32 [N, d], reused by later runs while newer than the
-checkpoint).
+--finetune finetune: {acc, epochs, lr, n_train}}, and `provenance`); correct/<stem>.npz
+(per test example, 1 = correct, uint8: "probe" [N_test], "<K>-shot" [draws, N_test],
+"fine-tuned" [N_test]; stem = the target with ':' and ',' replaced by '_';
+transfer.json[target]["correct"] names it), and features/<stem>_<split>.npy (float32 [N, d],
+reused by later runs while newer than the checkpoint).
 
 Functions to copy (a model or features, and tensors): extract_features, linear_probe,
 few_shot_probe (with fit_logistic, probe_correct, k_shot_indices), finetune (with

@@ -26,8 +26,8 @@
 #   compile  the same with --compile only (70): the training step under torch.compile
 # OUT/bench.md collects the bench's tables.
 # CPU form (DEVICE=cpu; no BUDGET unless given), one stage after another: tests runs
-# tests/test_device.py's fast tests only (the whole suite is `bash tests/run.sh`), device
-# leaves out the bf16 band (bf16 is emulated on a CPU: minutes), bench runs its device code on
+# tests/test_device.py's fast tests only (the whole suite is `bash tests/run.sh`), device's
+# tests skip (on the CPU they are other tests of the suite), bench runs its device code on
 # a tiny model (--quick), compile is not tried, and the study is skipped (`SEEDS=0 bash
 # run_all.sh` is its one-seed look).
 #
@@ -125,7 +125,7 @@ if ((CUDA)); then
   pids=($!)
   stage smoke 150 env JOBS="${SMOKE_JOBS:-4}" "${smoke[@]}" &
   pids+=($!)
-  stage tests 170 env DEVICE="$DEVICE" bash tests/run.sh -m "not slow"
+  stage tests 170 env DEVICE="$DEVICE" WORKERS=4 bash tests/run.sh -m "not slow"
   stage device 110 env DEVICE="$DEVICE" "$PY" -m pytest "${fast[@]}" -m slow
   wait "${pids[@]}"
   RESERVE=0
@@ -133,7 +133,7 @@ if ((CUDA)); then
   stage compile 70 "${bench[@]}" --compile only
 else
   stage tests 600 env DEVICE="$DEVICE" "$PY" -m pytest "${fast[@]}" -m "not slow"
-  stage device 600 env DEVICE="$DEVICE" "$PY" -m pytest "${fast[@]}" -m slow -k "not bf16"
+  stage device 600 env DEVICE="$DEVICE" "$PY" -m pytest "${fast[@]}" -m slow
   stage smoke 600 "${smoke[@]}"
   skip study "CPU form"
   stage bench 600 "${bench[@]}" --quick
