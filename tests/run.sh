@@ -29,6 +29,10 @@ else
   source setup_python.sh -r requirements-dev.txt "${runtime[@]}" "${references[@]}" xdist
 fi
 workers=${WORKERS:-$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc 2> /dev/null || echo 1)}
+if [[ ! "$workers" =~ ^[1-9][0-9]*$ ]]; then
+  echo "error: WORKERS must be a positive integer, got '$workers'" >&2
+  exit 2
+fi
 parallel=()
 if (( workers > 1 )) && "$PY" -c "import xdist" > /dev/null 2>&1; then
   parallel=(-n "$workers" --dist loadfile)

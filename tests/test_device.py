@@ -71,22 +71,6 @@ def full_float32():
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small models: on a shared CPU one thread is faster than two (test_fisher.py). Module
-    scope, so that the module's trained models are trained on one thread too; the scripts
-    the tests start inherit OMP_NUM_THREADS."""
-    threads, omp = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
-    torch.set_num_threads(1)
-    os.environ["OMP_NUM_THREADS"] = "1"
-    yield
-    torch.set_num_threads(threads)
-    if omp is None:
-        del os.environ["OMP_NUM_THREADS"]
-    else:
-        os.environ["OMP_NUM_THREADS"] = omp
-
-
 @pytest.fixture
 def cpu_random(monkeypatch):
     """torch.rand_like and torch.randn_like draw on the CPU (its global generator) and move the

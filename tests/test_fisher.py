@@ -16,17 +16,6 @@ from conftest import assert_user_error, run_script
 CLASSES, SIZE = 3, 8  # cnn on 8x8 grayscale: input and feature dimension 64
 
 
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    """Tiny models: thread start-up costs more than it saves, and on a shared CPU two threads
-    can be 5x slower than one. Also for the scripts the tests start."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tiny():
     """(model in eval mode with non-trivial BatchNorm statistics, x [4, 1, 8, 8] in [0, 1])."""

@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, assert_user_error
 
 STUB = textwrap.dedent("""\\
     #!/usr/bin/env bash
@@ -147,6 +147,9 @@ def test_run_sh_uses_a_chosen_python_and_says_how_to_add_the_references(tmp_path
     proc = subprocess.run(["bash", str(ROOT / "tests" / "run.sh")], capture_output=True,
                           env=dict(env, WORKERS="3"), text=True)
     assert proc.stdout.strip().splitlines()[-1] == "ran -m pytest -q -n 3 --dist loadfile tests"
+    proc = subprocess.run(["bash", str(ROOT / "tests" / "run.sh")], capture_output=True,
+                          env=dict(env, WORKERS="two"), text=True)
+    assert_user_error(proc, "WORKERS must be a positive integer", "'two'")
 
 
 def test_a_missing_reference_skips_and_fails_under_ci(monkeypatch):

@@ -17,15 +17,6 @@ from conftest import ROOT, assert_user_error, run_script
 from transfer import describe_adaptation, extract_features, linear_probe, parse_target
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is faster, and far faster on a busy machine (OpenMP spin-waits)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 PROBE_ARGS = ["--target", "fashion-mnist:5-9", "--train-size", "300", "--test-size", "100",
               "--no-download", "--device", "cpu"]
 
