@@ -20,8 +20,15 @@ metrics.json (clean accuracy and robust accuracy at every evaluation radius, eac
 naming its norm, radius and attack). Inputs are images in [0, 1]; the dataset's
 normalisation is the first layer of the model, so eps is in pixel units.
 
-Functions to copy (they take a model and tensors; with common.lr_at, models.eval_mode and
-models.make_optimizer): project, pgd_attack, apgd_attack, accuracy, train_epoch, evaluate.
+Functions to copy: each needs the names after its colon, from this file, the shared modules
+after its semicolon, beside it, and this file's imports of other libraries.
+    pgd_attack: NORMS, check_attack, project; common.py, models.py
+    apgd_attack: NORMS, _apgd_checkpoints, apgd_single, check_attack, dlr_targeted_loss,
+        project; common.py, models.py
+    accuracy: EVAL_ATTACKS, NORMS, _apgd_checkpoints, apgd_attack, apgd_single, check_attack,
+        dlr_targeted_loss, pgd_attack, project; common.py, models.py
+    train_epoch: NORMS, all_reduce_sum, broadcast_buffers, check_attack, pgd_attack, project;
+        common.py, data.py, models.py
 """
 import argparse
 import gc
@@ -35,23 +42,19 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from checkpoints import load_checkpoint, new_checkpoint, read_checkpoint
 from common import (CKPT_HELP, UNSAFE_LOAD_HELP, ArgumentParser, Clock, UserError,
-                    add_common_args, atomic_save, checked, format_eps, lr_at, nonnegative_int,
-                    parse_classes, parse_eps, positive_int, provenance, user_errors,
-                    writable_dir)
+                    add_common_args, atomic_save, check_number, format_eps, lr_at,
+                    nonnegative_int, parse_classes, parse_eps, positive_int, provenance,
+                    user_errors, writable_dir)
 from data import DATASETS, load_split, random_crop_flip
-from models import (ARCHS, build_model, eval_mode, get_device, load_checkpoint, make_optimizer,
-                    read_checkpoint)
+from models import (ARCHS, build_model, check_images, check_labels, eval_mode, get_device,
+                    l2_step, make_optimizer, per_example_norm, sgd_epoch)
 
 NORMS = ("l2", "linf")
 
 
 # ----------------------------------------------------------------------------- attacks
-
-def _per_sample_norm(t):
-    """The L2 norm of each example of t [N, ...], shaped [N, 1, ..., 1]; at least 1e-12."""
-    return t.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (t.dim() - 1))
-
 
 def project(x, delta, norm, eps):
     """The point x + delta moved into the threat model around x: delta onto the eps-ball of
@@ -61,27 +64,44 @@ def project(x, delta, norm, eps):
     if norm == "linf":
         delta = delta.clamp(-eps, eps)
     else:
-        delta = delta * (eps / _per_sample_norm(delta)).clamp(max=1.0)
+        delta = delta * (eps / per_example_norm(delta)).clamp(max=1.0)
     return (x + delta).clamp(0, 1)
 
 
-def _check_norm(norm):
+def check_attack(x, y, norm, eps, steps, step_size=None):
+    """The checks of every attack, before any work: ValueError naming the bad value unless x
+    is images [N, C, H, W] in [0, 1], y their N integer labels, norm 'l2' or 'linf', eps >= 0,
+    steps an integer >= 0 and >= 1 when eps > 0 (a zero-step attack would return the clean
+    images as if they were adversarial), step_size None or >= 0."""
     if norm not in NORMS:
         raise ValueError(f"norm must be 'l2' or 'linf', got {norm!r}")
+    check_images(x)
+    check_labels(y, len(x))
+    check_number("eps", eps, at_least=0)
+    check_number("steps", steps, at_least=0, integer=True)
+    if eps > 0 and steps == 0:
+        raise ValueError(f"eps {eps:g} with steps 0 attacks nothing: give steps >= 1 (eps 0 "
+                         f"for no attack)")
+    if step_size is not None:
+        check_number("step_size", step_size, at_least=0)
 
 
-def pgd_attack(model, x, y, norm, eps, steps, step_size=None, random_start=True):
+def pgd_attack(model, x, y, norm, eps, steps, step_size=None, random_start=True, check=True):
     """Projected gradient ascent on the cross-entropy within the eps-ball around x.
 
-    x [N, C, H, W] in [0, 1], y [N]; norm 'linf' (sign steps) or 'l2' (normalised steps);
-    step_size default 2.5 eps / steps; random start uniform in the ball (l2: uniform
-    direction, radius eps * U). Runs the model in eval mode (BatchNorm running statistics)
-    and leaves its mode as found; gradients are taken with respect to the input only, so no
-    parameter gradient is computed or accumulated. Returns x_adv, detached, with
-    ||x_adv - x|| <= eps and x_adv in [0, 1].
+    x [N, C, H, W] in [0, 1], y [N]; norm 'linf' (sign steps) or 'l2' (normalised steps,
+    models.l2_step); steps >= 1 when eps > 0 (eps 0 returns x: no attack); step_size default
+    2.5 eps / steps; random start uniform in the ball (l2: uniform direction, radius
+    eps * U). Runs the model in eval mode (BatchNorm running statistics) and leaves its mode
+    as found; gradients are taken with respect to the input only, so no parameter gradient is
+    computed or accumulated. Returns x_adv, detached, with ||x_adv - x|| <= eps and x_adv in
+    [0, 1]. Bad input is a ValueError (check_attack); the check of x's range reads one number
+    from the device, so a caller that has checked its data (train_epoch, once per epoch)
+    passes check=False. Every random draw is a *_like of x: on x's device and dtype.
     """
-    _check_norm(norm)
-    if eps == 0 or steps == 0:
+    if check:
+        check_attack(x, y, norm, eps, steps, step_size)
+    if eps == 0:
         return x.detach()
     step_size = 2.5 * eps / steps if step_size is None else step_size
     x = x.detach()
@@ -91,8 +111,8 @@ def pgd_attack(model, x, y, norm, eps, steps, step_size=None, random_start=True)
         delta = (torch.rand_like(x) * 2 - 1) * eps
     else:
         delta = torch.randn_like(x)
-        radius = eps * torch.rand(len(x), *[1] * (x.dim() - 1), device=x.device, dtype=x.dtype)
-        delta *= radius / _per_sample_norm(delta)
+        radius = eps * torch.rand_like(x.new_empty(len(x), *[1] * (x.dim() - 1)))  # [N, 1, 1, 1]
+        delta *= radius / per_example_norm(delta)
     delta = ((x + delta).clamp(0, 1) - x).requires_grad_(True)
     with eval_mode(model):
         for _ in range(steps):
@@ -103,7 +123,7 @@ def pgd_attack(model, x, y, norm, eps, steps, step_size=None, random_start=True)
                 if norm == "linf":
                     delta += step_size * grad.sign()
                 else:
-                    delta += step_size * grad / _per_sample_norm(grad)
+                    delta += l2_step(grad, step_size)
                 delta.copy_(project(x, delta, norm, eps) - x)
     return (x + delta).detach()
 
@@ -111,7 +131,11 @@ def pgd_attack(model, x, y, norm, eps, steps, step_size=None, random_start=True)
 def dlr_targeted_loss(logits, y, target):
     """Targeted difference-of-logits-ratio loss of Croce and Hein 2020, per example [N]:
     -(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2), pi the logits sorted in decreasing order.
-    Invariant to shifts and scales of the logits; needs at least 4 classes."""
+    Invariant to shifts and scales of the logits; logits [N, k] with k >= 4 classes, else a
+    ValueError."""
+    if logits.dim() != 2 or logits.shape[1] < 4:
+        raise ValueError(f"the DLR loss needs logits [N, k] of k >= 4 classes, got "
+                         f"{list(logits.shape)}")
     s = logits.sort(1, descending=True).values
     z_y, z_t = logits.gather(1, y[:, None])[:, 0], logits.gather(1, target[:, None])[:, 0]
     return -(z_y - z_t) / (s[:, 0] - 0.5 * (s[:, 2] + s[:, 3]) + 1e-12)
@@ -135,9 +159,10 @@ def apgd_single(model, x, y, norm, eps, steps=100, loss_fn=None, rho=0.75, momen
     (then it restarts from its best point); momentum 0.75 between successive iterates. Sign
     steps for linf, normalised gradient steps for l2; random start in the ball; input-only
     gradients, model in eval mode (its mode is given back). Returns, per example, the first
-    misclassified iterate found, else the iterate of highest loss (detached).
+    misclassified iterate found, else the iterate of highest loss (detached). Bad input is a
+    ValueError (check_attack).
     """
-    _check_norm(norm)
+    check_attack(x, y, norm, eps, steps)
     loss_fn = loss_fn or (lambda logits, y: F.cross_entropy(logits, y, reduction="none"))
     view = (-1,) + (1,) * (x.dim() - 1)
 
@@ -150,7 +175,7 @@ def apgd_single(model, x, y, norm, eps, steps=100, loss_fn=None, rho=0.75, momen
         return loss.detach(), grad.detach(), logits.detach().argmax(1) != y
 
     def ascent(grad):
-        return grad.sign() if norm == "linf" else grad / _per_sample_norm(grad)
+        return grad.sign() if norm == "linf" else l2_step(grad, 1.0)
 
     def onto_ball(point):  # a point [N, C, H, W] moved into the threat model around x
         return project(x, point - x, norm, eps)
@@ -198,20 +223,28 @@ def apgd_attack(model, x, y, norm, eps, steps=100, restarts=1, targets=3):
     `restarts` random starts; an example falls to the first run that misclassifies it, so the
     result is each example's worst case over the runs. Calling convention of pgd_attack: x
     [N, C, H, W] in [0, 1], y [N]; returns x_adv within the eps-ball and [0, 1] (for examples
-    no run fooled, the last run's point of highest loss). Targeted runs need >= 4 classes.
-    The model runs in eval mode; its mode is given back.
+    no run fooled, the last run's point of highest loss). The model runs in eval mode; its
+    mode is given back. Bad input is a ValueError (check_attack), and so is a targeted run
+    the model cannot have: targets > 0 needs >= 4 classes (the DLR loss) and at most k - 1
+    targets; targets=0 is APGD-CE alone.
     """
-    _check_norm(norm)
+    check_attack(x, y, norm, eps, steps)
+    check_number("restarts", restarts, at_least=1, integer=True)
+    check_number("targets", targets, at_least=0, integer=True)
     x, x_adv = x.detach(), x.detach().clone()
     with eval_mode(model):
         with torch.no_grad():
             logits = model(x)
+        k = logits.shape[1]
+        if targets and (k < 4 or targets > k - 1):
+            raise ValueError(f"targets {targets}: targeted APGD-DLR needs >= 4 classes and at "
+                             f"most k - 1 targets, the model has k = {k} classes (targets=0: "
+                             f"APGD-CE alone)")
         robust = logits.argmax(1) == y  # a clean mistake needs no attack
         others = logits.clone()
         others[torch.arange(len(y)), y] = -float("inf")
         ranked = others.argsort(1, descending=True)  # the other classes, most likely first
-        n_targeted = min(targets, logits.shape[1] - 1) if logits.shape[1] >= 4 else 0
-        runs = [None] + list(range(n_targeted))
+        runs = [None] + list(range(targets))
         for _ in range(restarts):
             for t in runs:
                 idx = robust.nonzero()[:, 0]
@@ -230,13 +263,24 @@ def apgd_attack(model, x, y, norm, eps, steps=100, restarts=1, targets=3):
 EVAL_ATTACKS = ("pgd", "apgd", "apgd-ce")
 
 
-def accuracy(model, x, y, batch_size=500, norm="l2", eps=0.0, steps=0, restarts=1,
+def accuracy(model, x, y, batch_size=500, norm="l2", eps=0.0, steps=None, restarts=1,
              step_size=None, attack="pgd"):
     """Accuracy on (x, y), clean (eps = 0) or under attack: "pgd", "apgd" (APGD-CE and three
-    targeted APGD-DLR runs, the worst case per example) or "apgd-ce" (APGD on the
-    cross-entropy alone); an example counts as correct only if it survives every restart.
+    targeted APGD-DLR runs, the worst case per example; >= 4 classes) or "apgd-ce" (APGD on
+    the cross-entropy alone); an example counts as correct only if it survives every restart.
+    eps > 0 needs `steps` (the attack's steps, >= 1; no default: a robust accuracy without
+    attack steps would be the clean accuracy under another name); it is ignored at eps 0.
     Batched; x may live on any device, batches move to the model's. Eval mode; the model's
-    mode is given back."""
+    mode is given back. Bad input is a ValueError naming the value."""
+    check_number("eps", eps, at_least=0)
+    if eps > 0 and steps is None:
+        raise ValueError(f"accuracy at eps {eps:g} needs steps, the attack's steps (e.g. 20): "
+                         f"there is no default (eps 0 is the clean accuracy)")
+    check_attack(x, y, norm, eps, 0 if steps is None else steps, step_size)
+    check_number("batch_size", batch_size, at_least=1, integer=True)
+    check_number("restarts", restarts, at_least=1, integer=True)
+    if attack not in EVAL_ATTACKS:
+        raise ValueError(f"attack must be one of {', '.join(EVAL_ATTACKS)}, got {attack!r}")
     device = next(model.parameters()).device
     correct = 0
     with eval_mode(model):
@@ -266,60 +310,46 @@ def accuracy(model, x, y, batch_size=500, norm="l2", eps=0.0, steps=0, restarts=
 def train_epoch(model, opt, x, y, *, batch_size=128, norm="l2", eps=0.0, steps=3, step_size=None,
                 lr_schedule=None, step0=0, augment=False, amp=False, channels_last=False,
                 shard=None):
-    """One epoch of (adversarial) training over in-memory tensors x [N, C, H, W], y [N].
+    """One epoch of (adversarial) training over in-memory tensors x [N, C, H, W], y [N]
+    (models.sgd_epoch's loop: SGD steps in a random order from the global CPU generator,
+    nothing read from the device before the epoch's end, a non-finite loss a
+    FloatingPointError after it).
 
-    Each batch (in a random order from the global RNG) is replaced by its PGD adversarial
-    examples (norm, eps, steps, step_size; eps = 0 is standard training), optionally after a
-    random crop and flip (augment). lr_schedule: global step -> learning rate, applied before
-    every step (None leaves the optimizer's rate); step0 is the global step of the first batch.
-    amp (bf16 autocast) is for CUDA; channels_last (the batch's memory layout) for CUDA and CPU.
-    shard: data-parallel training (model wrapped in DistributedDataParallel, every process
-    drawing the same order): a function from the indices of a global batch of batch_size to
-    (this process's share of them, the weight of its mean loss), e.g. ddp_shard; process 0's
-    BatchNorm statistics and the totals are then shared at the end of the epoch.
+    Each batch is replaced by its PGD adversarial examples (norm, eps, steps, step_size;
+    eps = 0 is standard training), optionally after a random crop and flip (augment).
+    lr_schedule: global step -> learning rate, applied before every step (None leaves the
+    optimizer's rate); step0 is the global step of the first batch. amp: bf16 autocast of the
+    attack and the training step (advtrain.py's choice on CUDA); channels_last: the batch's
+    memory layout. shard: data-parallel training (model wrapped in DistributedDataParallel,
+    every process drawing the same order): a function from the indices of a global batch of
+    batch_size to (this process's share of them, the weight of its mean loss), e.g.
+    ddp_shard; process 0's BatchNorm statistics and the totals are then shared at the end of
+    the epoch. x and y are checked once (check_attack; it reads one number from the device).
+    The model's mode is given back.
     Returns (mean loss, train accuracy on the examples it trained on, next global step).
     """
+    check_attack(x, y, norm, eps, steps, step_size)
     device = next(model.parameters()).device
     attacked = getattr(model, "module", model)  # DDP's network: input gradients need no sync
-    order = torch.randperm(len(x))
-    loss_sum, correct, count, step = 0.0, 0, 0, step0
-    for i in range(0, len(x), batch_size):
-        idx, weight = order[i:i + batch_size], None
-        if shard is not None:
-            idx, weight = shard(idx)
-        xb, yb = x[idx].to(device, non_blocking=True), y[idx].to(device, non_blocking=True)
+
+    def adversarial(xb, yb):  # a batch on the device -> what the step trains on
         if augment:
             xb = random_crop_flip(xb)
         if channels_last:
             xb = xb.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            xb = pgd_attack(attacked, xb, yb, norm, eps, steps, step_size)
-            model.train()
-            logits = model(xb)
-            loss = F.cross_entropy(logits.float(), yb)
-        mean_loss = loss.item()
-        if weight is not None:
-            loss = loss * weight
-        if lr_schedule is not None:
-            for group in opt.param_groups:
-                group["lr"] = lr_schedule(step)
-        if not math.isfinite(mean_loss):  # stop before the step: no poisoned weights are saved
-            raise FloatingPointError(f"loss is {mean_loss} at step {step - step0 + 1} of the epoch")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        step += 1
-        loss_sum += mean_loss * len(yb)
-        correct += (logits.argmax(1) == yb).sum().item()
-        count += len(yb)
+        return pgd_attack(attacked, xb, yb, norm, eps, steps, step_size, check=False)
+
+    def reduce(totals):  # every process leaves with the sums over all processes
+        return all_reduce_sum(totals, device)
+
+    result = sgd_epoch(model, opt, x, y, batch_size=batch_size, lr_schedule=lr_schedule,
+                       step0=step0, prepare=adversarial, amp=amp, shard=shard,
+                       reduce=reduce if shard is not None else None)
     if shard is not None:
         # every process leaves with process 0's BatchNorm statistics, the ones the checkpoint
         # saves: the guard, the next epoch's attacks and evaluation then agree across processes
         broadcast_buffers(attacked)
-        totals = torch.tensor([loss_sum, correct, count], dtype=torch.float64, device=device)
-        dist.all_reduce(totals)
-        loss_sum, correct, count = totals.tolist()
-    return loss_sum / count, correct / count, step
+    return result
 
 
 def ddp_shard(rank, world_size):
@@ -352,7 +382,8 @@ def evaluate(model, x, y, radii, *, batch_size=500, steps=20, restarts=1, attack
 
 def init_distributed(device):
     """Under torchrun (WORLD_SIZE, RANK, LOCAL_RANK set), join the process group: NCCL on CUDA
-    (one GPU per process, by LOCAL_RANK), gloo on CPU. Returns (rank, world_size, device);
+    (one GPU per process, by LOCAL_RANK), gloo on CPU. Returns (rank, world_size, device),
+    device the process's: every tensor handed to a collective lives there (all_reduce_sum);
     (0, 1, device) for a plain single-process run, which pays nothing for this."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
@@ -373,23 +404,35 @@ def leave_distributed():
 
 def broadcast_buffers(net):
     """Process 0's buffers (BatchNorm running statistics) to every process: each process's
-    training forward updates its own copy from its share of the batch."""
+    training forward updates its own copy from its share of the batch. The buffers live on
+    the network's device, the process's."""
     for buffer in net.buffers():
         dist.broadcast(buffer, 0)
 
 
-def reduce_metrics(metrics, n_local, world_size):
+def all_reduce_sum(values, device):
+    """The sum over the processes of values (numbers, or a tensor [k]) -> float64 tensor [k]
+    on `device`, which must be the process's (init_distributed's): NCCL serves CUDA tensors
+    only, so the tensor is made there rather than wherever a forgotten device= would put it
+    (DESIGN.md, Scale). The one all-reduce of training (the epoch's totals) and evaluation
+    (reduce_metrics); the values given are never changed."""
+    total = torch.as_tensor(values, dtype=torch.float64, device=device).clone()
+    dist.all_reduce(total)
+    return total
+
+
+def reduce_metrics(metrics, n_local, world_size, device):
     """Evaluation sharded over processes: every accuracy of evaluate()'s result becomes the
-    accuracy over all shards (weighted by their sizes). Unchanged for one process."""
+    accuracy over all shards (weighted by their sizes), summed by all_reduce_sum on the
+    process's device. Unchanged for one process."""
     if world_size == 1:
         return metrics
-    values = torch.tensor([n_local, metrics["clean_acc"] * n_local]
-                          + [r["acc"] * n_local for r in metrics["robust_acc"]],
-                          dtype=torch.float64)
-    dist.all_reduce(values)
-    metrics["clean_acc"] = (values[1] / values[0]).item()
-    for r, v in zip(metrics["robust_acc"], values[2:]):
-        r["acc"] = (v / values[0]).item()
+    n, clean, *robust = all_reduce_sum(
+        [n_local, metrics["clean_acc"] * n_local]
+        + [r["acc"] * n_local for r in metrics["robust_acc"]], device).tolist()
+    metrics["clean_acc"] = clean / n
+    for r, v in zip(metrics["robust_acc"], robust):
+        r["acc"] = v / n
     return metrics
 
 
@@ -403,7 +446,7 @@ def watch_guard(guard, model, x, y, epoch, run):
     """FGSM's catastrophic-overfitting guard, after an epoch: PGD-10 accuracy on the held-out
     batch; keeps the best epoch's weights in guard; on a collapse (collapsed()) loads them back
     into model and returns True (stop training)."""
-    acc = accuracy(model, x, y, run.batch_size, run.norm, run.eps, steps=10)
+    acc = accuracy(model, x, y, run.eval_batch_size, run.norm, run.eps, steps=10)
     guard["history"].append(acc)
     if acc >= max(guard["history"]):
         guard["best_epoch"] = epoch
@@ -468,6 +511,12 @@ def get_args(argv=None):
     p.add_argument("--epochs", type=positive_int, default=5, help="training epochs")
     p.add_argument("--batch-size", type=positive_int, default=128,
                    help="examples per step (under torchrun: the global batch)")
+    p.add_argument("--eval-batch-size", type=positive_int, default=None,
+                   help="examples per batch of the evaluation's attacks, which run in float32 "
+                        "(default --batch-size)")
+    p.add_argument("--compile", action="store_true",
+                   help="train (attack and step) with the network torch.compile'd; compiling "
+                        "takes a while at the start of the run")
     p.add_argument("--lr", type=float, default=0.05, help="peak learning rate of the one-cycle "
                    "schedule")
     p.add_argument("--momentum", type=float, default=0.9, help="Nesterov momentum")
@@ -521,6 +570,9 @@ def get_args(argv=None):
         if args.dataset == "imagenet":  # no in-memory ImageNet training set
             p.error("argument --dataset: invalid choice for training: 'imagenet' (published "
                     "ImageNet checkpoints are evaluated with --eval-only)")
+        if args.attack == "pgd" and args.steps == 0 and (args.eps or 0) > 0:
+            p.error(f"--steps 0 with --eps {format_eps(args.eps)} would train on clean images: "
+                    f"give --steps >= 1, or --eps 0 for standard training")
     return args
 
 
@@ -534,6 +586,7 @@ def _resolved(args, **values):
         raise UserError("--eval-eps without a norm (e.g. 0.5) needs the training norm: write "
                         "l2:0.5, or give --trained-norm")
     run.eval_eps = [(norm or run.norm, eps) for norm, eps in args.eval_eps]
+    run.eval_batch_size = args.eval_batch_size or args.batch_size
     if args.attack == "fgsm":
         run.steps = 1
     return run
@@ -598,18 +651,14 @@ def check_resumable(ckpt, settings, path):
 
 
 def make_checkpoint(net, opt, run, data, epoch, train_seconds, guard):
-    """Plain dict of tensors and plain types: loads with torch.load(weights_only=True). The
+    """The run's checkpoint (checkpoints.new_checkpoint: tensors and plain types, loads with
+    torch.load(weights_only=True)) with its settings, the optimizer and fgsm's guard. The
     learning rate is a pure function of the step (lr_at), so the epoch is the schedule's
     state."""
-    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
-    model_args = data["model_args"]
-    return {"model": state, "model_args": model_args, "arch": run.arch,
-            "num_classes": len(data["classes"]), "in_channels": model_args["in_channels"],
-            "image_size": model_args["image_size"], "dataset": run.dataset,
-            "classes": data["classes"], "norm": run.norm, "eps": run.eps,
-            "args": settings_of(run), "provenance": provenance(settings_of(run)),
-            "epoch": epoch, "train_seconds": train_seconds, "optimizer": opt.state_dict(),
-            "guard": guard}
+    return new_checkpoint(net, data["model_args"], run.dataset, data["classes"], run.norm,
+                          run.eps, args=settings_of(run), provenance=provenance(settings_of(run)),
+                          epoch=epoch, train_seconds=train_seconds, optimizer=opt.state_dict(),
+                          guard=guard)
 
 
 def eval_only(args):
@@ -627,7 +676,7 @@ def eval_only(args):
     # no training radius known (a published checkpoint without --trained-eps): --eval-eps only
     radii = ([(run.norm, run.eps)] if run.eps is not None else []) + run.eval_eps
     torch.manual_seed(0)  # the attacks' random starts: a rerun gives the same numbers
-    metrics = evaluate(model, x, y, radii, batch_size=run.batch_size, steps=run.eval_steps,
+    metrics = evaluate(model, x, y, radii, batch_size=run.eval_batch_size, steps=run.eval_steps,
                        restarts=run.eval_restarts, attack=run.eval_attack)
     metrics.update(eps=run.eps, norm=run.norm, arch=ckpt["arch"], dataset=run.dataset,
                    classes=ckpt["classes"], seed=run.seed, test_size=len(x), ckpt=str(run.ckpt),
@@ -645,7 +694,7 @@ def load_data(run, device):
     the CPU, "guard": fgsm's held-out last --guard-size training examples on device, or
     None}."""
     ds = DATASETS[run.dataset]
-    classes = checked(parse_classes, run.classes, ds.num_classes)
+    classes = parse_classes(run.classes, ds.num_classes)
     load = dict(data_dir=run.data_dir, classes=classes, download=not run.no_download)
     x_train, y_train = load_split(run.dataset, True, size=run.train_size, **load)
     test = load_split(run.dataset, False, size=run.test_size, **load)
@@ -663,18 +712,16 @@ def load_data(run, device):
 
 
 def setup_model(run, data, device, world_size):
-    """(network, the model to train: the network or its DDP wrapper, optimizer), the network
-    initialised from --seed, channels_last."""
+    """(network, the model to train, optimizer): the network initialised from --seed in
+    channels_last on device (with --sync-bn its BatchNorm layers SyncBatchNorm); the model to
+    train is the network, torch.compile'd with --compile, in a DDP wrapper under torchrun."""
     torch.manual_seed(run.seed)
     net = build_model(**data["model_args"]).to(device, memory_format=torch.channels_last)
-    cuda = device.type == "cuda"
-    if run.sync_bn:
-        if not (cuda and world_size > 1):
-            raise UserError("--sync-bn needs torchrun with CUDA (SyncBatchNorm does not run on "
-                            "the CPU)")
+    if run.sync_bn:  # main refuses it unless under torchrun on CUDA
         net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
-    model = net if world_size == 1 else torch.nn.parallel.DistributedDataParallel(
-        net, device_ids=[device] if cuda else None)
+    model = torch.compile(net) if run.compile else net
+    if world_size > 1:  # device_ids None: the module and its inputs are on the one device
+        model = torch.nn.parallel.DistributedDataParallel(model)
     return net, model, make_optimizer(net, run.lr, run.momentum, run.weight_decay)
 
 
@@ -751,9 +798,9 @@ def final_evaluation(run, out, data, net, ckpt, rank, world_size, say):
     x_test, y_test = data["test"]
     x_shard, y_shard = x_test[rank::world_size], y_test[rank::world_size]
     metrics = evaluate(net, x_shard, y_shard, [(run.norm, run.eps), *run.eval_eps],
-                       batch_size=run.batch_size, steps=run.eval_steps,
+                       batch_size=run.eval_batch_size, steps=run.eval_steps,
                        restarts=run.eval_restarts, attack=run.eval_attack)
-    metrics = reduce_metrics(metrics, len(x_shard), world_size)
+    metrics = reduce_metrics(metrics, len(x_shard), world_size, next(net.parameters()).device)
     metrics.update(eps=run.eps, norm=run.norm, arch=run.arch, dataset=run.dataset,
                    classes=data["classes"], epochs=run.epochs, seed=run.seed,
                    train_size=len(data["train"][0]), test_size=len(x_test),
@@ -770,10 +817,17 @@ def final_evaluation(run, out, data, net, ckpt, rank, world_size, say):
 
 
 def main(args):
+    # cuDNN times its algorithms for each new shape once, then takes the fastest (a CIFAR
+    # step has a few fixed shapes); the CPU ignores the flag. Runs on CUDA are then not
+    # bit-reproducible: --resume is bit-exact on the CPU.
+    torch.backends.cudnn.benchmark = True
     if args.eval_only:
         return eval_only(args)
     run = training_settings(args)
     rank, world_size, device = init_distributed(get_device(run.device))
+    if run.sync_bn and not (device.type == "cuda" and world_size > 1):
+        raise UserError("--sync-bn needs torchrun with CUDA (SyncBatchNorm does not run on the "
+                        "CPU)")
     say = Clock().log if rank == 0 else (lambda text: None)  # process 0 alone speaks and writes
     out = writable_dir(run.out or "runs/default")
     data = load_data(run, device)

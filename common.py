@@ -1,8 +1,9 @@
-"""Helpers every script shares that need only numpy and the standard library: user errors,
-the command-line vocabulary, eps and class parsing, mean and standard error, the one-cycle
-learning rate, atomic writes, provenance and progress lines. report.py imports this module
-alone, so it starts without torch; data.py (datasets) and models.py (models, checkpoints) hold
-the torch parts.
+"""Helpers every script shares that need only numpy and the standard library: main's error
+boundary (user_errors), the scalar checks of the core functions (check_number), the
+command-line vocabulary, eps and class parsing, mean and standard error, the one-cycle
+learning rate, atomic writes, provenance and progress lines. It imports no other module of
+the project; report.py imports it alone, so it starts without torch; data.py (datasets),
+models.py (models, tensor helpers) and checkpoints.py (checkpoint files) hold the torch parts.
 """
 import argparse
 import contextlib
@@ -10,6 +11,7 @@ import functools
 import hashlib
 import json
 import math
+import numbers
 import os
 import subprocess
 import sys
@@ -22,26 +24,37 @@ ROOT = Path(__file__).resolve().parent
 
 
 class UserError(Exception):
-    """An error the user caused (bad argument, missing file): one line, no traceback."""
+    """An error of the command line that a script's main finds itself (arguments that
+    contradict each other or a checkpoint): one line, no traceback. Library functions raise
+    standard exceptions instead (ValueError, FileNotFoundError)."""
 
 
 @contextlib.contextmanager
 def user_errors():
-    """Turn UserError into one line on stderr and exit status 2."""
+    """main's one error boundary: a UserError, or the ValueError (a bad value) or
+    FileNotFoundError (a missing file) of a library function, becomes one line on stderr,
+    `error: <the message's first line>`, and exit status 2; anything else keeps its
+    traceback."""
     try:
         yield
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+    except (UserError, ValueError, FileNotFoundError) as e:
+        line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        print(f"error: {line}", file=sys.stderr, flush=True)
         sys.exit(2)
 
 
-def checked(fn, *args, **kwargs):
-    """fn(*args, **kwargs) for main: the ValueError a core function raises on a bad argument
-    becomes a UserError (one line, exit 2)."""
-    try:
-        return fn(*args, **kwargs)
-    except ValueError as e:
-        raise UserError(str(e)) from None
+def check_number(name, value, at_least=None, above=None, integer=False):
+    """ValueError naming `name` unless value is a finite real number (an integer when
+    `integer`; never a bool), >= at_least and > above where given. For core functions'
+    scalar arguments."""
+    kind = numbers.Integral if integer else numbers.Real
+    ok = (isinstance(value, kind) and not isinstance(value, bool) and math.isfinite(value)
+          and (at_least is None or value >= at_least) and (above is None or value > above))
+    if not ok:
+        bounds = [f" {sign} {bound:g}" for sign, bound in ((">=", at_least), (">", above))
+                  if bound is not None]
+        what = ("an integer" if integer else "a finite number") + "".join(bounds)
+        raise ValueError(f"{name} must be {what}, got {value!r}")
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

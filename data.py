@@ -1,9 +1,12 @@
 """Datasets: the registry, loading (data-dir, the Debian system copy of Fashion-MNIST,
 torchvision download, ImageNet-style folders), class selection, in-memory or streamed splits
 (STREAM_RULE), batches adapted to a model's input, and augmentation.
-Images are float32 in [0, 1]; normalisation lives inside the models (models.py).
+Images are float32 in [0, 1]; normalisation lives inside the models (models.py). A bad name
+or size is a ValueError, data that cannot be found or fetched a FileNotFoundError, each one
+line; the scripts' main turns them into one line and exit 2.
 """
 import gzip
+import numbers
 import os
 from pathlib import Path
 from typing import NamedTuple, Optional, Tuple
@@ -11,8 +14,6 @@ from typing import NamedTuple, Optional, Tuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-from common import UserError
 
 
 class Dataset(NamedTuple):
@@ -42,9 +43,9 @@ SYSTEM_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"  # Debian package dat
 
 
 def get_dataset(name):
-    """The Dataset record of a name, or a one-line error listing the choices."""
+    """The Dataset record of a name; an unknown name is a ValueError listing the choices."""
     if name not in DATASETS:
-        raise UserError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
+        raise ValueError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
     return DATASETS[name]
 
 
@@ -56,6 +57,13 @@ def _read_idx(path):
     ndim = data[3]
     shape = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
     return np.frombuffer(bytearray(data), dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def mnist_like_folders(name, data_dir):
+    """The folders searched, in order, for the IDX files of mnist or fashion-mnist: torchvision's
+    download folder, data_dir/<name>, then (fashion-mnist) the Debian system copy."""
+    folders = [Path(data_dir) / DATASETS[name].torchvision / "raw", Path(data_dir) / name]
+    return folders + ([Path(SYSTEM_FASHION_MNIST)] if name == "fashion-mnist" else [])
 
 
 def _find_idx(folder, train):
@@ -71,10 +79,10 @@ def _find_idx(folder, train):
 
 
 def _load_mnist_like(name, train, data_dir, download):
-    tv_name = DATASETS[name].torchvision
-    folders = [Path(data_dir) / tv_name / "raw", Path(data_dir) / name]
-    if name == "fashion-mnist":
-        folders.append(Path(SYSTEM_FASHION_MNIST))
+    """(images uint8 [N, 1, 28, 28], labels uint8 [N]) of mnist or fashion-mnist from the first
+    of mnist_like_folders that holds the split, else downloaded by torchvision into the
+    first."""
+    folders = mnist_like_folders(name, data_dir)
     for folder in folders:
         files = _find_idx(folder, train)
         if files:
@@ -82,17 +90,18 @@ def _load_mnist_like(name, train, data_dir, download):
     if not download:
         hint = (" or install the Debian/Ubuntu package dataset-fashion-mnist"
                 if name == "fashion-mnist" else "")
-        raise UserError(f"{name} not found in {data_dir} and --no-download given: "
-                        f"run once without --no-download{hint}")
+        raise FileNotFoundError(f"{name} not found in {data_dir} and --no-download given: "
+                                f"run once without --no-download{hint}")
     import torchvision
     try:
-        getattr(torchvision.datasets, tv_name)(root=data_dir, train=train, download=True)
+        getattr(torchvision.datasets, DATASETS[name].torchvision)(root=data_dir, train=train,
+                                                                  download=True)
     except Exception as e:  # no network, disk full, ...
         hint = ("install the Debian/Ubuntu package dataset-fashion-mnist, or "
                 if name == "fashion-mnist" else "")
-        raise UserError(f"{name} not found and its download failed "
-                        f"({str(e).splitlines()[0][:120]}): {hint}run once with internet access "
-                        f"to fetch it into {data_dir}")
+        raise FileNotFoundError(f"{name} not found and its download failed "
+                                f"({str(e).splitlines()[0][:120]}): {hint}run once with internet "
+                                f"access to fetch it into {data_dir}") from None
     files = _find_idx(folders[0], train)
     return _read_idx(files[0])[:, None], _read_idx(files[1])
 
@@ -108,10 +117,11 @@ def _load_torchvision(name, train, data_dir, download):
         return ds.data.transpose(0, 3, 1, 2), ds.targets  # HWC -> CHW
     except Exception as e:
         if not download:
-            raise UserError(f"{name} not found in {data_dir} and --no-download given: "
-                            f"run once without --no-download on a machine with internet")
-        raise UserError(f"could not load or download {name} to {data_dir}: "
-                        f"{str(e).splitlines()[0]}")
+            raise FileNotFoundError(f"{name} not found in {data_dir} and --no-download given: "
+                                    f"run once without --no-download on a machine with "
+                                    f"internet") from None
+        raise FileNotFoundError(f"could not load or download {name} to {data_dir}: "
+                                f"{str(e).splitlines()[0]}") from None
 
 
 def _synthetic(train, n=None):
@@ -129,11 +139,14 @@ def load_split(name, train, data_dir="./data", classes=None, size=None, download
 
     classes: original class ids to keep, relabelled 0..k-1 in the given order (None = all).
     size: keep the first `size` examples after class filtering (None = all); asking for more
-    than the split holds is a UserError that says how many there are.
+    than the split holds is a ValueError that says how many there are. An unknown name or
+    class is a ValueError, data not found (download False, or a failed download) a
+    FileNotFoundError.
     imagenet: the folder data_dir/train or data_dir/val in imagenet_folder's seeded order, all
     decoded into memory (never downloaded); open_split streams it when large.
     """
     dataset = get_dataset(name)
+    _check_selection(classes, size, None if name == "imagenet" else dataset.num_classes)
     if name == "imagenet":  # decoded file by file into memory, however large: open_split streams
         return _read_all(imagenet_folder(train, data_dir, classes, size))
     if name == "synthetic":
@@ -155,13 +168,29 @@ def load_split(name, train, data_dir="./data", classes=None, size=None, download
     return x.float().div_(255), y
 
 
+def _check_selection(classes, size, num_classes=None):
+    """ValueError unless classes is None or distinct class ids (in range(num_classes) when
+    given) and size is None or an integer >= 1."""
+    if classes is not None:
+        if (not classes or len(set(classes)) != len(classes)
+                or not all(isinstance(c, numbers.Integral) for c in classes)):
+            raise ValueError(f"classes must be distinct integer class ids, got {classes!r}")
+        bad = [c for c in classes if num_classes is not None and not 0 <= c < num_classes]
+        if bad:
+            raise ValueError(f"classes {bad} out of range: the dataset has classes "
+                             f"0-{num_classes - 1}")
+    if size is not None and not (isinstance(size, numbers.Integral)
+                                 and not isinstance(size, bool) and size >= 1):
+        raise ValueError(f"size must be an integer >= 1 (or None: all), got {size!r}")
+
+
 def _check_size(size, available, name, train, classes):
     if size > available:
         split = "training" if train else "test"
         which = ("all" if classes is None else classes if len(classes) <= 20
                  else f"({len(classes)} of them)")
-        raise UserError(f"asked for {size} {split} examples, but {name} classes {which} has "
-                        f"{available}")
+        raise ValueError(f"asked for {size} {split} examples, but {name} classes {which} has "
+                         f"{available}")
 
 
 # ----------------------------------------------------------------------------- large data
@@ -186,25 +215,26 @@ def imagenet_folder(train, data_dir="./data", classes=None, size=None):
     """
     import torchvision
     from torchvision import transforms as T
+    _check_selection(classes, size)
     sub = "train" if train else "val"
     root = Path(data_dir) / sub
     if not root.is_dir():
-        raise UserError(f"imagenet needs DATA_DIR/{sub} with one sub-folder per class "
-                        f"(ImageFolder layout): not found: {root}")
+        raise FileNotFoundError(f"imagenet needs DATA_DIR/{sub} with one sub-folder per class "
+                                f"(ImageFolder layout): not found: {root}")
     preprocess = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor()])
     try:  # lists the files; opens none
         folder = torchvision.datasets.ImageFolder(root, preprocess)
     except FileNotFoundError as e:  # no class folders, or a class folder without images
-        raise UserError(f"imagenet folder {root} is not in ImageFolder layout: "
-                        f"{str(e).splitlines()[0][:200]}")
+        raise FileNotFoundError(f"imagenet folder {root} is not in ImageFolder layout: "
+                                f"{str(e).splitlines()[0][:200]}") from None
     order = torch.randperm(len(folder.samples),
                            generator=torch.Generator().manual_seed(FOLDER_ORDER_SEED))
     samples = [folder.samples[i] for i in order.tolist()]  # [(path, class index)]
     if classes is not None:
         bad = [c for c in classes if not 0 <= c < len(folder.classes)]
         if bad:
-            raise UserError(f"classes {bad} out of range: {root} has classes "
-                            f"0-{len(folder.classes) - 1}")
+            raise ValueError(f"classes {bad} out of range: {root} has classes "
+                             f"0-{len(folder.classes) - 1}")
         relabel = {c: k for k, c in enumerate(classes)}
         samples = [(path, relabel[c]) for path, c in samples if c in relabel]
     if size is not None:
@@ -301,12 +331,6 @@ def random_crop_flip(x):
 # ----------------------------------------------------------------------------- presence
 # python data.py present NAME... [--data-dir D]: prints, one a line, the names whose files are
 # in D (run_all.sh picks the transfer targets it can use offline this way).
-
-def mnist_like_folders(name, data_dir):
-    """The folders searched, in order, for the IDX files of mnist or fashion-mnist."""
-    folders = [Path(data_dir) / DATASETS[name].torchvision / "raw", Path(data_dir) / name]
-    return folders + ([Path(SYSTEM_FASHION_MNIST)] if name == "fashion-mnist" else [])
-
 
 def dataset_present(name, data_dir="./data"):
     """Whether both splits of a dataset can be read from data_dir without a download: the IDX

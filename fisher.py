@@ -20,9 +20,13 @@ Outputs under --out (default: the checkpoint's folder): fisher.json (each quanti
 mean over examples with its standard error `_se`) and one .npy of per-example values per
 quantity, in the order of the first --n test examples (after class filtering).
 
-Functions to copy (a model and tensors; each runs the model in eval mode and gives its mode
-back, with models.eval_mode): fisher_trace_weights, input_fisher_trace,
-input_fisher_lambda_max, repr_jacobian_frobenius, repr_lambda_max (with lanczos_lambda_max).
+Functions to copy: each needs the names after its colon, from this file, the shared modules
+after its semicolon, beside it, and this file's imports of other libraries.
+    fisher_trace_weights: batched, fisher_factor, logit_vjp_sqnorms; common.py, models.py
+    input_fisher_trace: (none); common.py, models.py
+    input_fisher_lambda_max: _quiet_jvp, lanczos_lambda_max; common.py, models.py
+    repr_jacobian_frobenius: (none); common.py, models.py
+    repr_lambda_max: _quiet_jvp, lanczos_lambda_max; common.py, models.py
 """
 import contextlib
 import warnings
@@ -32,15 +36,26 @@ import numpy as np
 import torch
 from torch.func import functional_call, jacrev, jvp, vjp, vmap
 
+from checkpoints import load_checkpoint
 from common import (ArgumentParser, Clock, add_checkpoint_args, add_common_args, atomic_save,
-                    checked, mean_se, nonnegative_int, parse_classes, positive_int, provenance,
-                    user_errors, writable_dir)
+                    check_number, mean_se, nonnegative_int, parse_classes, positive_int,
+                    provenance, user_errors, writable_dir)
 from data import DATASETS, STREAM_RULE, iterate_batches, open_split
-from models import eval_mode, get_device, load_checkpoint
+from models import check_images, check_labels, eval_mode, get_device
 
 EXACT_MAX_CLASSES = 20  # up to this many classes, expectations over y are exact sums
 # Every function below runs the model in eval mode (models.eval_mode): train-mode BatchNorm
 # would mix the examples of a batch and update its running statistics.
+
+
+def batched(fn, x, batch_size):
+    """fn over x [N, ...] in batches of batch_size, the results concatenated in order:
+    fn(batch) -> [B] gives [N]; fn(batch) -> ([B], steps) gives ([N], the most steps of any
+    batch). The one batch loop of the estimators and of measure()."""
+    outputs = [fn(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
+    if isinstance(outputs[0], tuple):
+        return torch.cat([values for values, _ in outputs]), max(steps for _, steps in outputs)
+    return torch.cat(outputs)
 
 
 @contextlib.contextmanager
@@ -111,13 +126,25 @@ def fisher_trace_weights(model, x, y=None, chunk=64, label_samples=None, generat
     J_w, so the trace is ||L^T J_w||_F^2 with L L^T = diag p - p p^T (fisher_factor): k - 1
     vjps per example instead of one per class. With label_samples, the mean over that many
     draws from p (for many classes). y [N] given: the empirical Fisher ||grad_w log
-    p(y_n|x_n)||^2 of those (true) labels. All parameters count, BatchNorm's included. Eval
-    mode.
+    p(y_n|x_n)||^2 of those (true) labels (y and label_samples together are a ValueError).
+    All parameters count, BatchNorm's included. Eval mode. Bad input is a ValueError naming
+    the value.
     """
+    check_images(x)
+    check_number("chunk", chunk, at_least=1, integer=True)
+    if label_samples is not None:
+        check_number("label_samples", label_samples, at_least=1, integer=True)
+    if y is not None:
+        check_labels(y, len(x))
+        if label_samples is not None:
+            raise ValueError("give y (the empirical Fisher of those labels) or label_samples "
+                             "(labels drawn from p(y|x)), not both")
     with eval_mode(model), torch.no_grad():
-        probs = torch.cat([torch.softmax(model(x[i:i + chunk]), -1)
-                           for i in range(0, len(x), chunk)])
+        probs = batched(lambda xb: torch.softmax(model(xb), -1), x, chunk)
     n, k = probs.shape
+    if y is not None and not 0 <= int(y.min()) <= int(y.max()) < k:
+        raise ValueError(f"y must hold labels 0-{k - 1} (the model's classes), got "
+                         f"{int(y.min())} to {int(y.max())}")
     if y is None and label_samples is None:
         directions = fisher_factor(probs).transpose(1, 2)  # [N, k - 1, k]
         sqnorms = logit_vjp_sqnorms(model, x, directions, chunk)
@@ -143,8 +170,11 @@ def input_fisher_trace(model, x, label_samples=None, generator=None):
     classes (label_samples None): the k input gradients of an example from one jacrev (k vjps;
     memory ~ N * k * C * H * W floats). With label_samples S (for many classes, e.g. ImageNet's
     1000 at 224 px): the unbiased mean of ||grad_x log p(y_s|x)||^2 over S labels y_s ~ p(y|x),
-    S vjps of the batch. x [N, C, H, W] -> [N]. Eval mode.
+    S vjps of the batch. x [N, C, H, W] -> [N]. Eval mode. Bad input is a ValueError.
     """
+    check_images(x)
+    if label_samples is not None:
+        check_number("label_samples", label_samples, at_least=1, integer=True)
     with eval_mode(model):
         if label_samples is not None:
             # [N, k]
@@ -211,8 +241,11 @@ def input_fisher_lambda_max(model, x, iters=100, tol=1e-4, generator=None):
     examples, one jvp (J v, [N, k]) and one vjp (J^T u, [N, C, H, W]) per step: J is never
     formed; exact after at most k + 1 steps, since F_x has rank < k. For small
     eps the worst-case KL divergence in an L2 ball of radius eps is ~ eps^2 lambda_max / 2.
-    x [N, C, H, W] -> (lambda_max [N], steps). Eval mode.
+    x [N, C, H, W] -> (lambda_max [N], steps). Eval mode. Bad input is a ValueError.
     """
+    check_images(x)
+    check_number("iters", iters, at_least=1, integer=True)
+    check_number("tol", tol, above=0)
     with eval_mode(model), _quiet_jvp():
         logits, logits_vjp = vjp(model, x)
         probs = torch.softmax(logits.detach(), -1)  # [N, k]
@@ -233,8 +266,10 @@ def repr_jacobian_frobenius(model, x, probes=16, generator=None):
 
     Hutchinson: E_r ||J_f^T r||^2 with r Rademacher in feature space [N, d], one vjp per
     probe, averaged over `probes`; exact (sum over the d basis vectors) when d <= probes,
-    which costs no more. x [N, C, H, W] -> [N]. Eval mode.
+    which costs no more. x [N, C, H, W] -> [N]. Eval mode. Bad input is a ValueError.
     """
+    check_images(x)
+    check_number("probes", probes, at_least=1, integer=True)
     with eval_mode(model):
         features, features_vjp = vjp(model.features, x)  # [N, d]
         n, d = features.shape
@@ -252,7 +287,10 @@ def repr_jacobian_frobenius(model, x, probes=16, generator=None):
 def repr_lambda_max(model, x, iters=100, tol=1e-4, generator=None):
     """Per-example largest eigenvalue of J_f^T J_f (the representation's Fisher about the
     input for sigma = 1), eq. (3), by Lanczos with one jvp and one vjp per step.
-    x [N, C, H, W] -> (lambda_max [N], steps). Eval mode."""
+    x [N, C, H, W] -> (lambda_max [N], steps). Eval mode. Bad input is a ValueError."""
+    check_images(x)
+    check_number("iters", iters, at_least=1, integer=True)
+    check_number("tol", tol, above=0)
     with eval_mode(model), _quiet_jvp():
         _, features_vjp = vjp(model.features, x)
 
@@ -322,7 +360,7 @@ def load_examples(args, ckpt, device):
     own_dataset = dataset == ckpt["dataset"]
     classes = ckpt["classes"]
     if args.classes or not own_dataset:
-        classes = checked(parse_classes, args.classes, DATASETS[dataset].num_classes)
+        classes = parse_classes(args.classes, DATASETS[dataset].num_classes)
     split = open_split(dataset, False, args.data_dir, classes, args.n,
                        download=not args.no_download)
     batches = iterate_batches(split, args.batch_size, ckpt["in_channels"], ckpt["image_size"],
@@ -348,24 +386,25 @@ def measure(model, x, y, args, exact, clock):
         clock.log(f"weights trace, empirical (true labels) "
                   f"{arrays['weights_trace_empirical'].mean():.4g}")
 
-    batches = [x[i:i + args.batch_size] for i in range(0, len(x), args.batch_size)]
-    arrays["input_trace"] = torch.cat([input_fisher_trace(model, xb, label_samples, generator)
-                                       for xb in batches])
+    # each estimator over batches of --batch-size, in order: the generator's draws are those of
+    # one pass over the examples
+    bs = args.batch_size
+    arrays["input_trace"] = batched(
+        lambda xb: input_fisher_trace(model, xb, label_samples, generator), x, bs)
     clock.log(f"input trace {arrays['input_trace'].mean():.4g}")
-    runs = [input_fisher_lambda_max(model, xb, args.power_iters, args.tol, generator)
-            for xb in batches]
-    arrays["input_lambda_max"] = torch.cat([lam for lam, _ in runs])
+    arrays["input_lambda_max"], steps = batched(
+        lambda xb: input_fisher_lambda_max(model, xb, args.power_iters, args.tol, generator), x, bs)
     clock.log(f"input lambda_max {arrays['input_lambda_max'].mean():.4g} "
-              f"(Lanczos steps: {max(s for _, s in runs)})")
-    arrays["repr_trace"] = torch.cat([repr_jacobian_frobenius(model, xb, args.probes, generator)
-                                      for xb in batches])
+              f"(Lanczos steps: {steps})")
+    arrays["repr_trace"] = batched(
+        lambda xb: repr_jacobian_frobenius(model, xb, args.probes, generator), x, bs)
     clock.log(f"representation trace {arrays['repr_trace'].mean():.4g}")
-    runs = [repr_lambda_max(model, xb, args.power_iters, args.tol, generator) for xb in batches]
-    arrays["repr_lambda_max"] = torch.cat([lam for lam, _ in runs])
+    arrays["repr_lambda_max"], steps = batched(
+        lambda xb: repr_lambda_max(model, xb, args.power_iters, args.tol, generator), x, bs)
     with eval_mode(model), torch.no_grad():  # ||f(x)||^2
-        arrays["repr_sqnorm"] = torch.cat([model.features(xb).pow(2).sum(1) for xb in batches])
+        arrays["repr_sqnorm"] = batched(lambda xb: model.features(xb).pow(2).sum(1), x, bs)
     clock.log(f"representation lambda_max {arrays['repr_lambda_max'].mean():.4g} "
-              f"(Lanczos steps: {max(s for _, s in runs)})")
+              f"(Lanczos steps: {steps})")
     return arrays, per_layer
 
 

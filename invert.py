@@ -30,8 +30,11 @@ psnr: one value per image, null where not finite}; plus `images` (which were inv
 model's input format, images in the order of `images`) and invert.png (rows: originals, then
 one per method).
 
-Functions to copy (a model and tensors): invert_features (with inversion_loss,
-total_variation; models.eval_mode), ssim, psnr.
+Functions to copy: each needs the names after its colon, from this file, the shared modules
+after its semicolon, beside it, and this file's imports of other libraries.
+    invert_features: inversion_loss, total_variation; common.py, models.py
+    ssim: check_image_pair, gaussian_window; common.py, models.py
+    psnr: check_image_pair; common.py, models.py
 """
 import argparse
 import io
@@ -42,11 +45,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from checkpoints import load_checkpoint
 from common import (ArgumentParser, Clock, UserError, add_checkpoint_args, add_common_args,
-                    atomic_save, mean_se, nonnegative_float, nonnegative_int, positive_int,
-                    provenance, user_errors, writable_dir)
+                    atomic_save, check_number, mean_se, nonnegative_float, nonnegative_int,
+                    positive_int, provenance, user_errors, writable_dir)
 from data import adapt_images, load_split
-from models import eval_mode, get_device, load_checkpoint
+from models import check_images, eval_mode, get_device, l2_step
 
 # Inversion candidates: which terms each adds to the feature objective. "improved" is the
 # default, chosen across eps on the TUNED_ON images.
@@ -77,9 +81,21 @@ def default_step_size(image_shape):
 
 # ----------------------------------------------------------------------------- metrics
 
+def check_image_pair(x, y, data_range):
+    """ValueError unless data_range > 0 and x, y are images [N, C, H, W] of the same shape
+    with values in [0, data_range]."""
+    check_number("data_range", data_range, above=0)
+    check_images(x, "x", high=data_range)
+    check_images(y, "y", high=data_range)
+    if x.shape != y.shape:
+        raise ValueError(f"x and y must have the same shape, got {list(x.shape)} and "
+                         f"{list(y.shape)}")
+
+
 def psnr(x, y, data_range=1.0):
     """Peak signal-to-noise ratio per image, in dB: 10 log10(range^2 / MSE). x, y [N, C, H, W]
-    -> [N]; identical images give inf."""
+    in [0, data_range] -> [N]; identical images give inf. Bad input is a ValueError."""
+    check_image_pair(x, y, data_range)
     mse = (x - y).pow(2).flatten(1).mean(1)
     return 10 * torch.log10(data_range ** 2 / mse)
 
@@ -93,10 +109,17 @@ def gaussian_window(size=11, sigma=1.5):
 
 
 def ssim(x, y, data_range=1.0, size=11, sigma=1.5, k1=0.01, k2=0.03):
-    """Structural similarity per image (Wang et al. 2004): local statistics under an 11x11
-    Gaussian window (sigma 1.5), 'valid' positions only, averaged over positions and
-    channels. x, y [N, C, H, W] -> [N]; identical images give 1. Computed in float64:
-    the variances E[x^2] - E[x]^2 cancel badly in float32 (errors ~1e-4 in SSIM)."""
+    """Structural similarity per image (Wang et al. 2004): local statistics under a size x size
+    Gaussian window (default 11, sigma 1.5), 'valid' positions only, averaged over positions
+    and channels. x, y [N, C, H, W] in [0, data_range], H and W >= size -> [N] in x's dtype;
+    identical images give 1. Computed in float64 (the variances E[x^2] - E[x]^2 cancel badly
+    in float32: errors ~1e-4 in SSIM), returned in x's dtype. Bad input is a ValueError."""
+    check_image_pair(x, y, data_range)
+    check_number("size", size, at_least=1, integer=True)
+    check_number("sigma", sigma, above=0)
+    if min(x.shape[-2:]) < size:
+        raise ValueError(f"ssim needs images of at least size x size = {size} x {size} pixels "
+                         f"(its window), got {list(x.shape[-2:])}")
     dtype, x, y = x.dtype, x.double(), y.double()
     c = x.shape[1]
     w = gaussian_window(size, sigma).to(x)[None, None].expand(c, 1, -1, -1)
@@ -162,9 +185,24 @@ def invert_features(model, z0, x_start, steps, step_size=1.0, noise_std=0.0, n_n
     x_start [N, C, H, W] in [0, 1]. Each step moves every image by step_size_t along its own
     L2-normalised gradient (the recipe of Engstrom et al. 2019, so images with small gradients
     still move), then clips to [0, 1]; step_size_t decays linearly from step_size (L2 pixel
-    units) to ~0. Objective: inversion_loss (noise_std, n_noise, tv_weight). Returns x,
-    detached.
+    units) to ~0 (models.l2_step). Objective: inversion_loss (noise_std, n_noise, tv_weight).
+    Returns x, detached. Bad input is a ValueError naming the value: x_start not images in
+    [0, 1], z0 not [N, d] for its N images (d: model.head.in_features when the model has a
+    head), a negative step, noise or weight, steps or n_noise not an integer.
     """
+    check_images(x_start, "x_start")
+    head = getattr(model, "head", None)
+    d = getattr(head, "in_features", None)
+    if (not torch.is_tensor(z0) or z0.dim() != 2 or len(z0) != len(x_start)
+            or (d is not None and z0.shape[1] != d)):
+        shape = list(z0.shape) if torch.is_tensor(z0) else type(z0).__name__
+        raise ValueError(f"z0 must be features [N, d] = [{len(x_start)}, {d or 'd'}] (one row "
+                         f"per image of x_start), got {shape}")
+    check_number("steps", steps, at_least=0, integer=True)
+    check_number("step_size", step_size, at_least=0)
+    check_number("noise_std", noise_std, at_least=0)
+    check_number("n_noise", n_noise, at_least=1, integer=True)
+    check_number("tv_weight", tv_weight, at_least=0)
     x = x_start.detach().clone()
     with eval_mode(model):
         for t in range(steps):
@@ -172,8 +210,7 @@ def invert_features(model, z0, x_start, steps, step_size=1.0, noise_std=0.0, n_n
             loss = inversion_loss(model, x, z0, noise_std, n_noise, tv_weight, generator)
             (grad,) = torch.autograd.grad(loss.sum(), x)  # images are independent: sum is fine
             with torch.no_grad():
-                norm = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
-                x = (x - step_size * (1 - t / steps) * grad / norm).clamp_(0, 1)
+                x = (x - l2_step(grad, step_size * (1 - t / steps))).clamp_(0, 1)
     return x.detach()
 
 

@@ -1,35 +1,32 @@
-"""Models and checkpoints: the small `cnn` and the CIFAR `resnet18`, each with the interface
-every script relies on (`features(x)` -> [N, d] penultimate representation, `head` the last
-linear layer, inputs in [0, 1] normalised inside), the optimizer of training and
-fine-tuning, `eval_mode`, and the one checkpoint loader, which also reads published ResNets
-(torchvision state dicts, robustness-library checkpoints; published.py) into the same
-interface.
+"""Models: the small `cnn` and the CIFAR `resnet18`, each with the interface every script
+relies on (`features(x)` -> [N, d] penultimate representation, `head` the last linear layer,
+inputs in [0, 1] normalised inside), the optimizer and the one training loop (`sgd_epoch`)
+of training and fine-tuning, the mode context managers `eval_mode` and `train_mode`,
+and the few tensor helpers the core functions share: their input checks and the per-example
+L2 norm of the normalised (L2) steps. Checkpoints are read and written by checkpoints.py,
+which builds on this module (never the other way round).
 """
 import contextlib
-import re
-import sys
-from pathlib import Path
+import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import UserError
-
 ARCHS = ("cnn", "resnet18")
 
 
 def get_device(name="auto"):
-    """'auto' -> cuda if available, else cpu; a CUDA device asked for without CUDA is a
-    UserError."""
+    """'auto' -> cuda if available, else cpu; a CUDA device asked for without CUDA, or an
+    unknown name, is a ValueError."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name} asked for, but CUDA is not available")
+        raise ValueError(f"--device {name} asked for, but CUDA is not available")
     try:
         return torch.device(name)
     except RuntimeError:
-        raise UserError(f"unknown --device {name!r}; use auto, cpu, cuda or cuda:N")
+        raise ValueError(f"unknown --device {name!r}; use auto, cpu, cuda or cuda:N") from None
 
 
 class Normalize(nn.Module):
@@ -120,16 +117,28 @@ def build_model(arch, num_classes, in_channels, image_size, mean, std, width=64)
 # ----------------------------------------------------------------------------- training
 
 @contextlib.contextmanager
-def eval_mode(model):
-    """Run the block with model in eval mode (BatchNorm uses its running statistics and never
-    updates them), then give every submodule back the mode it had."""
+def _mode(model, training):
+    """The one mode context manager: model.train(training) inside the block, then every
+    submodule given back the mode it had before."""
     modes = [(module, module.training) for module in model.modules()]
-    model.eval()
+    model.train(training)
     try:
         yield model
     finally:
-        for module, training in modes:
-            module.training = training
+        for module, was_training in modes:
+            module.training = was_training
+
+
+def eval_mode(model):
+    """Run the block with model in eval mode (BatchNorm uses its running statistics and never
+    updates them), then give every submodule back the mode it had."""
+    return _mode(model, False)
+
+
+def train_mode(model):
+    """Run the block with model in train mode (BatchNorm normalises by the batch's statistics
+    and updates its running ones), then give every submodule back the mode it had."""
+    return _mode(model, True)
 
 
 def make_optimizer(model, lr, momentum=0.9, weight_decay=5e-4):
@@ -142,107 +151,108 @@ def make_optimizer(model, lr, momentum=0.9, weight_decay=5e-4):
                            lr=lr, momentum=momentum, nesterov=True)
 
 
-# ----------------------------------------------------------------------------- checkpoints
+def sgd_epoch(model, opt, x, y, *, batch_size=128, lr_schedule=None, step0=0, prepare=None,
+              amp=False, shard=None, reduce=None):
+    """One epoch of minibatch training on in-memory tensors x [N, ...], y [N]: the loop of
+    adversarial training (advtrain.train_epoch) and of fine-tuning (transfer.finetune).
 
-# What every checkpoint of advtrain.py holds; model_args rebuilds the network:
-# build_model(**ckpt["model_args"]).
-CHECKPOINT_KEYS = ("model", "model_args", "arch", "num_classes", "in_channels", "image_size",
-                   "dataset", "classes", "norm", "eps")
+    The batches follow a random order drawn from the global CPU generator (so every device
+    trains on the same order) and copied once to x's device, where they are gathered; each
+    batch moves to the model's device, is replaced by prepare(xb, yb) when given (e.g. an
+    attack) and trained on in train mode with the mean cross-entropy, under bf16 autocast
+    when amp; opt steps after lr_schedule (global step -> learning rate; None leaves the
+    optimizer's rate) sets the rate; step0 is the global step of the first batch. shard
+    (data-parallel training, every process drawing the same order): the indices of a global
+    batch -> (this process's share, the weight of its mean loss); reduce: the sum over the
+    processes of the totals [loss sum, correct, examples] (float64 on the device).
 
-
-class PickledObjects(UserError):
-    """A torch file that holds Python objects besides tensors: loading it means unpickling."""
-
-
-def first_line(e):
-    """The first line of an exception's message (its type when the message is empty)."""
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-
-
-def read_torch_file(path, unsafe=False):
-    """The object in a torch file. Loaded with weights_only=True (tensors and plain types only:
-    no pickled code runs); a file that needs other objects unpickled (robustness saves with
-    dill, optimizer or schedule objects) is a PickledObjects error, unless `unsafe`: then it
-    is unpickled (weights_only=False) with a warning line on stderr. A truncated or corrupt
-    file is one line either way."""
-    if not Path(path).is_file():
-        raise UserError(f"checkpoint not found: {path}")
-    unreadable = f"cannot read checkpoint {path} (truncated or not a torch file)"
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        if not refused:
-            raise UserError(f"{unreadable}: {first_line(e)}")
-    if not unsafe:
-        raise PickledObjects(f"{path} holds pickled Python objects ({refused.group(1)}), and "
-                             f"unpickling can execute arbitrary code: pass --unsafe-load only "
-                             f"for files from a source you trust")
-    print(f"warning: --unsafe-load: unpickling {path}, which can execute arbitrary code",
-          file=sys.stderr, flush=True)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except ModuleNotFoundError as e:
-        raise UserError(f"unpickling {path} needs the Python module {e.name} "
-                        f"(pip install {e.name})")
-    except Exception as e:
-        raise UserError(f"{unreadable}: {first_line(e)}")
-
-
-def load_state(module, state, what):
-    """module.load_state_dict(state), exact; a mismatch is one UserError line that starts with
-    `what` and names the first offending key."""
-    try:
-        result = module.load_state_dict(state, strict=False)
-    except RuntimeError as e:  # shape mismatches raise even when not strict
-        details = [line.strip() for line in str(e).splitlines()[1:] if line.strip()]
-        raise UserError(f"{what}: {(details or [first_line(e)])[0][:300]}")
-    problems = [f"{len(keys)} {kind} keys (first: {keys[0]})"
-                for kind, keys in (("missing", result.missing_keys),
-                                   ("unexpected", result.unexpected_keys)) if keys]
-    if problems:
-        raise UserError(f"{what}: {', '.join(problems)}")
-
-
-def read_checkpoint(path):
-    """The checkpoint dict of advtrain.py at path, loaded with weights_only=True (no pickled
-    code is ever executed)."""
-    try:
-        ckpt = read_torch_file(path)
-    except PickledObjects:
-        raise UserError(f"{path} is not a checkpoint written by advtrain.py") from None
-    if not isinstance(ckpt, dict) or any(k not in ckpt for k in CHECKPOINT_KEYS):
-        raise UserError(f"{path} is not a checkpoint written by advtrain.py")
-    return ckpt
-
-
-def _load_own(path, ckpt, arch=None):
-    """The Net of a checkpoint of advtrain.py (rebuilt by build_model(**ckpt["model_args"]))."""
-    if arch not in (None, ckpt["arch"]):
-        raise UserError(f"{path} is a {ckpt['arch']} checkpoint of advtrain.py; "
-                        f"arch {arch!r} applies to published checkpoints only")
-    model = build_model(**ckpt["model_args"])
-    load_state(model, ckpt["model"], f"{path}: weights do not fit arch {ckpt['arch']}")
-    return model
-
-
-def load_checkpoint(path, device="cpu", arch=None, dataset=None, unsafe=False):
-    """(model in eval mode on device, checkpoint dict). The one loader every script uses.
-
-    Reads checkpoints of advtrain.py (`arch` None or theirs; `dataset` is ignored: they
-    record their own) and published ResNets (published.load_published): torchvision state
-    dicts and robustness-library checkpoints. For those, `arch` (a published.FOREIGN_ARCHS
-    name) overrides the architecture detected from the weights; `dataset` is the training set
-    (default imagenet, or cifar10 for cifar_*), whose mean/std normalise when the file carries
-    no normalizer; the model takes [0, 1] images like ours, and the returned dict has the keys
-    the scripts read (arch, num_classes, in_channels, image_size, dataset, classes; norm and
-    eps None, model_args None) plus format ("robustness" or "torchvision"). unsafe: unpickle
-    files that need it (--unsafe-load); without it they are a UserError.
+    Nothing in the loop waits for the host (DESIGN.md, Scale): the loss and the correct
+    predictions are summed on the device and read once, after the last batch. A non-finite
+    loss is recorded there (its first step and value) and raises FloatingPointError after
+    the epoch, so the caller never saves the weights it poisoned. The model's mode is given
+    back. Returns (mean loss, accuracy on the trained examples, next global step).
     """
-    obj = read_torch_file(path, unsafe)
-    if isinstance(obj, dict) and all(k in obj for k in CHECKPOINT_KEYS):
-        model, ckpt = _load_own(path, obj, arch), obj
-    else:
-        from published import load_published  # published.py builds on this module
-        model, ckpt = load_published(path, obj, arch, dataset)
-    return model.to(device).eval(), ckpt
+    device = next(model.parameters()).device
+    order = torch.randperm(len(x)).to(x.device, non_blocking=True)
+    # on the device: loss sum, correct, then the first non-finite loss's step and value
+    sums = torch.zeros(4, dtype=torch.float64, device=device)
+    count, step = 0, step0
+    with train_mode(model):
+        for i in range(0, len(x), batch_size):
+            idx, weight = order[i:i + batch_size], None
+            if shard is not None:
+                idx, weight = shard(idx)
+            xb, yb = x[idx].to(device, non_blocking=True), y[idx].to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                if prepare is not None:
+                    xb = prepare(xb, yb)
+                logits = model(xb)
+                loss = F.cross_entropy(logits.float(), yb)
+            if lr_schedule is not None:
+                for group in opt.param_groups:
+                    group["lr"] = lr_schedule(step)
+            opt.zero_grad(set_to_none=True)
+            (loss if weight is None else loss * weight).backward()
+            opt.step()
+            step += 1
+            count += len(yb)
+            with torch.no_grad():
+                first_bad = (sums[2] == 0) & ~torch.isfinite(loss)
+                sums[0] += loss.double() * len(yb)
+                sums[1] += (logits.argmax(1) == yb).sum()
+                sums[2] = torch.where(first_bad, step - step0, sums[2])
+                sums[3] = torch.where(first_bad, loss.double(), sums[3])
+    totals = torch.cat([sums[:2], sums.new_full((1,), count)])  # [loss sum, correct, examples]
+    if reduce is not None:
+        totals = reduce(totals)
+    loss_sum, correct, count, bad_step, bad_loss = torch.cat([totals, sums[2:]]).tolist()
+    if not math.isfinite(loss_sum):  # reduced: every process stops
+        where = f"at step {bad_step:.0f} of the epoch" if bad_step else "in another process"
+        raise FloatingPointError(f"loss is {bad_loss if bad_step else loss_sum} {where}")
+    return loss_sum / count, correct / count, step
+
+
+# ----------------------------------------------------------------------------- tensor helpers
+# Shared by the attacks (advtrain.py), the Fisher estimators (fisher.py), feature extraction
+# (transfer.py) and the inversion (invert.py); each copies out with this module.
+
+def per_example_norm(t):
+    """The L2 norm of each example of t [N, ...], shaped [N, 1, ..., 1] to divide t by;
+    at least 1e-12, so a zero example divides to zero."""
+    return t.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (t.dim() - 1))
+
+
+def l2_step(grad, size):
+    """The normalised L2 step of the attacks and the inversion: size * grad / ||grad|| per
+    example, grad [N, ...] -> [N, ...], each example moved `size` in L2 along its own gradient
+    (so examples with small gradients move as far as the others). size: a number or a tensor
+    that broadcasts against grad."""
+    return size * grad / per_example_norm(grad)
+
+
+def _describe(t):
+    """What a value is, for an error message: 'float32 tensor [2, 3]' or its type."""
+    return f"{str(t.dtype).replace('torch.', '')} tensor {list(t.shape)}" if torch.is_tensor(t) \
+        else type(t).__name__
+
+
+def check_images(x, name="x", high=1.0):
+    """ValueError naming `name` unless x is a floating tensor of images [N, C, H, W], N >= 1,
+    with every value in [0, high] (models take [0, 1] images and normalise inside; a
+    normalised or NaN image is the mistake this catches). One reduction over x, read on the
+    host."""
+    if not torch.is_tensor(x) or x.dim() != 4 or not x.is_floating_point() or len(x) == 0:
+        raise ValueError(f"{name} must be a float tensor of images [N, C, H, W] with N >= 1, "
+                         f"got {_describe(x)}")
+    if not bool(((x >= 0) & (x <= high)).all()):
+        raise ValueError(f"{name} must hold images with values in [0, {high:g}], got values "
+                         f"from {x.min().item():.4g} to {x.max().item():.4g}")
+
+
+def check_labels(y, n, name="y"):
+    """ValueError naming `name` unless y is an integer tensor of n class labels [n]. Shape and
+    type only: nothing is read from the device (a label out of range fails in the loss)."""
+    if (not torch.is_tensor(y) or y.dim() != 1 or len(y) != n or y.is_floating_point()
+            or y.is_complex() or y.dtype == torch.bool):
+        raise ValueError(f"{name} must be an integer tensor of class labels [{n}] (one per "
+                         f"example), got {_describe(y)}")

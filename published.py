@@ -1,9 +1,8 @@
-"""Published ResNets read into our interface (models.Net: `features(x)` [N, d], `head`,
-[0, 1] inputs normalised inside): torchvision's ImageNet ResNets (plain state dicts) and the
-robustness library's checkpoints (ImageNet and CIFAR layouts, e.g. the robust models of
-Salman et al. 2020). The architecture is detected from the keys and shapes of the weights.
-models.load_checkpoint, the one loader, calls load_published for every file that is not a
-checkpoint of advtrain.py.
+"""Published ResNet architectures, built as their sources build them so that their state dicts
+load unchanged: torchvision's ImageNet ResNets and the robustness library's CIFAR ResNets (e.g.
+the robust models of Salman et al. 2020), and detect_arch, which names the architecture of a
+state dict from the keys and shapes of its weights. checkpoints.py reads published files into
+our interface (models.Net) with these.
 """
 from typing import NamedTuple, Tuple
 
@@ -11,9 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import UserError
-from data import get_dataset
-from models import Net, load_state, shortcut
+from models import shortcut
 
 
 class Layout(NamedTuple):
@@ -24,9 +21,9 @@ class Layout(NamedTuple):
     wide: float  # output channels of layer1.0.conv1 / of conv1 (2 for wide_resnet50_2)
 
 
-# The published ResNets load_checkpoint reads, by name: torchvision's ImageNet ResNets (also
-# the layout of the robustness library's ImageNet models) and the robustness library's CIFAR
-# ResNets (cifar_*).
+# The published ResNets checkpoints.load_checkpoint reads, by name: torchvision's ImageNet
+# ResNets (also the layout of the robustness library's ImageNet models) and the robustness
+# library's CIFAR ResNets (cifar_*).
 FOREIGN_ARCHS = {
     "resnet18": Layout(7, False, (2, 2, 2, 2), 1),
     "resnet34": Layout(7, False, (3, 4, 6, 3), 1),
@@ -110,7 +107,7 @@ def build_foreign(arch, num_classes, width=64):
                          width_per_group=64 * layout.wide)
 
 
-def _head_name(arch):
+def head_name(arch):
     """The last linear layer's name: `linear` in the robustness CIFAR layout, else `fc`."""
     return "linear" if FOREIGN_ARCHS[arch].stem == 3 else "fc"
 
@@ -138,83 +135,18 @@ def detect_arch(state):
     """The FOREIGN_ARCHS name of a ResNet state dict (prefixes removed), from keys and shapes:
     conv1's kernel (7: ImageNet, 3: CIFAR), blocks per stage, BasicBlock or Bottleneck, the
     width of layer1 against conv1's, and the head (`fc` or `linear`). A layout not in
-    FOREIGN_ARCHS is a UserError that says what was found."""
+    FOREIGN_ARCHS is a ValueError that says what was found."""
     layout = _layout(state)
     if layout is None:
         keys = ", ".join(list(state)[:4]) or "none"
-        raise UserError(f"not a ResNet state dict: no 4-d conv1.weight among its {len(state)} "
-                        f"tensors (first keys: {keys})")
+        raise ValueError(f"not a ResNet state dict: no 4-d conv1.weight among its "
+                         f"{len(state)} tensors (first keys: {keys})")
     head = "fc" if "fc.weight" in state else "linear" if "linear.weight" in state else None
     for name, known in FOREIGN_ARCHS.items():
-        if known == layout and head == _head_name(name):
+        if known == layout and head == head_name(name):
             return name
     kind = "Bottleneck" if layout.bottleneck else "BasicBlock"
-    raise UserError(f"unknown ResNet layout: {layout.stem}x{layout.stem} stem, {kind} blocks "
-                    f"{list(layout.blocks)} per stage, layer1 width x{layout.wide}, head "
-                    f"{head or 'none'}; known: {', '.join(FOREIGN_ARCHS)} (name one with --arch)")
-
-
-def _network_state(obj):
-    """(state dict of the network with prefixes removed, the file's normalizer as (mean, std)
-    lists or None, format) of a foreign checkpoint dict. robustness: {"model" or
-    "state_dict": {"module.model.*", "module.attacker.model.*" (the same network again),
-    "module.normalizer.new_mean" / "new_std" [3, 1, 1]}, "epoch", ...}; torchvision: a plain
-    state dict, possibly under "model" or "state_dict". Non-tensor entries are dropped."""
-    inner = [obj[k] for k in ("model", "state_dict") if isinstance(obj.get(k), dict)]
-    tensors = {k: v for k, v in (inner[0] if inner else obj).items() if torch.is_tensor(v)}
-    prefix = "module.model."
-    if not any(k.startswith(prefix) for k in tensors):
-        return tensors, None, "torchvision"
-    state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-    mean = tensors.get("module.normalizer.new_mean")
-    std = tensors.get("module.normalizer.new_std")
-    normalizer = (None if mean is None or std is None
-                  else (mean.flatten().tolist(), std.flatten().tolist()))
-    return state, normalizer, "robustness"
-
-
-def _wrap(net, head_name, mean, std):
-    """A Net around a foreign network: its last linear layer becomes `head`, what that layer
-    saw ([N, d], after the global pool) becomes `features`, and normalisation moves inside,
-    so model(x) on [0, 1] images equals net((x - mean) / std)."""
-    head = getattr(net, head_name)
-    setattr(net, head_name, nn.Identity())
-    model = Net(net, head.in_features, head.out_features, mean, std)
-    model.head = head
-    return model
-
-
-def load_published(path, obj, arch=None, dataset=None):
-    """(Net around the network of a published checkpoint, its checkpoint dict), from obj, the
-    object read from the file at path (a dict). arch: a FOREIGN_ARCHS name, or None to
-    detect it (detect_arch); dataset: the training set (default imagenet, or cifar10 for
-    cifar_*), whose mean/std normalise when the file carries no normalizer. The dict has the
-    keys the scripts read (see models.load_checkpoint). Every mismatch is a UserError."""
-    if not isinstance(obj, dict):
-        raise UserError(f"{path} holds a {type(obj).__name__}, not a checkpoint or state dict")
-    state, normalizer, fmt = _network_state(obj)
-    if arch is None:
-        try:
-            arch = detect_arch(state)
-        except UserError as e:
-            raise UserError(f"{path}: {e}") from None
-    elif arch not in FOREIGN_ARCHS:
-        raise UserError(f"unknown arch {arch!r} for a published checkpoint; choose from "
-                        f"{', '.join(FOREIGN_ARCHS)}")
-    head, cifar = _head_name(arch), FOREIGN_ARCHS[arch].stem == 3
-    if "conv1.weight" not in state or f"{head}.weight" not in state:
-        raise UserError(f"{path}: weights do not fit arch {arch}: no conv1.weight or {head}.weight")
-    num_classes = state[f"{head}.weight"].shape[0]
-    net = build_foreign(arch, num_classes, width=state["conv1.weight"].shape[0])
-    load_state(net, state, f"{path}: weights do not fit arch {arch}")
-    dataset = dataset or ("cifar10" if cifar else "imagenet")
-    ds = get_dataset(dataset)
-    if ds.channels != 3:
-        raise UserError(f"dataset {dataset} has {ds.channels} channel(s), but a ResNet checkpoint "
-                        f"takes 3")
-    mean, std = normalizer or (ds.mean, ds.std)
-    ckpt = {"arch": arch, "num_classes": num_classes, "in_channels": 3,
-            "image_size": 32 if cifar else 224, "dataset": dataset,
-            "classes": list(range(num_classes)), "norm": None, "eps": None, "format": fmt,
-            "model_args": None}
-    return _wrap(net, head, mean, std), ckpt
+    raise ValueError(f"unknown ResNet layout: {layout.stem}x{layout.stem} stem, {kind} blocks "
+                     f"{list(layout.blocks)} per stage, layer1 width x{layout.wide}, head "
+                     f"{head or 'none'}; known: {', '.join(FOREIGN_ARCHS)} (name one with "
+                     f"--arch)")

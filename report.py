@@ -8,325 +8,29 @@ Every subfolder with a metrics.json is a run; a folder whose name starts with `j
 inversion's helper classifier) is listed but part of no claim. The eps = 0 runs are the
 baseline of every training-norm group. Each claim is data (CLAIMS: metrics, contrast,
 direction, parts) filled in by the study's declaration (DECLARATIONS, or DIR/study.json), and
-one engine judges them all at one of two levels (seeds, models); every rules text is generated
-from CLAIMS. numpy and the standard library only (matplotlib, if present, for the plots).
+one engine judges them all at one of two levels (seeds, models) with the tests of stats.py,
+giving one of four verdicts (VERDICTS); every rules text is generated from the same data.
+numpy and the standard library only (matplotlib, if present, for the plots).
 """
-import functools
-import itertools
 import json
 import math
 import zipfile
 from pathlib import Path
-from statistics import NormalDist
 
 import numpy as np
 
+from claims import (CLAIMS, DECLARATIONS, HOLDS, METRICS, MIN_MODEL_EPS, MIN_SEEDS,
+                    MODELS_SENTENCE, RULES_BEGIN, RULES_END, ci_text, declaration_problem,
+                    eps_list, fmt, number, rule_text, rules_markdown)
 from common import ArgumentParser, UserError, atomic_save, mean_se, provenance, user_errors
+from stats import (ALPHA, example_test, holm, kendall_margin_p, kendall_mde, kendall_test,
+                   mde_normal, mde_t, normal_margin_p, one_sided_t, sen_slope, slope, t_margin_p,
+                   two_proportions)
 
-ALPHA = 0.05          # one-sided level of every test
-MIN_SEEDS = 3         # seeds level: seeds with a run at every eps (df = 1 is no noise estimate)
-MIN_MODEL_EPS = 4     # models level: the fewest eps at which a rank test can reject (1/4! < ALPHA)
-EXACT_MAX_N = 8       # tied values: every order enumerated up to this many models ...
-MONTE_CARLO = 100000  # ... beyond, this many random orders (generator seed 0)
 EPS_TOL = 1e-6        # eps and radii are floats (8/255): equal when closer than this
 FISHER_KEYS = ("weights_trace", "weights_trace_empirical", "input_trace", "input_lambda_max",
                "repr_trace", "repr_lambda_max", "repr_trace_normalized")
 REQUIRED_METRICS = ("norm", "eps", "clean_acc", "robust_acc", "seed")
-
-
-def declared(radius, transfer):
-    """One preset's decisions, fixed before its numbers are seen."""
-    return {"reference_radius": dict(radius), "primary_transfer": transfer,
-            "inversion_method": "baseline",  # the Engstrom et al. recipe
-            "noise_pairs": [["noise", "baseline"], ["noise-tv", "tv"]]}  # (with noise, without)
-
-
-ROBUSTBENCH_RADII = {"l2": 0.5, "linf": 8 / 255}
-DECLARATIONS = {
-    "quick": declared({"l2": 0.5}, "fashion-mnist:5-9+invert 10-shot"),
-    "paper": declared(ROBUSTBENCH_RADII, "cifar100"),
-    "paper-smoke": declared(ROBUSTBENCH_RADII, "synthetic:0-4 2-shot"),
-    "imagenet": declared(ROBUSTBENCH_RADII, "cifar100"),
-    "imagenet-smoke": declared(ROBUSTBENCH_RADII, "synthetic:0-4 2-shot"),
-}
-
-# metric -> (what it is, the declaration key that names its argument, or None)
-METRICS = {
-    "clean_acc": ("clean source test accuracy", None),
-    "robust_acc": ("accuracy under attack at the declared reference radius of the norm",
-                   "reference_radius"),
-    "transfer": ("accuracy on the declared primary transfer measure", "primary_transfer"),
-    "weights_trace": ("tr F_w", None),
-    "input_trace": ("tr F_x", None),
-    "input_lambda_max": ("lambda_max F_x", None),
-    "ssim": ("reconstruction SSIM of the declared inversion method", "inversion_method"),
-    "ssim_gain": ("SSIM(a) - SSIM(b) of each declared noise pair (a, b)", "noise_pairs"),
-}
-# The claims. contrast: trend (over eps), versus_eps0 (some eps > 0 against eps 0, Holm) or
-# mean_gain (over the robust runs); parts are combined by intersection-union.
-CLAIMS = {
-    "C1": {"claim": "robustness costs source accuracy", "contrast": "trend",
-           "parts": [{"metric": "clean_acc", "direction": -1},
-                     {"metric": "robust_acc", "direction": +1}]},
-    "C2": {"claim": "adversarial training improves linear transferability",
-           "contrast": "versus_eps0", "parts": [{"metric": "transfer", "direction": +1}]},
-    "C3": {"claim": "it reduces the Fisher information of the weights", "contrast": "trend",
-           "parts": [{"metric": "weights_trace", "direction": -1, "log": True}]},
-    "C4": {"claim": "it reduces the Fisher information about the input", "contrast": "trend",
-           "parts": [{"metric": "input_trace", "direction": -1, "log": True},
-                     {"metric": "input_lambda_max", "direction": -1, "log": True}]},
-    "C5": {"claim": "robust representations are invertible", "contrast": "trend",
-           "disjoint": True, "parts": [{"metric": "ssim", "direction": +1}]},
-    "C6": {"claim": "the paper's insight (low input Fisher) improves inversion",
-           "contrast": "mean_gain", "disjoint": True,
-           "parts": [{"metric": "ssim_gain", "direction": +1}]},
-}
-CONTRASTS = {
-    "trend": {
-        "part": {+1: "{m} rises with eps", -1: "{m} falls with eps"},
-        "seeds": "per seed, the least-squares slope of the metric on eps over the norm's grid "
-                 "(eps 0 included); one-sided paired t on the slopes; effect: the mean slope "
-                 "per unit eps.",
-        "models": "Kendall's tau between eps and the metric over the grid's models (eps 0 "
-                  "included), one-sided permutation test: with distinct values exact, from the "
-                  "inversion-count (Mahonian) distribution of S = sum over eps_i < eps_j of "
-                  "sign(y_j - y_i); with tied values exact by enumerating all n! orders for n <= "
-                  f"{EXACT_MAX_N}, else {MONTE_CARLO} random orders from seed 0, p = (1 + count) / "
-                  f"(1 + {MONTE_CARLO}). Under no association every assignment of the models' "
-                  "values to the eps is equally likely. Undetermined when even the most extreme "
-                  "order of these values could not give p < 0.05 (fewer than 4 distinct values). "
-                  "Effect: Sen's slope (median pairwise slope) per unit eps, its 90% interval the "
-                  "pairwise slopes at Kendall's critical value."},
-    "versus_eps0": {
-        "part": {+1: "{m} is higher at some eps > 0 than at eps 0",
-                 -1: "{m} is lower at some eps > 0 than at eps 0"},
-        "seeds": "per seed and eps > 0, metric(eps) - metric(0); one-sided paired t per eps, "
-                 "Holm step-down over the eps > 0 family; p: the smallest Holm-adjusted p; "
-                 "effect: that eps's mean difference.",
-        "models": "per eps > 0, that model against the eps 0 model on the same target test "
-                  "examples (transfer.json `correct`). Full-data probe and fine-tuning: exact "
-                  "one-sided McNemar test (Binomial(b + c, 1/2) tail, b and c the examples only "
-                  "one of the two gets right), Wald interval. Few-shot probe (the same D seeded "
-                  "draws for every model): d[k, i] the correctness difference on draw k and "
-                  "example i, effect the mean of d, SE^2 = var_k(mean_i d) / D + var_i(mean_k d) "
-                  "/ N, because the draws and the examples are both random: under a two-way "
-                  "(draw, example) model this sum exceeds the variance of the mean by one "
-                  "interaction term, so it is conservative; one-sided t with Welch-Satterthwaite "
-                  "degrees of freedom (rounded down). Holm over the eps > 0 family."},
-    "mean_gain": {
-        "part": {+1: "{m} is above 0 over the robust runs (eps > 0)",
-                 -1: "{m} is below 0 over the robust runs (eps > 0)"},
-        "seeds": "per seed, the mean over eps > 0 of the run's value; one-sided paired t over "
-                 "the seeds.",
-        "models": "per image (the same images for every model, invert.json `per_image`), the "
-                  "mean over the robust models of the per-image value; one-sided paired t over "
-                  "the images."},
-}
-GENERAL_RULES = [
-    f"Levels. `seeds`: at least {MIN_SEEDS} seeds have a run at every eps of the norm's grid; "
-    "seed s of every eps shares initialisation and data order, so tests are one-sided paired "
-    "t-tests over those seeds (seeds - 1 degrees of freedom), and a verdict speaks of training "
-    f"runs with these settings. `models`: fewer complete seeds, at least {MIN_MODEL_EPS} eps in "
-    "the norm's grid (the fewest at which the rank test can reject, 1/4! < 0.05: one rule for "
-    "every claim, so a grid too small for a trend decides nothing); each eps's model is its run "
-    "of the smallest seed; tests are conditional "
-    "on those models (their randomness: test examples, images, few-shot draws), and a verdict "
-    "holds for these checkpoints only. Where both are possible, seeds decides; neither: "
-    "undetermined.",
-    f"alpha = {ALPHA}, one-sided, for every test. Effects carry a 90% two-sided interval; the "
-    "t and Sen intervals exclude 0 on the claimed side exactly when the test rejects (C2: not "
-    "adjusted for the family; Holm decides).",
-    "Each norm group (the robust runs of a training norm plus every eps = 0 run) is judged on "
-    "its own. Parts and norm groups combine by intersection-union: the claim holds only if "
-    "every part holds, does not hold if any part does not, else is undetermined; p, effect and "
-    "interval are the deciding part's (the largest p).",
-    "Missing data give undetermined with the reason, never another measure: a declared measure "
-    "absent, no eps = 0 run, fewer than 2 eps, fewer complete seeds (seeds), a model without "
-    "the metric or its per-example or per-image records (models).",
-    "C5 and C6: undetermined if an invert.json says its images were not disjoint from those "
-    "the inversion was tuned on.",
-    "Robust accuracy at a radius is the lowest among the attacks recorded there. Other radii, "
-    "transfer measures and inversion methods get the same test as evidence only.",
-]
-MODELS_SENTENCE = ("A `models` verdict holds for these checkpoints (these models, test examples "
-                   "and images); it says nothing about other training runs with the same "
-                   "settings, which only a `seeds` verdict speaks of.")
-
-
-# ----------------------------------------------------------------------------- statistics
-
-def betainc(a, b, x):
-    """Regularised incomplete beta I_x(a, b), by its continued fraction (modified Lentz),
-    using the symmetry I_x(a, b) = 1 - I_{1-x}(b, a) where the fraction converges fast."""
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    log_front = (math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
-                 + a * math.log(x) + b * math.log1p(-x))
-    if x < (a + 1) / (a + b + 2):
-        return math.exp(log_front) * _beta_fraction(a, b, x) / a
-    return 1.0 - math.exp(log_front) * _beta_fraction(b, a, 1.0 - x) / b
-
-
-def _beta_fraction(a, b, x, tol=1e-15, tiny=1e-300, max_terms=100000):
-    """The continued fraction of I_x(a, b), evaluated by Lentz's method."""
-    c, d = 1.0, 1.0 - (a + b) * x / (a + 1)
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, max_terms + 1):
-        for num in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),              # even term
-                    -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):  # odd term
-            d = 1.0 + num * d
-            d = 1.0 / (d if abs(d) > tiny else tiny)
-            c = 1.0 + num / c
-            c = c if abs(c) > tiny else tiny
-            h *= d * c
-        if abs(d * c - 1.0) < tol:
-            return h
-    raise ArithmeticError(f"incomplete beta fraction did not converge (a={a}, b={b}, x={x})")
-
-
-def t_cdf(t, df):
-    """P(T <= t) for Student's t with df degrees of freedom, from P(T > |t|) =
-    I_{df / (df + t^2)}(df / 2, 1 / 2) / 2 = (1 - I_{t^2 / (df + t^2)}(1 / 2, df / 2)) / 2."""
-    if math.isinf(t):
-        return 1.0 if t > 0 else 0.0
-    if t * t < df:  # near 0 the complementary form keeps precision: P(|T| < |t|) = I_y(1/2, df/2)
-        tail = 0.5 - 0.5 * betainc(0.5, df / 2, t * t / (df + t * t))
-    else:
-        tail = 0.5 * betainc(df / 2, 0.5, df / (df + t * t))
-    return 1.0 - tail if t > 0 else tail
-
-
-@functools.lru_cache(maxsize=None)  # the same few (q, df) are asked for by every test
-def t_quantile(q, df):
-    """The t with P(T <= t) = q (0 < q < 1), by bisection on t_cdf."""
-    lo, hi = -1.0, 1.0
-    while t_cdf(lo, df) > q:
-        lo *= 2
-    while t_cdf(hi, df) < q:
-        hi *= 2
-    for _ in range(200):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if t_cdf(mid, df) < q else (lo, mid)
-        if hi - lo < 1e-12 * max(1.0, abs(mid)):
-            break
-    return (lo + hi) / 2
-
-
-def t_test(mean, se, df, direction):
-    """One-sided t-test that mean > 0 (direction +1) or < 0 (-1) with its 90% interval, which
-    excludes 0 on the claimed side exactly when p < 0.05. se 0: p 0 or 1 by the sign."""
-    if se > 0:
-        t = mean / se
-        p = t_cdf(-direction * t, df)
-    else:  # identical values: no noise; significant only if strictly on the claimed side
-        t = math.copysign(math.inf, mean) if mean else 0.0
-        p = 0.0 if direction * mean > 0 else 1.0
-    half = t_quantile(1 - ALPHA, df) * se
-    return {"mean": mean, "se": se, "t": t, "df": df, "p": p, "ci": [mean - half, mean + half]}
-
-
-def one_sided_t(values, direction):
-    """One-sample t-test of mean(values) > 0 (direction +1) or < 0 (direction -1).
-    Returns {n, mean, se, t, df, p, ci}; ci is the 90% two-sided interval."""
-    v = np.asarray(values, dtype=np.float64)
-    se = float(v.std(ddof=1) / math.sqrt(len(v)))
-    return {"n": len(v), **t_test(float(v.mean()), se, len(v) - 1, direction)}
-
-
-def holm(pvalues):
-    """Holm step-down adjusted p-values (same order as given): the k-th smallest p times
-    (m - k + 1), made monotone; rejecting adjusted p < alpha controls the family-wise error."""
-    m = len(pvalues)
-    adjusted, running = [0.0] * m, 0.0
-    for rank, i in enumerate(sorted(range(m), key=lambda i: pvalues[i])):
-        running = max(running, min(1.0, (m - rank) * pvalues[i]))
-        adjusted[i] = running
-    return adjusted
-
-
-def slope(x, y):
-    """Least-squares slope of y on x."""
-    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    dx = x - x.mean()
-    return float(dx @ (y - y.mean()) / (dx @ dx))
-
-
-def kendall_s(y):
-    """Kendall's S of values y [..., n] listed in increasing eps: sum_{i<j} sign(y_j - y_i)."""
-    i, j = np.triu_indices(y.shape[-1], 1)
-    return np.sign(y[..., j] - y[..., i]).sum(-1)
-
-
-@functools.lru_cache(maxsize=None)
-def inversion_pmf(n):
-    """P(k inversions), k = 0 .. n(n-1)/2, in a uniform random order of n distinct values (the
-    Mahonian numbers / n!): S = n(n-1)/2 - 2 k. A product of uniforms on 0..m-1 (Lehmer code)."""
-    pmf = np.ones(1)
-    for m in range(2, n + 1):
-        pmf = np.convolve(pmf, np.ones(m) / m)
-    return pmf
-
-
-@functools.lru_cache(maxsize=None)
-def all_orders(n):
-    return np.array(list(itertools.permutations(range(n))))
-
-
-def kendall_test(y, direction):
-    """Exact one-sided permutation test of Kendall's tau between position (increasing eps) and
-    y: tau > 0 (direction +1) or < 0 (-1). Returns {tau, p, p_min, method}; p_min is the p of
-    the most extreme order of these values (the test cannot reject when p_min >= alpha)."""
-    y = direction * np.asarray(y, dtype=np.float64)
-    n, pairs = len(y), len(y) * (len(y) - 1) // 2
-    s, best = kendall_s(y), kendall_s(np.sort(y))
-    if len(np.unique(y)) == n:
-        cdf = np.cumsum(inversion_pmf(n))
-        p, p_min, method = cdf[round((pairs - s) / 2)], cdf[0], "exact, inversion counts"
-    elif n <= EXACT_MAX_N:
-        null = kendall_s(y[all_orders(n)])
-        p, p_min, method = np.mean(null >= s - 0.5), np.mean(null >= best - 0.5), "exact, n! orders"
-    else:
-        orders = np.random.default_rng(0).permuted(np.tile(y, (MONTE_CARLO, 1)), axis=1)
-        null = kendall_s(orders)
-        p, p_min = [(1 + np.sum(null >= v - 0.5)) / (1 + MONTE_CARLO) for v in (s, best)]
-        method = f"Monte Carlo, {MONTE_CARLO} orders"
-    ties = sum(c * (c - 1) // 2 for c in np.unique(y, return_counts=True)[1])
-    tau = direction * s / math.sqrt(pairs * (pairs - ties)) if pairs > ties else 0.0
-    return {"tau": float(tau), "p": float(p), "p_min": float(p_min), "method": method}
-
-
-def sen_slope(x, y):
-    """Sen's slope of y on x (the median pairwise slope) and its 90% interval: the pairwise
-    slopes of ranks k + 1 and N - k, k the largest inversion count with null CDF < alpha."""
-    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    i, j = np.triu_indices(len(x), 1)
-    slopes = np.sort((y[j] - y[i]) / (x[j] - x[i]))
-    below = np.flatnonzero(np.cumsum(inversion_pmf(len(x))) < ALPHA)
-    ci = [float(slopes[below[-1]]), float(slopes[-1 - below[-1]])] if len(below) else None
-    return float(np.median(slopes)), ci
-
-
-def example_test(a, b, direction):
-    """Paired one-sided test that model a is more (direction +1) or less accurate than b on
-    the same test examples. a, b: 0/1 correctness [N] (exact McNemar, Wald interval) or
-    [draws, N] (few-shot probes on the same draws: t with the draws-plus-examples SE)."""
-    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
-    mean, n = float(d.mean()), d.shape[-1]
-    if d.ndim == 1:
-        wins, losses = int(np.sum(direction * d > 0)), int(np.sum(direction * d < 0))
-        p = betainc(wins, losses + 1, 0.5) if wins else 1.0  # P(Bin(wins + losses, 1/2) >= wins)
-        se = math.sqrt(max(wins + losses - n * mean ** 2, 0)) / n  # of the mean of d in {-1, 0, 1}
-        half = NormalDist().inv_cdf(1 - ALPHA) * se
-        return {"n": n, "mean": mean, "p": p, "ci": [mean - half, mean + half], "test": "McNemar"}
-    parts = [(d.mean(1).var(ddof=1) / len(d), len(d) - 1) if len(d) > 1 else (0.0, 0),
-             (d.mean(0).var(ddof=1) / n, n - 1)]
-    var = sum(v for v, _ in parts)
-    df = var ** 2 / sum(v ** 2 / k for v, k in parts if v > 0) if var > 0 else n - 1
-    return {"n": n, **t_test(mean, math.sqrt(var), max(1, math.floor(df)), direction),
-            "test": f"{len(d)} draws"}
 
 
 # ----------------------------------------------------------------------------- collection
@@ -346,18 +50,13 @@ def read_json(path, required=False):
     return data
 
 
-def number(value):
-    """value as a finite float, or None (absent, null, not a number)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value) if math.isfinite(value) else None
-
-
 def robust_records(path, records):
     """The robust_acc list of metrics.json: records {norm, eps, acc, ...}; unknown keys dropped."""
     if not isinstance(records, list) or not all(
-            isinstance(r, dict) and {"norm", "eps", "acc"} <= set(r) for r in records):
-        raise UserError(f"{path}: robust_acc must be a list of {{norm, eps, acc, ...}} records")
+            isinstance(r, dict) and {"norm", "eps", "acc"} <= set(r)
+            and (number(r["acc"]) is None or 0 <= r["acc"] <= 1) for r in records):
+        raise UserError(f"{path}: robust_acc must be a list of {{norm, eps, acc, ...}} records, "
+                        "acc in [0, 1]")
     keep = ("norm", "eps", "attack", "steps", "restarts", "acc")
     return [{k: r[k] for k in keep if k in r} for r in records]
 
@@ -418,8 +117,8 @@ def collect_run(run):
     row = {"run": run.name, "role": "judge" if run.name.startswith("judge") else "study",
            "norm": m["norm"], "eps": float(m["eps"]), "seed": m["seed"],
            "clean_acc": float(m["clean_acc"]), "robust_acc": robust_records(path, m["robust_acc"])}
-    row.update({k: m[k] for k in ("arch", "dataset", "classes", "epochs", "train_seconds")
-                if k in m})
+    row.update({k: m[k] for k in ("arch", "dataset", "classes", "epochs", "train_seconds",
+                                  "test_size") if k in m})
     fisher = read_json(run / "fisher.json") or {}
     row["fisher"] = {k: number(fisher[k]) for k in FISHER_KEYS if number(fisher.get(k)) is not None}
     transfer = read_json(run / "transfer.json") or {}
@@ -437,23 +136,6 @@ def collect_rows(results_dir):
     order (then norm, seed), the judge runs last."""
     rows = [collect_run(p.parent) for p in Path(results_dir).glob("*/metrics.json")]
     return sorted(rows, key=lambda r: (r["role"] != "study", r["eps"], r["norm"], r["seed"]))
-
-
-def declaration_problem(d):
-    """What is wrong with the decisions of a study.json (None when they are well formed)."""
-    keys = DECLARATIONS["quick"]
-    if not isinstance(d, dict) or set(d) != set(keys):
-        return f"\"decisions\" must be an object with keys {', '.join(keys)}"
-    radius, pairs = d["reference_radius"], d["noise_pairs"]
-    if not isinstance(radius, dict) or not all(number(v) and v > 0 for v in radius.values()):
-        return "reference_radius must map norm names to radii > 0"
-    if not all(isinstance(d[k], str) and d[k] for k in ("primary_transfer", "inversion_method")):
-        return "primary_transfer and inversion_method must be non-empty strings"
-    if not isinstance(pairs, list) or not pairs or not all(isinstance(p, list) and len(p) == 2
-                                                           and all(isinstance(m, str) for m in p)
-                                                           for p in pairs):
-        return "noise_pairs must be a non-empty list of [method with noise, method without]"
-    return None
 
 
 def read_declaration(results):
@@ -476,11 +158,21 @@ def same(a, b):
     return abs(a - b) < EPS_TOL
 
 
+def attacks_at(row, norm, radius):
+    """The run's attack records at (norm, radius)."""
+    return [r for r in row["robust_acc"] if r["norm"] == norm and number(r["eps"]) is not None
+            and same(r["eps"], radius) and number(r["acc"]) is not None]
+
+
+def recipe(row, norm, radius):
+    """The attacks recorded at (norm, radius), as a sorted tuple of (attack, steps, restarts)."""
+    return tuple(sorted({(str(r.get("attack")), r.get("steps"), r.get("restarts"))
+                         for r in attacks_at(row, norm, radius)}, key=str))
+
+
 def robust_acc(row, norm, radius):
     """Accuracy of the run under attack at (norm, radius): the worst attack recorded there."""
-    accs = [number(r["acc"]) for r in row["robust_acc"]
-            if r["norm"] == norm and number(r["eps"]) is not None and same(r["eps"], radius)]
-    accs = [a for a in accs if a is not None]
+    accs = [number(r["acc"]) for r in attacks_at(row, norm, radius)]
     return min(accs) if accs else None
 
 
@@ -532,18 +224,22 @@ def with_arg(part, arg):
 
 
 def expand(part, decisions, norm):
-    """The spec part with its argument from the declaration (one part per noise pair)."""
+    """The spec part with its argument from the declaration (one part per noise pair); C2's
+    part also takes the declared eps family (transfer_eps)."""
     key = METRICS[part["metric"]][1]
     if key == "reference_radius":
         radius = decisions[key].get(norm)
         return [with_arg(part, None if radius is None else (norm, radius))]
+    if key == "primary_transfer":
+        part = dict(part, only_eps=decisions["transfer_eps"])
     args = [None] if key is None else [tuple(p) for p in decisions[key]] if key == "noise_pairs" \
         else [decisions[key]]
     return [with_arg(part, a) for a in args]
 
 
 def alternatives(rows, part, norm):
-    """The part on the other radii, transfer measures or inversion methods of the runs."""
+    """The part on the other radii, transfer measures or inversion methods of the runs (and a
+    declared transfer measure over every eps > 0 when its family is a declared list)."""
     key = METRICS[part["metric"]][1]
     if key == "reference_radius":
         found = [(norm, e) for e in radii(rows, norm)
@@ -554,7 +250,10 @@ def alternatives(rows, part, norm):
                        - {part["arg"]})
     else:
         found = []
-    return [with_arg(part, a) for a in found]
+    out = [with_arg(part, a) for a in found]
+    if part.get("only_eps"):
+        out.insert(0, dict(part, only_eps=None, name=part["name"] + " (every eps > 0)"))
+    return out
 
 
 def study_rows(rows):
@@ -628,94 +327,206 @@ def missing_data(rows, value, grid, name, need_zero):
 
 # ----------------------------------------------------------------------------- the engine
 
-VERDICTS = {True: "holds", False: "does not hold", None: "undetermined"}
-
-
-def result(holds, evidence, level=None, n=0, p=None, effect=None, ci=None):
-    """A verdict with its evidence: the shape of every claim, norm group and part."""
-    return {"verdict": VERDICTS[holds], "holds": holds, "level": None if holds is None else level,
-            "evidence": evidence, "test": "", "p": p, "effect": effect, "ci": ci,
-            "n_seeds": n if level == "seeds" else 0, "n_models": n if level == "models" else 0}
-
-
-def combine(parts, label=lambda key: ""):
-    """Parts (intersection-union) or norm groups into one verdict: does not hold if any part
-    does not; else undetermined if any is; else holds. p, effect and CI are those of the
-    deciding part (the largest p among the failing parts, or among all when all hold)."""
-    items = list(parts.items()) if isinstance(parts, dict) else list(enumerate(parts))
-    found = [r["holds"] for _, r in items]
-    holds = False if False in found else None if None in found or not items else True
-    level = "models" if any(r["level"] == "models" for _, r in items) else "seeds"
-    out = result(holds, "; ".join(f"{label(k)}{r['evidence']}" for k, r in items), level)
-    out["n_seeds"] = min((r["n_seeds"] for _, r in items), default=0)
-    out["n_models"] = min((r["n_models"] for _, r in items), default=0)
-    if holds is not None:
-        deciding = max((r for _, r in items if r["holds"] is holds), key=lambda r: r["p"])
-        out.update(p=deciding["p"], effect=deciding["effect"], ci=deciding["ci"])
+def result(verdict, evidence, level=None, n=0, test=None):
+    """A verdict with its evidence (and its test's numbers): every claim, group and part."""
+    out = {"verdict": verdict, "holds": HOLDS[verdict],
+           "level": None if verdict == "undetermined" else level, "evidence": evidence,
+           "test": "", "p": None, "p_margin": None, "effect": None, "ci": None,
+           "smallest_effect": None, "mde": None,
+           "n_seeds": n if level == "seeds" else 0, "n_models": n if level == "models" else 0}
+    out.update({k: v for k, v in (test or {}).items() if k in out and k != "test"})
     return out
 
 
-def t_summary(s, what, unit, extra=""):
-    return {"p": s["p"], "effect": s["mean"], "ci": s["ci"],
+def verdict_of(p, p_margin):
+    """holds (the direction shown), else contradicted (the smallest effect excluded), else not
+    shown."""
+    if p < ALPHA:
+        return "holds"
+    return "contradicted" if p_margin is not None and p_margin < ALPHA else "not shown"
+
+
+def combine(parts, label=lambda key: ""):
+    """Parts or norm groups into one verdict (intersection-union, GENERAL_RULES): undetermined
+    if any is; holds if all hold; contradicted if some contradiction p, Bonferroni-adjusted
+    over the parts, is below alpha; else not shown."""
+    items = list(parts.items()) if isinstance(parts, dict) else list(enumerate(parts))
+    found = [r for _, r in items]
+    levels = {r["level"] for r in found if r["level"]}
+    level = "models" if "models" in levels else "seeds" if levels else None
+    out = result("undetermined", "; ".join(f"{label(k)}{r['evidence']}" for k, r in items))
+    out["n_seeds"] = min((r["n_seeds"] for r in found if r["level"] == "seeds"), default=0)
+    out["n_models"] = min((r["n_models"] for r in found if r["level"] == "models"), default=0)
+    if not found or any(r["verdict"] == "undetermined" for r in found):
+        return out
+    margins = [r["p_margin"] for r in found]
+    p_margin = None if None in margins else min(1.0, len(found) * min(margins))
+    out["verdict"] = "holds" if all(r["verdict"] == "holds" for r in found) else \
+        verdict_of(1.0, p_margin)
+    deciding = min(found, key=lambda r: r["p_margin"]) if out["verdict"] == "contradicted" \
+        else max(found, key=lambda r: r["p"])
+    out.update({k: deciding[k] for k in ("effect", "ci", "smallest_effect", "mde")},
+               p=max(r["p"] for r in found), p_margin=p_margin, holds=HOLDS[out["verdict"]],
+               level=level)
+    return out
+
+
+def t_part(s, direction, smallest, what, unit, extra=""):
+    """A one-sided t-test (one_sided_t) as a part's test, with its contradiction p against the
+    smallest effect and its MDE, both signed in the claimed direction."""
+    if s["p"] is None:
+        return {"p": None, "text": f"{what}: identical over the {s['n']} {unit}, no noise estimate"}
+    mde = mde_t(s["se"], s["df"])
+    return {"p": s["p"], "p_margin": t_margin_p(s["mean"], s["se"], s["df"], direction, smallest),
+            "effect": s["mean"], "ci": s["ci"], "mde": direction * mde,
+            "smallest_effect": direction * smallest,
             "text": f"{what} {fmt(s['mean'], True)} {ci_text(s['ci'])}, t({s['df']}) = "
-                    f"{fmt(s['t'])}, p = {fmt(s['p'])} ({s['n']} {unit}{extra})"}
+                    f"{fmt(s['t'])}, p = {fmt(s['p'])}, MDE {fmt(direction * mde, True)} "
+                    f"({s['n']} {unit}{extra})"}
 
 
-def holm_family(grid, tests, unit, extra=""):
-    """C2's family: one test per eps > 0 against eps 0, Holm-adjusted; the best eps decides."""
-    adjusted = holm([t["p"] for t in tests])
-    b = int(np.argmin(adjusted))
-    t = tests[b]
-    each = ", ".join(f"eps {fmt(e)}: {fmt(s['mean'], True)} (p = {fmt(s['p'])}, Holm {fmt(a)})"
-                     for e, s, a in zip(grid[1:], tests, adjusted))
-    return {"p": adjusted[b], "effect": t["mean"], "ci": t["ci"],
-            "text": f"minus eps 0 at eps {fmt(grid[b + 1])}: {fmt(t['mean'], True)} "
-                    f"{ci_text(t['ci'])}, Holm-adjusted p = {fmt(adjusted[b])} ({t['n']} {unit}"
-                    f"{extra}; per eps: {each})"}
+def eps_item(s, direction, smallest, m):
+    """One eps of a versus_eps0 family: its test s (t, McNemar, two proportions) with its
+    contradiction p and its MDE at alpha (mde1) and at alpha / m (mdem)."""
+    if s["p"] is None or not s["se"] > 0:
+        return None
+    if "df" in s:
+        margin = t_margin_p(s["mean"], s["se"], s["df"], direction, smallest)
+        mde1, mdem = (mde_t(s["se"], s["df"], a) for a in (ALPHA, ALPHA / m))
+    else:
+        margin = normal_margin_p(s["mean"], s["se"], direction, smallest)
+        mde1, mdem = (mde_normal(s["se"], a) for a in (ALPHA, ALPHA / m))
+    return dict(s, margin=margin, mde1=mde1, mdem=mdem)
 
 
-def seeds_test(contrast, grid, Y, direction):
-    """The seeds-level test of a contrast on Y [seeds, eps] (complete seeds)."""
+def family_part(grid, tests, family, direction, smallest, unit):
+    """The versus_eps0 family (grid[0] = 0, tests one per eps > 0) as a part's test: `some`
+    (Holm) or `every` (intersection-union), by CONTRASTS["versus_eps0"]."""
+    m = len(tests)
+    items = [eps_item(s, direction, smallest, m) for s in tests]
+    if None in items:
+        return {"p": None, "text": f"no noise estimate at eps {fmt(grid[items.index(None) + 1])}"}
+    p_min = [s.get("p_min", 0.0) for s in items]
+    if (min(p_min) * m if family == "some" else max(p_min)) >= ALPHA:
+        return {"p": None, "text": f"the family of {m} eps cannot reach p < {ALPHA} (best "
+                                   f"possible p by eps: {', '.join(fmt(p) for p in p_min)})"}
+    if family == "some":
+        adjusted = holm([s["p"] for s in items])
+        b = int(np.argmin(adjusted))
+        p, p_margin = adjusted[b], max(s["margin"] for s in items)
+        mde = max(s["mdem"] for s in items)
+    else:
+        adjusted = [s["p"] for s in items]
+        b = int(np.argmax(adjusted))
+        p, p_margin = adjusted[b], min(holm([s["margin"] for s in items]))
+        mde = max(s["mde1"] for s in items)
+    s = items[b]
+    each = ", ".join(f"eps {fmt(e)}: {fmt(t['mean'], True)} {ci_text(t['ci'], '')} (p = "
+                     f"{fmt(t['p'])})" for e, t in zip(grid[1:], items))
+    return {"p": p, "p_margin": p_margin, "effect": s["mean"], "ci": s["ci"],
+            "mde": direction * mde, "smallest_effect": direction * smallest,
+            "text": f"minus eps 0 at eps {fmt(grid[b + 1])}: {fmt(s['mean'], True)} "
+                    f"{ci_text(s['ci'])}, {'Holm-adjusted ' if family == 'some' and m > 1 else ''}"
+                    f"p = {fmt(p)}, MDE {fmt(direction * mde, True)} ({s['n']} {unit}, "
+                    f"{s['test'] if 'test' in s else 't'}, family {family} of {m}: {each})"}
+
+
+def seeds_test(part, grid, Y, smallest):
+    """The seeds-level test of a part's contrast on Y [seeds, eps] (complete seeds)."""
+    d, contrast = part["direction"], part["contrast"]
     if contrast == "trend":
         means = ", ".join(f"{fmt(e)}: {fmt(m)}" for e, m in zip(grid, Y.mean(0)))
-        return t_summary(one_sided_t([slope(grid, y) for y in Y], direction),
-                         "slope per unit eps", "seeds", f"; means by eps {means}")
+        return t_part(one_sided_t([slope(grid, y) for y in Y], d), d,
+                      smallest / (grid[-1] - grid[0]), "slope per unit eps", "seeds",
+                      f"; means by eps {means}")
     if contrast == "versus_eps0":
-        tests = [one_sided_t(Y[:, j] - Y[:, 0], direction) for j in range(1, len(grid))]
-        return holm_family(grid, tests, "seeds", f"; eps 0 mean {fmt(Y[:, 0].mean())}")
-    return t_summary(one_sided_t(Y.mean(1), direction), "mean over eps > 0", "seeds")
+        tests = [dict(one_sided_t(Y[:, j] - Y[:, 0], d), test="paired t")
+                 for j in range(1, len(grid))]
+        out = family_part(grid, tests, part["family"], d, smallest, "seeds")
+        out["text"] += f"; eps 0 mean {fmt(Y[:, 0].mean())}"
+        return out
+    return t_part(one_sided_t(Y.mean(1), d), d, smallest, "mean over eps > 0", "seeds")
 
 
-def models_test(contrast, grid, models, part):
-    """The models-level test of a contrast on one model per eps (p None: cannot decide)."""
-    d = part["direction"]
+def models_test(part, grid, models, smallest):
+    """The models-level test of a part's contrast on one model per eps (p None: cannot
+    decide, with the reason in text)."""
+    d, contrast = part["direction"], part["contrast"]
     if contrast == "trend":
-        y = [part_value(part)(m) for m in models]
+        y = np.array([part_value(part)(m) for m in models])
         k, (sen, ci) = kendall_test(y, d), sen_slope(grid, y)
         values = ", ".join(f"{fmt(e)}: {fmt(v)}" for e, v in zip(grid, y))
         if k["p_min"] >= ALPHA:
             return {"p": None, "text": f"the rank test on these {len(y)} models cannot reach "
                                        f"p < {ALPHA} (best possible p = {fmt(k['p_min'])})"}
-        return {"p": k["p"], "effect": sen, "ci": ci,
+        residual = y - np.polyval(np.polyfit(grid, y, 1), grid)
+        sigma = math.sqrt(residual @ residual / (len(y) - 2)) if len(y) > 2 else 0.0
+        per_unit = smallest / (grid[-1] - grid[0])
+        mde = kendall_mde(grid, sigma)
+        return {"p": k["p"], "p_margin": kendall_margin_p(grid, y, d, per_unit), "effect": sen,
+                "ci": ci, "mde": d * mde, "smallest_effect": d * per_unit,
                 "text": f"Sen slope per unit eps {fmt(sen, True)} {ci_text(ci)}, Kendall tau "
-                        f"{fmt(k['tau'], True)}, p = {fmt(k['p'])} ({k['method']}; "
-                        f"{len(y)} models; values by eps {values})"}
-    items = [metric_items(m, part["metric"], part["arg"]) for m in models]
+                        f"{fmt(k['tau'], True)}, p = {fmt(k['p'])}, MDE {fmt(d * mde, True)} "
+                        f"({k['method']}; {len(y)} models; values by eps {values})"}
     if contrast == "versus_eps0":
+        if part["metric"] == "robust_acc":  # no per-example records: two proportions
+            tests = [two_proportions(part_value(part)(m), part_value(part)(models[0]),
+                                     min(m["test_size"], models[0]["test_size"]), d)
+                     for m in models[1:]]
+            return family_part(grid, tests, part["family"], d, smallest, "test examples")
+        items = [metric_items(m, part["metric"], part["arg"]) for m in models]
         tests = [example_test(a, items[0], d) for a in items[1:]]
-        return holm_family(grid, tests, f"test examples, {tests[0]['test']}")
-    return t_summary(one_sided_t(np.mean(items, 0), d), "mean over robust models", "images")
+        return family_part(grid, tests, part["family"], d, smallest, "test examples")
+    items = [metric_items(m, part["metric"], part["arg"]) for m in models]
+    return t_part(one_sided_t(np.mean(items, 0), d), d, smallest, "mean over robust models",
+                  "images")
 
 
-def judge_part(rows, contrast, part, level):
+def models_problem(part, models, value, name):
+    """Why one model per eps cannot decide the part (None when it can)."""
+    lacking = [m["run"] for m in models if value(m) is None]
+    if lacking:
+        return f"{', '.join(lacking)} lack {name}"
+    if part["contrast"] == "trend":
+        return None
+    if part["metric"] == "robust_acc":
+        lacking = [m["run"] for m in models if not isinstance(m.get("test_size"), int)]
+        return f"{', '.join(lacking)} lack test_size" if lacking else None
+    if part["metric"] == "transfer" and part["arg"].endswith("fine-tuned"):
+        return ("one fine-tuning run per model cannot measure fine-tuning's own randomness, "
+                "which a test over the test examples would need")
+    items = [metric_items(m, part["metric"], part["arg"]) for m in models]
+    what = "per-example records" if part["metric"] == "transfer" else "per-image SSIM"
+    lacking = [m["run"] for m, a in zip(models, items) if a is None]
+    if lacking:
+        return f"{', '.join(lacking)} lack the {what} of {name}"
+    if len({np.shape(a) for a in items}) > 1:
+        return f"the {what} of {name} differ in shape"
+    if np.ndim(items[0]) == 2 and np.shape(items[0])[0] < 2:
+        return f"{name} has fewer than 2 few-shot draws (no estimate of the draws' variance)"
+    return None
+
+
+def judge_part(rows, part, level, smallest):
     """One part at one level: the missing-data rules, then the level's test."""
-    name, value = part["name"], part_value(part)
+    name, value, contrast = part["name"], part_value(part), part["contrast"]
     if part["arg"] is None and METRICS[part["metric"]][1]:
-        return result(None, f"{name}: no reference radius declared for this norm", level)
+        return result("undetermined", f"{name}: no reference radius declared for this norm", level)
     if contrast == "mean_gain":
         rows = [r for r in rows if not same(r["eps"], 0)]
+    if part.get("only_eps"):
+        absent = [e for e in part["only_eps"] if not any(same(r["eps"], e) for r in rows)]
+        if absent:
+            return result("undetermined", f"{name}: no run at the declared eps "
+                                          f"{', '.join(fmt(e) for e in absent)}", level)
+        rows = [r for r in rows if any(same(r["eps"], e) for e in [0.0, *part["only_eps"]])]
     grid = eps_grid(rows)
     reason = missing_data(rows, value, grid, name, need_zero=contrast != "mean_gain")
+    if not reason and part["metric"] == "robust_acc":
+        recipes = {recipe(r, *part["arg"]) for r in rows if value(r) is not None}
+        if len(recipes) > 1:
+            reason = "models attacked with different attacks there: " + " vs ".join(
+                "/".join(f"{a} {s} steps {r} restarts" for a, s, r in rec) for rec in recipes)
     if level == "seeds":
         seeds, Y = paired(rows, value, grid)
         n = len(seeds)
@@ -725,44 +536,39 @@ def judge_part(rows, contrast, part, level):
         models = [min((r for r in rows if same(r["eps"], e)), key=lambda r: r["seed"])
                   for e in grid]
         n = len(models)
-        lacking = [m["run"] for m in models if value(m) is None]
-        if contrast != "trend":
-            items = [metric_items(m, part["metric"], part["arg"]) for m in models]
-            lacking += [m["run"] for m, a in zip(models, items)
-                        if a is None and value(m) is not None]
-            shapes = {np.shape(a) for a in items if a is not None}
-            if not lacking and len(shapes) > 1:
-                reason = reason or f"the per-example records of {name} differ in shape"
-        what = "per-example records" if part["metric"] == "transfer" else "per-image SSIM"
-        if lacking and not reason:
-            reason = f"{', '.join(lacking)} lack {name}" + ("" if contrast == "trend"
-                                                             else f" or its {what}")
+        reason = reason or models_problem(part, models, value, name)
     if reason:
-        return result(None, f"{name}: undetermined at level {level}, {reason}", level, n)
-    test = seeds_test(contrast, grid, Y, part["direction"]) if level == "seeds" \
-        else models_test(contrast, grid, models, part)
+        return result("undetermined", f"{name}: undetermined at level {level}, {reason}", level, n)
+    test = seeds_test(part, grid, Y, smallest) if level == "seeds" \
+        else models_test(part, grid, models, smallest)
     if test["p"] is None:
-        return result(None, f"{name}: undetermined at level {level}, {test['text']}", level, n)
-    return result(test["p"] < ALPHA, f"{name}: {test['text']}", level, n, test["p"],
-                  test["effect"], test["ci"])
+        return result("undetermined", f"{name}: undetermined at level {level}, {test['text']}",
+                      level, n)
+    verdict = verdict_of(test["p"], test["p_margin"])
+    small = verdict == "holds" and test["p_margin"] is not None and test["p_margin"] < ALPHA
+    return result(verdict, f"{name}: {verdict}{' (below the smallest effect of interest)' * small}"
+                           f", {test['text']}", level, n, test)
 
 
 def judge_group(spec, rows, decisions, norm):
     """One claim on one norm group: its level, its parts (intersection-union), and the same
-    test on the alternatives of its declared argument as evidence only."""
+    test on the alternatives of each declared argument as evidence only."""
     level, complete = study_level(rows)
     if level is None:
-        return result(None, f"undetermined: {complete} complete seed(s) (seeds level needs "
-                            f"{MIN_SEEDS}) and {len(eps_grid(rows))} eps (models level needs "
-                            f"{MIN_MODEL_EPS})", "seeds", complete)
-    if spec.get("disjoint") and any(r["invert_disjoint"] is False for r in rows):
-        bad = ", ".join(r["run"] for r in rows if r["invert_disjoint"] is False)
-        return result(None, f"invert.json of {bad} says its evaluation images were not "
-                            "disjoint from the images the inversion was tuned on", level)
+        return result("undetermined", f"{complete} complete seed(s) (seeds level needs "
+                                      f"{MIN_SEEDS}) and {len(eps_grid(rows))} eps (models level "
+                                      f"needs {MIN_MODEL_EPS})", "seeds", complete)
+    if spec.get("disjoint") and any(r["invert"] and r["invert_disjoint"] is not True
+                                    for r in rows):
+        bad = ", ".join(r["run"] for r in rows if r["invert"] and r["invert_disjoint"] is not True)
+        return result("undetermined", f"invert.json of {bad} does not say that its evaluation "
+                                      "images were disjoint from the images the inversion was "
+                                      "tuned on", level)
+    smallest = decisions["smallest_effects"]
     parts = [p for part in spec["parts"] for p in expand(part, decisions, norm)]
-    res = combine([judge_part(rows, spec["contrast"], p, level) for p in parts])
-    extra = [judge_part(rows, spec["contrast"], alt, level)["evidence"]
-             for alt in alternatives(rows, parts[0], norm)]
+    res = combine([judge_part(rows, p, level, smallest[p["metric"]]) for p in parts])
+    extra = [judge_part(rows, alt, level, smallest[alt["metric"]])["evidence"]
+             for p in parts for alt in alternatives(rows, p, norm)]
     if extra:
         res["evidence"] += "; evidence only: " + "; ".join(extra)
     return res
@@ -777,66 +583,14 @@ def judge_claims(rows, decisions=None):
         by_norm = {norm: judge_group(spec, group_rows(rows, norm), decisions, norm)
                    for norm in norm_groups(rows)}
         claim = combine(by_norm, label=lambda norm: f"[{norm}] ") if by_norm \
-            else result(None, "no study run")
+            else result("undetermined", "no study run")
         for r in [claim, *by_norm.values()]:
             r["test"] = rule_text(cid)
         claims[cid] = dict(claim, by_norm=by_norm)
     return claims
 
 
-# ----------------------------------------------------------------------------- rules text
-
-def part_text(contrast, part):
-    """'ln tr F_w falls with eps': the part's claim in words, from the spec."""
-    what = ("ln " if part.get("log") else "") + METRICS[part["metric"]][0]
-    return CONTRASTS[contrast]["part"][part["direction"]].format(m=what)
-
-
-def rule_text(cid):
-    spec = CLAIMS[cid]
-    parts = " and ".join(part_text(spec["contrast"], p) for p in spec["parts"])
-    return f"{parts} (every part; contrast {spec['contrast']}, see the rules)"
-
-
-def rules_markdown():
-    """The rules, generated from CLAIMS, CONTRASTS, GENERAL_RULES and DECLARATIONS."""
-    lines = ["Generated from the specification in report.py (`python report.py --rules`).", "",
-             "| claim | holds when (every part) | contrast |", "|---|---|---|"]
-    lines += [f"| {cid}: {s['claim']} | " + "; ".join(part_text(s["contrast"], p)
-                                                     for p in s["parts"]) + f" | {s['contrast']} |"
-              for cid, s in CLAIMS.items()]
-    lines += ["", "Contrasts, at each level:", ""]
-    for name, c in CONTRASTS.items():
-        lines += [f"- **{name}**", f"  - seeds: {c['seeds']}", f"  - models: {c['models']}"]
-    lines += ["", "General rules:", ""] + [f"- {text}" for text in GENERAL_RULES]
-    lines += ["", "Declarations (DIR/study.json; without one, quick's):", "",
-              "| preset | reference radius | primary transfer | inversion method | noise pairs |",
-              "|---|---|---|---|---|"]
-    for name, d in DECLARATIONS.items():
-        radius = ", ".join(f"{k} {fmt(v)}" for k, v in d["reference_radius"].items())
-        pairs = ", ".join(f"{a} vs {b}" for a, b in d["noise_pairs"])
-        lines.append(f"| {name} | {radius} | {d['primary_transfer']} | {d['inversion_method']} "
-                     f"| {pairs} |")
-    return "\n".join(lines) + "\n"
-
-
-RULES_BEGIN = "<!-- rules: generated by report.py --rules; do not edit -->"
-RULES_END = "<!-- end rules -->"
-
-
 # ----------------------------------------------------------------------------- report.md
-
-def fmt(x, sign=False):
-    """A number at three significant digits ('n/a' for None): the one format of the report."""
-    return "n/a" if x is None else f"{x:+.3g}" if sign else f"{x:.3g}"
-
-
-def ci_text(ci, label="90% CI "):
-    return f"[{label}n/a]" if ci is None else f"[{label}{fmt(ci[0], True)}, {fmt(ci[1], True)}]"
-
-
-def eps_list(grid):
-    return "(" + ", ".join(fmt(e) for e in grid) + ")"
 
 
 def cell(values):
@@ -896,21 +650,28 @@ def results_tables(rows):
     return lines
 
 
+def count_text(c):
+    """'3 seeds', '5 models' or both (norm groups judged at different levels)."""
+    counts = [f"{c[f'n_{k}']} {k}" for k in ("seeds", "models") if c[f"n_{k}"]]
+    return ", ".join(counts) or "n/a"
+
+
 def markdown(rows, claims, declaration, figures):
     d = declaration["decisions"]
     radius = ", ".join(f"{k} {fmt(v)}" for k, v in d["reference_radius"].items())
-    lines = ["# Results", "", "| claim | verdict | level | effect [90% CI] | p | seeds or models |",
-             "|---|---|---|---|---|---|"]
+    lines = ["# Results", "", "| claim | verdict | level | effect [90% CI] | smallest effect | "
+             "MDE (80% power) | p | seeds or models |", "|---|---|---|---|---|---|---|---|"]
     for cid, c in claims.items():
-        n = f"{c['n_seeds']} seeds" if c["level"] == "seeds" else \
-            f"{c['n_models']} models" if c["level"] == "models" else "n/a"
         effect = "n/a" if c["effect"] is None else \
             f"{fmt(c['effect'], True)} {ci_text(c['ci'], '')}"
         lines.append(f"| {cid}: {CLAIMS[cid]['claim']} | **{c['verdict']}** | "
-                     f"{c['level'] or 'n/a'} | {effect} | {fmt(c['p'])} | {n} |")
+                     f"{c['level'] or 'n/a'} | {effect} | {fmt(c['smallest_effect'], True)} | "
+                     f"{fmt(c['mde'], True)} | {fmt(c['p'])} | {count_text(c)} |")
     lines += ["", MODELS_SENTENCE, "",
               f"Declaration ({declaration['source']}, preset {declaration['preset']}): reference "
-              f"radius {radius}; primary transfer `{d['primary_transfer']}`; inversion method "
+              f"radius {radius}; primary transfer `{d['primary_transfer']}` at eps "
+              f"{'> 0 (every)' if d['transfer_eps'] is None else eps_list(d['transfer_eps'])}; "
+              f"inversion method "
               f"`{d['inversion_method']}`; noise pairs "
               + ", ".join(f"{a} vs {b}" for a, b in d["noise_pairs"]) + "."]
     if figures:

@@ -9,11 +9,11 @@
 #   CKPT_DIR=dir bash run_all.sh imagenet  # published robust ImageNet models, evaluated
 #   bash run_all.sh imagenet --smoke       # its code path on tiny fake checkpoints, CPU
 #
-# Environment: SEEDS (default "0 1 2"), JOBS and THREADS (below), FORCE=1 (redo every step),
-# OUT (default results/<preset>[-smoke]), PYTHON (default python3; without torch a .venv is
-# made, see setup_python.sh), DATA_DIR (default ./data; imagenet: DATA_DIR/val in ImageFolder
-# layout, beside the transfer targets' torchvision folders). imagenet only: CKPT_DIR (read
-# only) holds the checkpoints and manifest.csv: a header, then one row `file,norm,eps[,seed]`
+# Environment: SEEDS (default "0 1 2"), JOBS, JOBS_PER_GPU and THREADS (below), FORCE=1 (redo
+# every step), OUT (default results/<preset>[-smoke]), PYTHON (default python3; without torch
+# a .venv is made, see setup_python.sh), DATA_DIR (default ./data; imagenet: DATA_DIR/val in
+# ImageFolder layout, beside the transfer targets' torchvision folders). imagenet only: CKPT_DIR
+# (read only) holds the checkpoints and manifest.csv: a header, then one row `file,norm,eps[,seed]`
 # per checkpoint, each a cell (file relative to CKPT_DIR, norm l2 or linf, eps as 0.5 or 4/255,
 # seed default 0), e.g. `resnet50_l2_eps3.ckpt,l2,3`; UNSAFE_LOAD=1 lets every script unpickle
 # them (robustness files need it; only for files you trust); TARGETS_LIST (default: those of
@@ -83,10 +83,12 @@ case "$PRESET" in
            --epochs 4 --steps 3 --eval-eps l2:0.5 l2:1.0 --eval-steps 20)
     JUDGE=(--norm l2 --eps 0.5)
     # near (the other five classes) and far (the same, contrast-inverted) targets; probes on
-    # all labels and on 1, 10 and 100 per class, and fine-tuning. C2 is decided on the far
-    # target at 10 shots (the quick declaration in report.py)
+    # all labels and on 1, 10 and 100 per class, and fine-tuning (20 epochs: chosen on held-out
+    # settings, docs/FINETUNE.md). C2 is decided on the far target at 10 shots (the quick
+    # declaration in claims.py), over 100 draws (rule 5, docs/PROTOCOL.md); the draws are
+    # seeded by the cell's training seed (measure, below)
     TARGETS=(--target fashion-mnist:5-9 --target fashion-mnist:5-9+invert --shots 1 10 100
-             --finetune --finetune-size 1000)
+             --draws 5 10:100 --finetune --finetune-size 1000 --finetune-epochs 20)
     FISHER=(--n 512)
     # test images 64-95: the inversion defaults were chosen on images 0-63 (invert.py, TUNED_ON)
     INVERT=(--start 64 --n-images 32 --method baseline,tv,noise,noise-tv)
@@ -107,7 +109,7 @@ case "$PRESET" in
              --epochs 1 --steps 1 --batch-size 32 --augment --eval-eps l2:0.5 linf:8/255
              --eval-attack apgd --eval-steps 2 --device cpu)
       TARGETS=(--target synthetic:0-4 --target fashion-mnist:5-9 --train-size 64 --test-size 32
-               --shots 1 2 --finetune --finetune-size 32)
+               --shots 1 2 --finetune --finetune-size 32 --device cpu)
       FISHER=(--n 4 --chunk 4 --power-iters 5 --device cpu)
       INVERT=(--n-images 4 --steps 5 --method baseline,tv,noise,noise-tv --device cpu)
     fi
@@ -154,15 +156,41 @@ case "$PRESET" in
 esac
 (( PUBLISHED )) || JUDGE_CKPT=$OUT/judge/model.pt
 mkdir -p "$OUT"
-# Independent cells run concurrently: JOBS at once (default: one per GPU, else one per CPU
-# core), each with THREADS torch threads (default 1). Outputs depend on THREADS (the order of
-# float sums), never on JOBS: JOBS=1 and JOBS=4 give identical files.
+# Independent cells run concurrently: JOBS at once, each with THREADS torch threads (default
+# 1). On the CPU outputs depend on THREADS (the order of float sums), never on JOBS: JOBS=1
+# and JOBS=4 give identical files. The GPUs: those CUDA_VISIBLE_DEVICES names (set but empty:
+# none), else every one nvidia-smi lists. Each runs at most JOBS_PER_GPU of the jobs at once
+# (default: one per 32 GiB of the first GPU's memory, at least 1, so 4 on a 141 GB H200; or
+# JOBS spread evenly when JOBS is given): one job, bound by kernel launches, leaves most of a
+# large GPU idle, and a job's largest step (fisher.py's weights trace at its default --chunk
+# on the CIFAR ResNet-18) holds about 26 GB. JOBS defaults to JOBS_PER_GPU per GPU, and
+# without a GPU to one per CPU core.
 GPU_LIST=()
-nvidia-smi -L > /dev/null 2>&1 && IFS=, read -ra GPU_LIST <<< \
-  "${CUDA_VISIBLE_DEVICES:-$(seq -s, 0 $(($(nvidia-smi -L | grep -c '^GPU') - 1)))}"
+if nvidia-smi -L > /dev/null 2>&1; then
+  if [[ -v CUDA_VISIBLE_DEVICES ]]; then
+    IFS=, read -ra GPU_LIST <<< "$CUDA_VISIBLE_DEVICES"
+  else
+    mapfile -t GPU_LIST < <(seq 0 $(($(nvidia-smi -L | grep -c '^GPU') - 1)))
+  fi
+fi
+N_GPUS=${#GPU_LIST[@]}
 # (nproc counts the cores this process may use, but reads OMP_NUM_THREADS as its answer)
 CORES=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc 2> /dev/null || echo 1)
-JOBS=${JOBS:-$(( ${#GPU_LIST[@]} ? ${#GPU_LIST[@]} : CORES ))}
+for name in JOBS JOBS_PER_GPU; do
+  [[ -z "${!name:-}" || "${!name}" =~ ^[1-9][0-9]*$ ]] ||
+    die "$name must be a positive integer, got '${!name}'"
+done
+if (( N_GPUS )) && [[ -z "${JOBS_PER_GPU:-}" ]]; then
+  if [[ -n "${JOBS:-}" ]]; then
+    JOBS_PER_GPU=$(( (JOBS + N_GPUS - 1) / N_GPUS ))
+  else
+    mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits \
+          -i "${GPU_LIST[0]}" 2> /dev/null | head -n 1)
+    [[ "$mib" =~ ^[0-9]+$ ]] || mib=0
+    JOBS_PER_GPU=$(( mib / 32768 > 1 ? mib / 32768 : 1 ))
+  fi
+fi
+JOBS=${JOBS:-$(( N_GPUS ? N_GPUS * JOBS_PER_GPU : CORES ))}
 THREADS=${THREADS:-1}
 export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
 
@@ -219,7 +247,8 @@ measure() {  # measure DIR CKPT NORM EPS SEED: train (or evaluate CKPT), then Fi
   step "$dir/fisher.json" "$dir/fisher.log" "$trained" \
     "$PY" fisher.py --ckpt "$ckpt" "${FISHER[@]}" "${DATA[@]}" "${UNSAFE[@]}" --out "$dir"
   step "$dir/transfer.json" "$dir/transfer.log" "$trained" \
-    "$PY" transfer.py --ckpt "$ckpt" "${TARGETS[@]}" "${DATA[@]}" "${UNSAFE[@]}" --out "$dir"
+    "$PY" transfer.py --ckpt "$ckpt" "${TARGETS[@]}" "${DATA[@]}" "${UNSAFE[@]}" --seed "$5" \
+    --out "$dir"
 }
 
 invert() {  # invert DIR CKPT: inversion of the cell's checkpoint, labelled by the judge (if any)
@@ -229,16 +258,40 @@ invert() {  # invert DIR CKPT: inversion of the cell's checkpoint, labelled by t
 }
 
 # A pool of at most JOBS background jobs (the shell's own job control). A job that fails
-# leaves $FAILED behind; the pool then stops the others and the study. On a GPU machine job k
-# runs on GPU k mod (number of GPUs), round-robin over CUDA_VISIBLE_DEVICES.
-FAILED=$OUT/.failed LAUNCHED=0
+# leaves $FAILED behind; the pool then stops the others and the study. On a GPU machine a job
+# starts once a GPU runs fewer than JOBS_PER_GPU of the pool's jobs, on the GPU that runs the
+# fewest at that moment (the first listed on a tie), the only one it sees.
+FAILED=$OUT/.failed GPU_OF=()  # GPU_OF[process id of a running job]: its GPU, a GPU_LIST index
 rm -f "$FAILED"
+pick_gpu() {  # the least-loaded GPU with room into $gpu (launch's); fails when none has room
+  local pid i load=() running=" $(jobs -rp | tr '\n' ' ') "
+  for pid in "${!GPU_OF[@]}"; do
+    if [[ "$running" == *" $pid "* ]]; then
+      i=${GPU_OF[pid]} && load[i]=$(( ${load[i]:-0} + 1 ))
+    else
+      unset "GPU_OF[pid]"  # ended
+    fi
+  done
+  gpu=""
+  for i in "${!GPU_LIST[@]}"; do
+    if (( ${load[i]:-0} < JOBS_PER_GPU )) && [[ -z "$gpu" || ${load[i]:-0} -lt ${load[gpu]:-0} ]]
+    then gpu=$i; fi
+  done
+  [[ -n "$gpu" ]]
+}
 launch() {  # launch COMMAND...: in the background, once fewer than JOBS jobs run
   local gpu=""
   check_failed
-  while (( $(jobs -rp | wc -l) >= JOBS )); do wait -n || true; check_failed; done
-  (( ${#GPU_LIST[@]} == 0 )) || gpu=${GPU_LIST[$((LAUNCHED++ % ${#GPU_LIST[@]}))]}
-  ( [[ -z "$gpu" ]] || export CUDA_VISIBLE_DEVICES=$gpu; "$@" ) || touch "$FAILED" &
+  while (( $(jobs -rp | wc -l) >= JOBS )) || { (( N_GPUS )) && ! pick_gpu; }; do
+    wait -n || true
+    check_failed
+  done
+  if [[ -z "$gpu" ]]; then  # (a subshell: a failing step's exit ends it, not the `||`)
+    ( "$@" ) || touch "$FAILED" &
+  else
+    ( export CUDA_VISIBLE_DEVICES=${GPU_LIST[gpu]}; "$@" ) || touch "$FAILED" &
+    GPU_OF[$!]=$gpu
+  fi
 }
 check_failed() {
   [[ -f "$FAILED" ]] || return 0
@@ -256,7 +309,8 @@ for c in "${ROWS[@]}"; do
   [[ "$(cut -d' ' -f3 <<< "$c")" == 0 ]] && plain+=("$c") || robust+=("$c")
 done
 echo "[0s] $PRESET: ${#ROWS[@]} cells in $OUT; judge ${JUDGE_CKPT:-none (no l2 checkpoint)};" \
-     "$JOBS jobs at once, $THREADS torch thread(s) each"
+     "$JOBS jobs at once$( ((N_GPUS)) && echo " (at most $JOBS_PER_GPU per GPU, $N_GPUS GPUs)")," \
+     "$THREADS torch thread(s) each"
 "$PY" report.py --declare "$STUDY" "$OUT"
 : > "$OUT/steps.tsv"
 # Each cell's job trains (or evaluates) it and measures Fisher and transfer; its inversion is

@@ -11,7 +11,9 @@ on them. Higher target accuracy = more linearly transferable representation.
     python transfer.py --ckpt runs/cifar_linf8/model.pt --target cifar100 --target svhn \
         --target fashion-mnist --target mnist --out runs/cifar_linf8
     # and few-shot probes: K = 1, 10, 100 labelled examples per class, 5 seeded draws each
-    python transfer.py --ckpt runs/eps0.5/model.pt --target fashion-mnist:5-9 --shots 1 10 100
+    # (100 at K = 10), the draws seeded by --seed (run_all.sh: the training seed)
+    python transfer.py --ckpt runs/eps0.5/model.pt --target fashion-mnist:5-9 --shots 1 10 100 \
+        --draws 5 10:100 --seed 0
 
 Outputs under --out (default: the checkpoint's folder): transfer.json (target name -> {acc,
 l2, val_acc, n_train, n_test, feature_dim, classes, adapt, fit_seconds, grad_max, correct,
@@ -20,13 +22,22 @@ with --shots few_shot: K -> {acc, acc_se, draws, l2 (per draw), criterion, at_ed
 (per test example, 1 = correct, uint8: "probe" [N_test], "<K>-shot" [draws, N_test],
 "fine-tuned" [N_test]; stem = the target with ':' and ',' replaced by '_';
 transfer.json[target]["correct"] names it), and features/<stem>_<split>.npy (float32 [N, d],
-reused by later runs while newer than the checkpoint).
+with features/<stem>_<split>.json, the record of what made them: reused by later runs only
+for the same model weights (their digest) and extraction settings).
 
-Functions to copy (a model or features, and tensors): extract_features, linear_probe,
-few_shot_probe (with fit_logistic, probe_correct, k_shot_indices), finetune (with
-common.lr_at, models.make_optimizer and models.eval_mode).
+Functions to copy: each needs the names after its colon, from this file, the shared modules
+after its semicolon, beside it, and this file's imports of other libraries.
+    extract_features: (none); common.py, data.py, models.py
+    linear_probe: check_features, fit_logistic, probe_accuracy, probe_correct; common.py,
+        models.py
+    few_shot_probe: FEW_SHOT_L2_BY_SHOTS, check_shots, few_shot_l2, fit_logistic,
+        k_shot_indices, probe_correct; common.py
+    finetune: extract_features; common.py, data.py, models.py
 """
+import argparse
 import copy
+import hashlib
+import json
 import time
 from pathlib import Path
 
@@ -34,12 +45,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from checkpoints import load_checkpoint
 from common import (ArgumentParser, Clock, UserError, add_checkpoint_args, add_common_args,
-                    atomic_save, checked, lr_at, mean_se, nonnegative_int, parse_classes,
+                    atomic_save, check_number, lr_at, mean_se, nonnegative_int, parse_classes,
                     positive_int, provenance, user_errors, writable_dir)
 from data import (DATASETS, STREAM_RULE, adapt_images, iterate_batches, load_split, open_split,
                   split_labels)
-from models import eval_mode, get_device, load_checkpoint, make_optimizer
+from models import check_images, check_labels, eval_mode, get_device, make_optimizer, sgd_epoch
 
 
 # Distribution shifts a target may carry ("fashion-mnist:5-9+invert"): a target further from
@@ -95,11 +107,27 @@ def extract_features(model, split, channels, size, batch_size=128, progress=None
     is given back) and no_grad; each batch is transformed (transform, e.g. a SHIFTS entry) and
     adapted to the model's input (channels, size) on the fly, so the adapted copy of the whole
     set never sits in memory. progress: optional wrapper of the batch indices (e.g.
-    common.Clock().progress) for rate and time-left lines.
+    common.Clock().progress) for rate and time-left lines. Bad input is a ValueError naming
+    the value: in-memory images not [N, C, H, W] in [0, 1], labels not one per image,
+    channels, size or batch_size below 1, workers below 0.
     """
-    device = next(model.parameters()).device
+    check_number("channels", channels, at_least=1, integer=True)
+    check_number("size", size, at_least=1, integer=True)
+    check_number("batch_size", batch_size, at_least=1, integer=True)
+    if workers is not None:
+        check_number("workers", workers, at_least=0, integer=True)
     if torch.is_tensor(split):
         split = (split, torch.zeros(len(split), dtype=torch.long))
+    if isinstance(split, tuple):
+        if len(split) != 2:
+            raise ValueError(f"split must be images, (images, labels) or a Dataset, got a "
+                             f"tuple of {len(split)}")
+        check_images(split[0], "split images")
+        check_labels(split[1], len(split[0]), "split labels")
+    elif not hasattr(split, "__getitem__") or not hasattr(split, "__len__"):
+        raise ValueError(f"split must be images, (images, labels) or a Dataset, got "
+                         f"{type(split).__name__}")
+    device = next(model.parameters()).device
     n_batches = -(-len(split[0] if isinstance(split, tuple) else split) // batch_size)
     starts = progress(range(n_batches)) if progress else range(n_batches)
     feats = []
@@ -138,7 +166,7 @@ def fit_logistic(x, y, l2, num_classes, init=None, max_iter=1000, tol=1e-4):
 
     opt.step(objective)
     objective()  # gradient at the final weights, to report convergence
-    grad_max = max(weight.grad.abs().max().item(), bias.grad.abs().max().item())
+    grad_max = torch.stack([weight.grad.abs().max(), bias.grad.abs().max()]).max().item()
     return dict(weight=weight.detach(), bias=bias.detach(), mean=mean, std=std,
                 grad_max=grad_max, iterations=opt.state[weight]["n_iter"])
 
@@ -155,6 +183,18 @@ def probe_accuracy(probe, x, y):
     return probe_correct(probe, x, y).double().mean().item()
 
 
+def check_features(feats, labels, name):
+    """ValueError naming `name` unless feats is a float tensor [N, d] with N >= 1 and labels
+    its N class labels, integers >= 0."""
+    if not torch.is_tensor(feats) or feats.dim() != 2 or not feats.is_floating_point() \
+            or len(feats) == 0:
+        shape = list(feats.shape) if torch.is_tensor(feats) else type(feats).__name__
+        raise ValueError(f"{name}_feats must be a float tensor [N, d] with N >= 1, got {shape}")
+    check_labels(labels, len(feats), f"{name}_labels")
+    if int(labels.min()) < 0:
+        raise ValueError(f"{name}_labels must be class labels >= 0, got {int(labels.min())}")
+
+
 def linear_probe(train_feats, train_labels, test_feats, test_labels,
                  l2_grid=(1e-4, 1e-3, 1e-2, 1e-1), val_fraction=0.2, seed=0,
                  max_iter=1000, tol=1e-4, select_tol=1e-3, dtype=torch.float32):
@@ -168,8 +208,28 @@ def linear_probe(train_feats, train_labels, test_feats, test_labels,
     refitted on the whole training set to `tol`. Deterministic for a seed. Returns a dict:
     acc, correct (bool [N_test], whether each test example is classified right), l2, val_acc
     {l2: accuracy}, and fit_logistic's weight, bias, mean, std, grad_max (largest |gradient|
-    of the objective at the returned weights), iterations.
+    of the objective at the returned weights), iterations. Bad input is a ValueError naming
+    the value (features and labels, train and test of different widths, an empty or negative
+    grid, val_fraction outside (0, 1), tolerances <= 0).
     """
+    check_features(train_feats, train_labels, "train")
+    check_features(test_feats, test_labels, "test")
+    if train_feats.shape[1] != test_feats.shape[1]:
+        raise ValueError(f"train_feats and test_feats must have the same width d, got "
+                         f"{train_feats.shape[1]} and {test_feats.shape[1]}")
+    if not len(l2_grid):
+        raise ValueError("l2_grid must hold at least one penalty, got none")
+    for l2 in l2_grid:
+        check_number("each l2_grid value", l2, at_least=0)
+    if len(l2_grid) > 1:
+        check_number("val_fraction", val_fraction, above=0)
+        if val_fraction >= 1 or len(train_feats) < 2:
+            raise ValueError(f"choosing among {len(l2_grid)} penalties needs val_fraction < 1 "
+                             f"and >= 2 training examples, got {val_fraction} and "
+                             f"{len(train_feats)}")
+    check_number("max_iter", max_iter, at_least=1, integer=True)
+    check_number("tol", tol, above=0)
+    check_number("select_tol", select_tol, above=0)
     train_feats, test_feats = train_feats.to(dtype), test_feats.to(dtype)
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
     val_acc, val_probes = {}, {}
@@ -289,8 +349,10 @@ def finetune(model, x, y, test_split, channels, size, epochs=2, lr=0.01, batch_s
     the target's classes, and test it. SGD with Nesterov momentum 0.9 (models.make_optimizer),
     one-cycle learning rate peaking at lr (common.lr_at), batches in a random order from the
     global RNG seeded with `seed`, BatchNorm in train mode (it adapts to the target, unlike the
-    frozen probe). Training images x [N, C, H, W] in [0, 1] are transformed (e.g. a SHIFTS
-    entry) and adapted to the model in memory (N x channels x size x size floats); test_split
+    frozen probe): models.sgd_epoch, the loop of adversarial training, which raises
+    FloatingPointError after an epoch with a non-finite loss. Training images x [N, C, H, W]
+    in [0, 1] are transformed (e.g. a SHIFTS entry) and adapted to the model in memory on its
+    device (N x channels x size x size floats), where the loop gathers its batches; test_split
     ((x, y) tensors or a streamed Dataset, as for extract_features) is adapted per batch. The
     model itself is left untouched. Returns {"acc": test accuracy, "correct": bool [N_test],
     whether each test example is classified right}."""
@@ -300,24 +362,16 @@ def finetune(model, x, y, test_split, channels, size, epochs=2, lr=0.01, batch_s
     torch.nn.init.zeros_(net.head.weight)
     torch.nn.init.zeros_(net.head.bias)
     opt = make_optimizer(net, lr, 0.9, weight_decay)
-    x = adapt_images(transform(x) if transform else x, channels, size)
-    total_steps = epochs * -(-len(x) // batch_size)
+    x = adapt_images(transform(x) if transform else x, channels, size).to(device)
+    y = y.to(device)
+    steps_per_epoch = -(-len(x) // batch_size)
     torch.manual_seed(seed)
-    net.train()
-    step = 0
-    for _ in range(epochs):
-        order = torch.randperm(len(x))
-        for i in range(0, len(x), batch_size):
-            idx = order[i:i + batch_size]
-            loss = F.cross_entropy(net(x[idx].to(device)), y[idx].to(device))
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"fine-tuning loss is {loss.item()} at step {step + 1}")
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, total_steps, lr)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
+    for epoch in range(epochs):
+        try:
+            sgd_epoch(net, opt, x, y, batch_size=batch_size, step0=epoch * steps_per_epoch,
+                      lr_schedule=lambda step: lr_at(step, epochs * steps_per_epoch, lr))
+        except FloatingPointError as e:
+            raise FloatingPointError(f"fine-tuning epoch {epoch + 1}: {e}") from None
     feats = extract_features(net, test_split, channels, size, transform=transform)
     with torch.no_grad():
         logits = net.head(feats.to(device))
@@ -325,21 +379,58 @@ def finetune(model, x, y, test_split, channels, size, epochs=2, lr=0.01, batch_s
     return {"acc": correct.double().mean().item(), "correct": correct}
 
 
-def cached_features(path, min_mtime, n, compute):
-    """Features [n, d] from the .npy at path if it holds at least n rows (the first n
-    examples, as load_split keeps a prefix) and is newer than min_mtime (the checkpoint);
-    else compute() them and save atomically. Returns (features, was_cached)."""
-    path = Path(path)
-    if path.is_file() and path.stat().st_mtime >= min_mtime:
-        try:
+def model_digest(model):
+    """SHA-256 (hex) of everything a model's outputs are a function of: the names, dtypes,
+    shapes and values of its parameters and buffers (normalisation included)."""
+    digest = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        digest.update(f"{name} {t.dtype} {list(t.shape)}\n".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def cached_features(path, settings, n, compute):
+    """Features [n, d] from the .npy at path if the record beside it (path with .json) was
+    written for the same `settings` (a JSON-able dict of everything the features depend on:
+    the model's digest, the data, the extraction) and it holds at least n rows (the first n
+    examples, as load_split keeps a prefix); else compute() them and save both atomically,
+    the record last (a run killed in between leaves no record, so nothing is trusted).
+    Returns (features, was_cached)."""
+    path, record = Path(path), Path(path).with_suffix(".json")
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+    try:
+        saved = json.loads(record.read_text())
+        if isinstance(saved, dict) and saved.get("key") == key:
             feats = np.load(path, mmap_mode="r")
             if feats.ndim == 2 and len(feats) >= n:
                 return torch.from_numpy(np.array(feats[:n])), True
-        except (OSError, ValueError):
-            pass  # unreadable cache: recompute it
+    except (OSError, ValueError):
+        pass  # no record, or an unreadable cache: recompute it
+    record.unlink(missing_ok=True)
     feats = compute()
     atomic_save(path, feats.numpy())
+    atomic_save(record, {"key": key, "settings": settings})
     return feats, False
+
+
+def draws_spec(text):
+    """`D` (every K) or `K:D` (K shots) of --draws, as (K or None, D)."""
+    shots, _, draws = text.rpartition(":")
+    try:
+        pair = (int(shots) if shots else None, int(draws))
+    except ValueError:
+        pair = (0, 0)
+    if pair[1] < 1 or (pair[0] is not None and pair[0] < 1):
+        raise argparse.ArgumentTypeError(f"expected D or K:D with positive integers, got '{text}'")
+    return pair
+
+
+def draws_for(specs, shots):
+    """The draws of --draws for `shots` per class: its K:D if given, else the last plain D."""
+    by_shots = {k: d for k, d in specs if k is not None}
+    plain = [d for k, d in specs if k is None]
+    return by_shots.get(shots, plain[-1] if plain else 5)
 
 
 def get_args(argv=None):
@@ -364,8 +455,10 @@ def get_args(argv=None):
     p.add_argument("--shots", type=positive_int, nargs="*", default=[],
                    help="also fit few-shot probes on K labelled examples per class, for each K "
                         "given (default none)")
-    p.add_argument("--draws", type=positive_int, default=5,
-                   help="seeded draws of the K-shot training set per K")
+    p.add_argument("--draws", type=draws_spec, nargs="+", default=[(None, 5)],
+                   metavar="[K:]D",
+                   help="seeded draws of the K-shot training set: D for every K, K:D for K "
+                        "shots (e.g. 5 10:100; default 5)")
     p.add_argument("--finetune", action="store_true",
                    help="also fine-tune the whole network with a new head on each target (SGD, "
                         "--finetune-lr, --finetune-epochs) and report its test accuracy")
@@ -382,8 +475,9 @@ def get_args(argv=None):
 
 def open_target(text, name, classes, args):
     """{"train": split, "test": split} of a target (data.open_split: tensors in memory or a
-    streamed Dataset). A split without an example of some class, or (--shots) a training split
-    with too few of one, is a UserError, before any features are extracted."""
+    streamed Dataset). A split without an example of some class (a UserError), or (--shots) a
+    training split with too few of one (check_shots' ValueError), stops the run before any
+    features are extracted."""
     splits = {}
     for split, size in (("train", args.train_size), ("test", args.test_size)):
         data = splits[split] = open_split(name, split == "train", args.data_dir, classes, size,
@@ -395,23 +489,26 @@ def open_target(text, name, classes, args):
                             f"{', '.join(str(classes[c]) for c in absent)} "
                             f"(of {len(labels)} examples)")
         if split == "train" and args.shots:
-            checked(check_shots, labels, max(args.shots))
+            check_shots(labels, max(args.shots))
     return splits
 
 
 def target_features(model, ckpt, text, splits, transform, args, out, clock):
     """{split: (features [N, d], labels [N]) on the model's device}: the frozen features of
-    each split, cached in out/features/<stem>_<split>.npy."""
+    each split, cached in out/features/<stem>_<split>.npy, keyed by the model's weights
+    (model_digest, not the checkpoint file's name or time) and the extraction settings."""
     device = next(model.parameters()).device
-    feats = {}
+    digest, feats = model_digest(model), {}
     for split, data in splits.items():
         labels = split_labels(data)
         progress = lambda starts: clock.progress(starts, f"{text} {split} features")
+        settings = {"model": digest, "arch": ckpt["arch"], "target": text, "split": split,
+                    "channels": ckpt["in_channels"], "size": ckpt["image_size"],
+                    "batch_size": args.batch_size}
         x, cached = cached_features(
-            out / "features" / f"{target_stem(text)}_{split}.npy", Path(args.ckpt).stat().st_mtime,
-            len(labels), lambda: extract_features(model, data, ckpt["in_channels"],
-                                                  ckpt["image_size"], args.batch_size, progress,
-                                                  transform, args.workers))
+            out / "features" / f"{target_stem(text)}_{split}.npy", settings, len(labels),
+            lambda: extract_features(model, data, ckpt["in_channels"], ckpt["image_size"],
+                                     args.batch_size, progress, transform, args.workers))
         feats[split] = (x.to(device), labels.to(device))
         clock.log(f"{text} {split}: features {list(x.shape)} "
                   f"{'cached' if cached else 'extracted'}"
@@ -456,20 +553,21 @@ def transfer_to(model, ckpt, text, target, args, out, clock):
     if args.shots:
         few = entry["few_shot"] = {}
         for shots in args.shots:
-            result = few_shot_probe(*feats["train"], *feats["test"], shots, args.draws, args.seed)
+            draws = draws_for(args.draws, shots)
+            result = few_shot_probe(*feats["train"], *feats["test"], shots, draws, args.seed)
             per_draw = result.pop("correct", None)  # [draws, N_test]
             if per_draw is not None:
                 correct[f"{shots}-shot"] = per_draw
             few[str(shots)] = result
             l2 = sorted(set(result["l2"]))
             clock.log(f"{text} {shots}-shot: acc {result['acc']:.4f} ± {result['acc_se']:.4f} "
-                      f"over {args.draws} draws, l2 {l2[0] if len(l2) == 1 else result['l2']}")
+                      f"over {draws} draws, l2 {l2[0] if len(l2) == 1 else result['l2']}")
     return entry, {k: torch.as_tensor(v).cpu().numpy().astype(np.uint8) for k, v in correct.items()}
 
 
 def main(args):
     clock = Clock()
-    targets = {text: checked(parse_target, text) for text in args.target}  # all, before any work
+    targets = {text: parse_target(text) for text in args.target}  # all, before any work
     device = get_device(args.device)
     model, ckpt = load_checkpoint(args.ckpt, device, arch=args.arch, unsafe=args.unsafe_load)
     out = writable_dir(args.out or Path(args.ckpt).parent)

@@ -1,19 +1,24 @@
 """Performance of each stage against its ideal or a naive baseline, as ratios (a script, not a
-test), and on an accelerator the paper preset's rates and projected hours.
+test), the paper preset's projected hours on one H200, and on an accelerator its measured
+rates and hours.
 
     python tests/bench.py            # full run, a few minutes on two CPU cores
     python tests/bench.py --quick    # smaller sizes, under a minute (run by the test suite)
+    python tests/bench.py --projection-only   # the H200 projection and its inputs alone
     python tests/bench.py --study results/quick   # and the quick study's time split
     python tests/bench.py --device cuda --device-only   # GPU rows, the paper preset's hours
     python tests/bench.py --quick --device cpu --device-only   # their code on a tiny model
 
-Prints a Markdown table. Ratios compare two timings taken on the same inputs in the same
+Prints Markdown tables. Ratios compare two timings taken on the same inputs in the same
 process (medians over repeats after a warm-up), so they stay meaningful on a noisy machine.
-The device rows (--device; CUDA by default where present) time the PGD-7 training step of the
-CIFAR ResNet-18 in float32, bf16 autocast, bf16 + channels_last and under torch.compile, with
-its FLOPs counted by FlopCounterMode and the fraction of the device's dense bf16 peak they
-reach, time the other stages of the paper preset, and project the hours of `bash run_all.sh
-paper` from these rates and the preset's settings, read from run_all.sh.
+The projection on one H200 adds the paper preset's work, its FLOPs counted here
+(count_flops), at stated assumptions (fraction of the dense peak, host round trip, CUDA
+start-up) and with the host reads measured here. The device rows (--device; CUDA by default
+where present) time the PGD-7 training step of the CIFAR ResNet-18 in float32, bf16
+autocast, bf16 + channels_last, as several processes at once (run_all.sh's JOBS_PER_GPU) and
+under torch.compile, with the fraction of the device's dense bf16 peak they reach, time the
+other stages of the paper preset, and project the hours of `bash run_all.sh paper` from these
+rates and the preset's settings, read from run_all.sh.
 """
 import argparse
 import statistics
@@ -263,18 +268,20 @@ def paper_preset(run_all=HERE.parent / "run_all.sh"):
     judge = advtrain.get_args(arrays["TRAIN"] + arrays["JUDGE"])
     targets = transfer.get_args(ckpt + arrays["TARGETS"])
     inversion = invert.get_args(ckpt + arrays["INVERT"])
+    fisher_args = fisher.get_args(ckpt + arrays["FISHER"])
     return dict(
         grid=[(norm, parse_eps(eps)) for norm, eps in map(str.split, arrays["GRID"])],
         seeds=len(seeds), judge=(judge.norm, judge.eps), epochs=train.epochs, steps=train.steps,
-        batch=train.batch_size,
+        batch=train.batch_size, eval_batch=train.eval_batch_size or train.batch_size,
         train_images=SPLIT_SIZES[train.dataset][0], test_images=SPLIT_SIZES[train.dataset][1],
         eval_radii=train.eval_eps, eval_steps=train.eval_steps, eval_attack=train.eval_attack,
-        eval_restarts=train.eval_restarts,
-        fisher_n=fisher.get_args(ckpt + arrays["FISHER"]).n,
+        eval_restarts=train.eval_restarts, fisher_n=fisher_args.n,
+        fisher_iters=fisher_args.power_iters, fisher_probes=fisher_args.probes,
         targets={t: (*SPLIT_SIZES[t], data.DATASETS[t].num_classes) for t in targets.target},
-        shots=targets.shots, draws=targets.draws, finetune_size=targets.finetune_size,
-        finetune_epochs=targets.finetune_epochs, invert_images=inversion.n_images,
-        invert_steps=inversion.steps, invert_methods=len(inversion.method))
+        shots=targets.shots, draws={k: transfer.draws_for(targets.draws, k) for k in targets.shots},
+        finetune_size=targets.finetune_size, finetune_epochs=targets.finetune_epochs,
+        invert_images=inversion.n_images, invert_steps=inversion.steps,
+        invert_methods=len(inversion.method), invert_noise=inversion.n_noise)
 
 
 # attack runs per example at evaluation; apgd: APGD-CE, then APGD-DLR towards 3 other classes
@@ -293,27 +300,71 @@ def cifar_resnet18(device, width=64, memory_format=torch.contiguous_format):
     return net.to(device, memory_format=memory_format)
 
 
+def count_flops(fn):
+    """(fn(), its model FLOPs) by torch.utils.flop_counter's rules (convolutions and matrix
+    products; a multiply-add is 2 FLOPs), counted as the CPU runs fn. FlopCounterMode's own
+    module hooks fail under the Lanczos' nested autograd, so its rules are applied here."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.flop_counter import flop_registry
+
+    class Count(TorchDispatchMode):
+        flops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            rule = flop_registry.get(func._overloadpacket)
+            if rule is not None:
+                self.flops += rule(*args, **kwargs, out_val=out)
+            return out
+
+    with Count() as counter:
+        result = fn()
+    return result, counter.flops
+
+
 def training_step_flops(width, steps, batch=2):
     """Model FLOPs per image of one PGD-`steps` training step of the CIFAR ResNet-18 (Linf
-    8/255), counted by torch.utils.flop_counter.FlopCounterMode on the CPU (convolutions and
-    matrix products; a multiply-add is 2 FLOPs): each attack step is a forward and a backward
+    8/255), counted on the CPU (count_flops): each attack step is a forward and a backward
     pass to the input only (no weight gradients), the training step a forward and a full
     backward. Returns (total, attack step, training forward-backward, forward) per image."""
-    from torch.utils.flop_counter import FlopCounterMode
     x, y = torch.rand(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
     counts = []
     for k in (steps, 0):
         model = cifar_resnet18("cpu", width)
         opt = torch.optim.SGD(model.parameters(), lr=0.0)
-        with FlopCounterMode(display=False) as counter:
-            advtrain.train_epoch(model, opt, x, y, batch_size=batch, norm="linf", eps=8 / 255,
-                                 steps=k)
-        counts.append(counter.get_total_flops() / batch)
+        counts.append(count_flops(lambda: advtrain.train_epoch(
+            model, opt, x, y, batch_size=batch, norm="linf", eps=8 / 255 if k else 0.0,
+            steps=k))[1] / batch)
     model = cifar_resnet18("cpu", width).eval()
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(x)
+    with torch.no_grad():
+        forward = count_flops(lambda: model(x))[1] / batch
     total, standard = counts
-    return total, (total - standard) / steps, standard, counter.get_total_flops() / batch
+    return total, (total - standard) / steps, standard, forward
+
+
+def fisher_flops(width, iters, probes):
+    """FLOPs per example of fisher.py's estimators at its settings (one example, counted on the
+    CPU): the weights' trace (exact over the 10 classes, and empirical), the input trace,
+    Hutchinson's `probes` and the two Lanczos runs at their cap of `iters` steps (each step
+    counted from runs of 2 and 4 steps), so an upper bound: Lanczos stops at its tolerance."""
+    model = cifar_resnet18("cpu", width).eval()
+    x = torch.rand(1, 3, 32, 32)
+
+    def flops(fn):
+        return count_flops(fn)[1]
+
+    def lanczos(estimator):
+        runs = [flops(lambda: estimator(model, x, n, 1e-30, torch.Generator().manual_seed(0)))
+                for n in (2, 4)]
+        return runs[0] + (iters - 2) * (runs[1] - runs[0]) / 2
+
+    return (flops(lambda: fisher.fisher_trace_weights(model, x))
+            + flops(lambda: fisher.fisher_trace_weights(model, x, torch.tensor([0])))
+            + flops(lambda: fisher.input_fisher_trace(model, x))
+            + flops(lambda: fisher.repr_jacobian_frobenius(model, x, probes,
+                                                           torch.Generator().manual_seed(0)))
+            + lanczos(fisher.input_fisher_lambda_max) + lanczos(fisher.repr_lambda_max))
 
 
 def synced(fn, device):
@@ -336,9 +387,48 @@ def training_rate(device, width, batch, n_batches, steps, amp, channels_last, co
     x = torch.rand(n_batches * batch, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (len(x),), device=device)
     epoch = synced(lambda: advtrain.train_epoch(
-        net, opt, x, y, batch_size=batch, norm="linf", eps=8 / 255, steps=steps, amp=amp,
-        channels_last=channels_last), device)
+        net, opt, x, y, batch_size=batch, norm="linf", eps=8 / 255 if steps else 0.0, steps=steps,
+        amp=amp, channels_last=channels_last), device)
     return len(x) / median_time(epoch, repeats)
+
+
+def concurrent_training_rate(device, width, batch, steps, amp, jobs, seconds):
+    """Images per second of `jobs` processes training at once on one device (as run_all.sh
+    runs JOBS_PER_GPU jobs on a GPU), summed: each (train_worker) trains a CIFAR ResNet-18 on
+    random data, PGD-`steps` (Linf 8/255), channels_last, amp, and counts the images of the
+    epochs it runs in a common window of `seconds`, which opens once all have started."""
+    import subprocess
+    start_at = time.time() + (15 if device.type == "cuda" else 10) + 2 * jobs
+    cmd = [sys.executable, __file__, "--train-worker", str(device), str(width), str(batch),
+           str(steps), str(int(amp)), str(start_at), str(seconds)]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) for _ in range(jobs)]
+    outs = [proc.communicate()[0] for proc in procs]
+    if any(proc.returncode for proc in procs):
+        raise RuntimeError(f"a training worker failed: {outs}")
+    return sum(float(out.split()[-1]) for out in outs)
+
+
+def train_worker(device, width, batch, steps, amp, start_at, seconds):
+    """concurrent_training_rate's process: prints the images per second of the whole epochs
+    (8 batches each) it trains between start_at and start_at + seconds (time.time())."""
+    device = torch.device(device)
+    torch.set_num_threads(1)
+    torch.backends.cudnn.benchmark = True  # as advtrain.py trains
+    model = cifar_resnet18(device, width, torch.channels_last)
+    opt = models.make_optimizer(model, 0.01)
+    x = torch.rand(8 * batch, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (len(x),), device=device)
+    epoch = synced(lambda: advtrain.train_epoch(model, opt, x, y, batch_size=batch, norm="linf",
+                                                eps=8 / 255 if steps else 0.0, steps=steps,
+                                                amp=amp, channels_last=True), device)
+    epoch()  # warm-up (cuDNN's choices, the allocator)
+    while time.time() < start_at:
+        epoch()
+    images, t = 0, time.time()
+    while time.time() < start_at + seconds or images == 0:
+        epoch()
+        images += len(x)
+    print(f"rate {images / (time.time() - t)}", flush=True)
 
 
 def apgd_rate(device, width, batch, steps):
@@ -380,7 +470,7 @@ def transfer_rates(device, width, n_extract, n_probe, shots):
     draw of few_shot_probe for K in shots}), probes fitted on the device as transfer.py does."""
     model = cifar_resnet18(device, width).eval()
     x = torch.rand(n_extract, 1, 28, 28)
-    split = (x, torch.zeros(len(x)))
+    split = (x, torch.zeros(len(x), dtype=torch.long))
     extract = synced(lambda: transfer.extract_features(model, split, 3, 32, 128), device)
     rate = n_extract / median_time(extract, 1)
     g = torch.Generator().manual_seed(0)
@@ -434,12 +524,14 @@ def eval_radii_count(paper):
                for norm, eps, _ in paper_cells(paper))
 
 
-def paper_projection(paper, rates):
-    """[(stage, work, seconds low, seconds high)] of `bash run_all.sh paper` on one device at
-    the measured rates. JOBS is the number of GPUs, so on one GPU the steps run one after
-    another: the sum is the wall time. The evaluation's APGD runs once (low: APGD-CE fools
-    every example it can) to 4 times (high: no run fools any) on every test image at every
-    radius, as rates["apgd"] measures APGD-CE."""
+def paper_projection(paper, rates, jobs=1):
+    """[(stage, work, seconds low, seconds high)] of `bash run_all.sh paper` on one GPU at the
+    given rates (measured on a device, or flop_rates'). The GPU's work adds up: its jobs share
+    it. What waits for the host instead (the probes' L-BFGS, process start-ups) overlaps with
+    the GPU work of the other jobs, so those rows count 1 / `jobs` of their seconds (run_all.sh
+    runs JOBS_PER_GPU jobs per GPU). The evaluation's APGD runs once (low: APGD-CE fools every
+    example it can) to 4 times (high: no run fools any) on every test image at every radius,
+    as rates["apgd"] measures APGD-CE."""
     p = paper
     cells = paper_cells(p)
     robust = sum(eps > 0 for _, eps, _ in cells)
@@ -452,11 +544,13 @@ def paper_projection(paper, rates):
     extract = sum(tr + te for tr, te, _ in p["targets"].values())
     # a probe's cost grows with the features, a few-shot probe's with the classes
     probe_seconds, probe_n = rates["probe"]
-    few = sum(rates["few_shot"].values()) * p["draws"]
+    per_draw = rates["few_shot"]
+    few = sum(per_draw.get(k, max(per_draw.values())) * d for k, d in p["draws"].items())
     probes = sum(probe_seconds * tr / probe_n + few * k / 10 for tr, _, k in p["targets"].values())
     finetune = p["finetune_size"] * p["finetune_epochs"] * len(p["targets"])
     inversion = p["invert_images"] * p["invert_steps"] * p["invert_methods"]
     processes = len(cells) + 3 * measured + 2  # + report.py's declaration and report
+    shared = f", 1/{jobs} (overlaps the other jobs)" if jobs > 1 else ""
     rows = [
         (f"training, {robust} robust models (PGD-{p['steps']}, bf16, channels_last, "
          f"batch {p['batch']})", f"{robust} x {p['epochs']} epochs x {p['train_images']} images",
@@ -464,7 +558,7 @@ def paper_projection(paper, rates):
         (f"training, {standard} models at eps 0", f"{standard} x {images} images",
          standard * images / rates["standard"]),
         (f"evaluation, {p['eval_attack']} {p['eval_steps']} steps at {radii} radii over the "
-         f"models (float32, batch {p['batch']})",
+         f"models (float32, batch {p['eval_batch']})",
          f"{radii} x {p['test_images']} images x {p['eval_steps']} steps x {p['eval_restarts']} "
          f"restarts x 1 to {runs} runs",
          (eval_steps / rates["apgd"], runs * eval_steps / rates["apgd"])),
@@ -472,14 +566,106 @@ def paper_projection(paper, rates):
          measured * p["fisher_n"] * rates["fisher"]),
         ("transfer: features", f"{measured} x {extract} target images",
          measured * extract / rates["extract"]),
-        ("transfer: probes and few-shot probes", f"{measured} x {len(p['targets'])} targets",
-         measured * probes),
+        (f"transfer: probes and few-shot probes{shared}",
+         f"{measured} x {len(p['targets'])} targets", measured * probes / jobs),
         ("transfer: fine-tuning (float32, batch 128)", f"{measured} x {finetune} images",
          measured * finetune / rates["finetune"]),
         ("inversion", f"{measured} x {p['invert_images']} images x {p['invert_steps']} steps x "
          f"{p['invert_methods']} methods", measured * inversion / rates["inversion"]),
-        ("process start-ups", f"{processes} processes", processes * rates["start"])]
+        (f"process start-ups{shared}", f"{processes} processes", processes * rates["start"] / jobs)]
     return [(stage, work, *(s if isinstance(s, tuple) else (s, s))) for stage, work, s in rows]
+
+
+# ----------------------------------------------------------------------------- projection
+# One H200 (the paper preset's target) from FLOP counts, before any GPU is rented: the work is
+# counted here (count_flops), the host's share measured here, and what only a GPU can say is
+# assumed, in the open: tests/bench.py --device cuda replaces every assumption by a rate.
+
+H200 = {"name": "NVIDIA H200", "bf16": 989, "tf32": 494, "jobs": 4}  # dense TFLOPS; JOBS_PER_GPU
+# The assumptions: the fraction of its dense peak that each kind of work reaches on the GPU
+# (bf16 training; float32 work on cuDNN's TF32 convolutions: evaluation, Fisher, features,
+# fine-tuning, inversion), the time of one host read that waits for the device (its queue
+# drained, a copy back), and a process's CUDA start-up beyond importing torch.
+ASSUMED = {"fraction": 0.30, "round_trip": 20e-6, "cuda_start": 3.0}
+
+
+def host_inputs(quick):
+    """What the host costs, measured here with the code the GPU runs: host reads per training
+    step (tests/test_device.py's host_reads), host reads per L-BFGS iteration of the probes'
+    fit_logistic (synthetic clustered features [n, 512], 10 classes; n 1000 with quick, else
+    5000), and seconds of a process's start-up (import torch)."""
+    from test_device import host_reads
+    torch.manual_seed(0)
+    model = model_for("cnn")
+    opt = models.make_optimizer(model, 0.01)
+    x, y = torch.rand(16, 1, 28, 28), torch.randint(0, 5, (16,))
+
+    def epoch(n):
+        return host_reads(lambda: advtrain.train_epoch(model, opt, x[:n], y[:n], batch_size=8,
+                                                       eps=0.1, steps=1))[1]
+
+    n = 1000 if quick else 5000
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(n) % 10
+    feats = torch.randn(10, 512, generator=g)[labels] + 3 * torch.randn(n, 512, generator=g)
+    fit, reads = host_reads(lambda: transfer.fit_logistic(feats, labels, 1e-3, 10))
+    return {"step_reads": epoch(16) - epoch(8), "lbfgs_reads": reads / fit["iterations"],
+            "start": process_start_seconds(torch.device("cpu"))}
+
+
+def flop_rates(flops, inputs, gpu=H200, assumed=ASSUMED, max_iter=1000):
+    """paper_projection's rates on `gpu` from FLOPs per unit (stage_flops) at the assumed
+    fraction of its dense peaks; the probes from the host reads per L-BFGS iteration measured
+    here (host_inputs) at the assumed round trip each, every fit at its cap of `max_iter`
+    iterations (an upper bound: a probe is 4 penalties and a refit, of about 60000 training
+    features; a few-shot draw one fit)."""
+    bf16 = assumed["fraction"] * gpu["bf16"] * 1e12
+    fp32 = assumed["fraction"] * gpu["tf32"] * 1e12
+    fit = max_iter * inputs["lbfgs_reads"] * assumed["round_trip"]
+    return {"pgd": bf16 / flops["pgd"], "standard": bf16 / flops["standard"],
+            "apgd": fp32 / flops["attack"], "fisher": flops["fisher"] / fp32,
+            "extract": fp32 / flops["forward"], "finetune": fp32 / flops["standard"],
+            "inversion": fp32 / flops["attack"], "probe": (5 * fit, 60000),
+            "few_shot": {None: fit}, "start": inputs["start"] + assumed["cuda_start"]}
+
+
+def stage_flops(paper, width=64):
+    """FLOPs per unit of each stage of the paper preset's model, counted here: {pgd, standard,
+    attack, forward: per image (training_step_flops), fisher: per example (fisher_flops)}."""
+    pgd, attack, standard, forward = training_step_flops(width, paper["steps"])
+    return {"pgd": pgd, "standard": standard, "attack": attack, "forward": forward,
+            "fisher": fisher_flops(width, paper["fisher_iters"], paper["fisher_probes"])}
+
+
+def print_h200_projection(quick):
+    """The paper preset's projected hours on one H200 from FLOP counts, the inputs measured
+    here and the assumptions, each printed."""
+    torch.set_num_threads(1)
+    paper = paper_preset()
+    flops = stage_flops(paper)
+    inputs = host_inputs(quick)
+    print("\nprojection inputs measured here (FLOPs counted as the CPU runs the code):")
+    print("| input | value |\n|---|---|")
+    for name, value in flops.items():
+        unit = "example" if name == "fisher" else "image" if name != "attack" else "image-step"
+        print(f"| FLOPs, {name} | {value / 1e9:.3g} GFLOP per {unit} |")
+    print(f"| host reads per training step (in the batch loop) | {inputs['step_reads']} |")
+    print(f"| host reads per L-BFGS iteration of a probe (torch.optim.LBFGS) | "
+          f"{inputs['lbfgs_reads']:.1f} |")
+    print(f"| process start-up here (import torch) | {inputs['start']:.1f} s |")
+    gpu, assumed = H200, ASSUMED
+    print(f"\nassumed on one {gpu['name']} (dense peaks bf16 {gpu['bf16']}, TF32 {gpu['tf32']} "
+          f"TFLOPS): {assumed['fraction']:.0%} of the peak, {assumed['round_trip'] * 1e6:.0f} us "
+          f"per host read, {assumed['cuda_start']:.0f} s of CUDA start-up per process, "
+          f"{gpu['jobs']} jobs per GPU")
+    rows = paper_projection(paper, flop_rates(flops, inputs), gpu["jobs"])
+    low, high = sum(r[2] for r in rows) / 3600, sum(r[3] for r in rows) / 3600
+    print(f"\nprojected `bash run_all.sh paper` on one {gpu['name']} from FLOP counts: {low:.2f} "
+          f"to {high:.2f} hours\n\n| stage | work | hours |\n|---|---|---|")
+    for stage, work, s_low, s_high in rows:
+        hours = f"{s_low / 3600:.2f}" + (f" to {s_high / 3600:.2f}" if s_low != s_high else "")
+        print(f"| {stage} | {work} | {hours} |")
+    print(f"| total | | {low:.2f} to {high:.2f} |", flush=True)
 
 
 # Sizes of the device section: on CUDA the paper's model and batches (None: the preset's batch
@@ -496,7 +682,8 @@ DEVICE_SIZES = {
 class DeviceBench(NamedTuple):
     """What every device row needs: the device, its name and dense bf16 peak (TFLOPS or None),
     the preset (paper_preset), the sizes (DEVICE_SIZES), the FLOPs per image
-    (training_step_flops), and how many batches per timed epoch and timed repeats."""
+    (training_step_flops), how many batches per timed epoch and timed repeats, and the jobs
+    run_all.sh would run on it at once (JOBS_PER_GPU)."""
     device: torch.device
     name: str
     peak: Optional[float]
@@ -505,6 +692,7 @@ class DeviceBench(NamedTuple):
     flops: tuple
     n_batches: int
     reps: int
+    jobs: int
 
     @property
     def small(self):  # the preset's batch size, or the tiny one
@@ -528,21 +716,24 @@ def device_rows(device, quick, compile_rows="after"):
     projection of the paper preset, then (compile_rows "after"; "only": these alone; "skip":
     not) torch.compile's rows, last because compilation takes a minute."""
     cuda = device.type == "cuda"
+    torch.backends.cudnn.benchmark = True  # as advtrain.py trains and evaluates
     if not cuda:
         torch.set_num_threads(1)  # tiny work: on a shared CPU more threads only wait for each other
     name = torch.cuda.get_device_name(device) if cuda else "cpu"
     size = DEVICE_SIZES["cuda" if cuda else "tiny"]
     paper = paper_preset()
     flops = training_step_flops(size["width"], paper["steps"])
+    # run_all.sh's JOBS_PER_GPU default: one job per 32 GiB of the GPU's memory
+    jobs = max(1, torch.cuda.get_device_properties(device).total_memory // 2 ** 35) if cuda else 2
     bench = DeviceBench(device, name, peak_bf16_tflops(name) if cuda else None, paper, size, flops,
-                        *((4, 3) if quick and cuda else (8, 5) if cuda else (1, 1)))
+                        *((4, 3) if quick and cuda else (8, 5) if cuda else (1, 1)), jobs)
     total, attack, standard, forward = (f / 1e9 for f in flops)
     peak = f"{bench.peak} TFLOPS (vendor spec sheet)" if bench.peak else "unknown"
     tiny = "" if cuda else " (tiny: the code path only)"
     print(f"\ndevice {name}: dense bf16 peak {peak}; CIFAR ResNet-18 width {size['width']}{tiny}: "
           f"PGD-{paper['steps']} training step {total:.3g} GFLOPs per image (attack step "
           f"{attack:.3g}, training forward-backward {standard:.3g}, forward {forward:.3g}; "
-          f"FlopCounterMode)", flush=True)
+          f"count_flops)", flush=True)
     if compile_rows != "only":
         rates = measure_device(bench)
         print_projection(bench, rates)
@@ -572,15 +763,21 @@ def measure_device(bench):
     preset = " (the paper preset)" if cuda else ""
     row(f"PGD-{k} training step, batch {small}{preset}, {bf16}channels_last (advtrain.py on CUDA)",
         *bench.cell(rates["pgd"], "images/s", total))
+    jobs = bench.jobs
+    aggregate = concurrent_training_rate(bench.device, width, small, k, cuda, jobs,
+                                         seconds=10 if cuda else 3)
+    row(f"PGD-{k} training step, batch {small}, {bf16}channels_last, {jobs} processes at once "
+        f"(run_all.sh's JOBS_PER_GPU): their sum", *bench.cell(aggregate, "images/s", total))
+    rates["pgd"] = max(rates["pgd"], aggregate)  # the study runs its jobs at once
     rates["standard"] = bench.train_rate(small, 0, cuda, True)
     row(f"standard training step (eps 0), batch {small}, {bf16}channels_last",
         *bench.cell(rates["standard"], "images/s", standard))
     rates["finetune"] = bench.train_rate(small, 0, False, False)
     row(f"fine-tuning step (standard, float32), batch {small}",
         *bench.cell(rates["finetune"], "images/s", standard))
-    for batch in (b or bench.paper["batch"] for b in size["apgd_batches"]):
+    for batch in (b or bench.paper["eval_batch"] for b in size["apgd_batches"]):
         rate = apgd_rate(bench.device, width, batch, size["apgd_steps"])
-        rates.setdefault("apgd", rate)  # the preset evaluates at its batch size
+        rates.setdefault("apgd", rate)  # the preset evaluates at its --eval-batch-size
         row(f"APGD-CE evaluation, float32, batch {batch}",
             *bench.cell(rate, "image-steps/s", attack))
     rates["fisher"] = fisher_seconds_per_example(bench.device, width, size["fisher_n"],
@@ -610,7 +807,7 @@ def measure_device(bench):
 
 
 def print_projection(bench, rates):
-    projection = paper_projection(bench.paper, rates)
+    projection = paper_projection(bench.paper, rates, bench.jobs)
     low, high = sum(r[2] for r in projection) / 3600, sum(r[3] for r in projection) / 3600
     tiny = " (tiny model: not the real cost)" if bench.device.type != "cuda" else ""
     print(f"\nprojected `bash run_all.sh paper` on one {bench.name}{tiny}: {low:.1f} to "
@@ -655,14 +852,25 @@ def get_args(argv=None):
                    help="only the device rows (not the CPU ratios)")
     p.add_argument("--compile", default="after", choices=("after", "skip", "only"),
                    help="torch.compile's device rows: after the others, skipped, or only they")
+    p.add_argument("--projection-only", action="store_true",
+                   help="only the paper preset's projection on one H200 from FLOP counts and "
+                        "the inputs measured here")
+    p.add_argument("--train-worker", nargs=7, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
 def main(args):
     # torch.func's jvp triggers torch's own deprecation warning of torch.jit.script: not ours.
     warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
+    if args.train_worker:  # one of concurrent_training_rate's processes
+        device, *numbers = args.train_worker
+        width, batch, steps, amp = map(int, numbers[:4])
+        return train_worker(device, width, batch, steps, bool(amp), *map(float, numbers[4:]))
+    if args.projection_only:
+        return print_h200_projection(args.quick)
     if not args.device_only:
         cpu_rows(args)
+        print_h200_projection(args.quick)
     device = args.device or ("cuda" if torch.cuda.is_available() and not args.quick else None)
     if device is not None:
         device_rows(torch.device(device), args.quick, args.compile)

@@ -7,7 +7,7 @@ ImageFolder val/ of 10 classes x 4 small PNGs, and two published-style checkpoin
 
 One checkpoint is in the robustness library's layout (the network twice, with its
 normalizer), one is a plain torchvision state dict (normalised with ImageNet's mean and std),
-so both readers of models.load_checkpoint run. Only tensors: they load with
+so both readers of checkpoints.load_checkpoint run. Only tensors: they load with
 torch.load(weights_only=True), no --unsafe-load. ResNet-18 is the smallest torchvision layout
 (its BasicBlock has a fixed width), and data.py crops every image to 224 px, so each file is
 ~47 MB (the robustness file's two copies share storage). manifest.csv is written last: its

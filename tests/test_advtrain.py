@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import advtrain
+import checkpoints
 import common
 import data
 import models
@@ -41,7 +42,7 @@ def test_load_split_relabels_in_given_order():
 @pytest.mark.parametrize("norm,eps", [("linf", 8 / 255), ("l2", 0.5)])
 def test_pgd_stays_in_ball_and_raises_loss(norm, eps, fmnist_test, tiny_ckpt):
     x, y = fmnist_test
-    model, _ = models.load_checkpoint(tiny_ckpt)
+    model, _ = checkpoints.load_checkpoint(tiny_ckpt)
     for p in model.parameters():
         p.grad = None
     x_adv = advtrain.pgd_attack(model, x, y, norm, eps, steps=10)
@@ -52,10 +53,12 @@ def test_pgd_stays_in_ball_and_raises_loss(norm, eps, fmnist_test, tiny_ckpt):
     assert all(p.grad is None for p in model.parameters())  # input gradients only
     with torch.no_grad():
         clean, adv = F.cross_entropy(model(x), y), F.cross_entropy(model(x_adv), y)
-        noise = advtrain.pgd_attack(model, x, y, norm, eps, steps=0)
+        no_attack = advtrain.pgd_attack(model, x, y, norm, 0.0, steps=10)
         start_only = F.cross_entropy(model(advtrain.pgd_attack(model, x, y, norm, eps, 1, 0.0)), y)
     assert adv > clean * 1.3 and adv > start_only * 1.3
-    assert torch.equal(noise, x)
+    assert torch.equal(no_attack, x)
+    with pytest.raises(ValueError, match="steps 0 attacks nothing"):  # not the clean images
+        advtrain.pgd_attack(model, x, y, norm, eps, steps=0)
 
 
 @pytest.mark.parametrize("norm,eps", [("linf", 0.2), ("l2", 1.0)])
@@ -194,7 +197,7 @@ def test_checkpoint_loads_weights_only(tiny_ckpt):
     for key in ("model", "model_args", "arch", "num_classes", "in_channels", "dataset", "classes",
                 "norm", "eps", "args", "epoch", "optimizer", "provenance"):
         assert key in ckpt
-    model, ckpt2 = models.load_checkpoint(tiny_ckpt)
+    model, ckpt2 = checkpoints.load_checkpoint(tiny_ckpt)
     assert not model.training and ckpt2["classes"] == [0, 1, 2, 3, 4]
     x = torch.rand(4, 1, 28, 28)
     reference = models.build_model(**ckpt["model_args"])
@@ -203,8 +206,9 @@ def test_checkpoint_loads_weights_only(tiny_ckpt):
 
 
 def test_resume_matches_uninterrupted_run(tmp_path, monkeypatch):
+    # bit-exact on the CPU (on CUDA cudnn.benchmark may pick other algorithms in another run)
     common = ["--classes", "0-4", "--train-size", "600", "--test-size", "100", "--epochs", "2",
-              "--eps", "0.5", "--steps", "2", "--eval-steps", "2"]
+              "--eps", "0.5", "--steps", "2", "--eval-steps", "2", "--device", "cpu"]
     advtrain.main(advtrain.get_args(common + ["--out", str(tmp_path / "full")]))
 
     real_epoch, calls = advtrain.train_epoch, []
@@ -233,14 +237,16 @@ def test_resume_matches_uninterrupted_run(tmp_path, monkeypatch):
     assert len((tmp_path / "cut" / "log.jsonl").read_text().splitlines()) == 2
 
 
-def test_corrupt_and_foreign_checkpoints_are_user_errors(tiny_ckpt, tmp_path):
+def test_corrupt_and_foreign_checkpoints_are_library_errors(tiny_ckpt, tmp_path):
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(tiny_ckpt.read_bytes()[:1000])
     foreign = tmp_path / "foreign.pt"
     torch.save({"weights": torch.zeros(2)}, foreign)
-    for path in (tmp_path / "missing.pt", truncated, foreign):
-        with pytest.raises(common.UserError):
-            models.load_checkpoint(path)
+    with pytest.raises(FileNotFoundError):
+        checkpoints.load_checkpoint(tmp_path / "missing.pt")
+    for path in (truncated, foreign):
+        with pytest.raises(ValueError):
+            checkpoints.load_checkpoint(path)
 
 
 @pytest.mark.parametrize("argv,expect", [
@@ -290,7 +296,7 @@ def test_absent_fashion_mnist_names_both_remedies(tmp_path, monkeypatch):
 
     monkeypatch.setattr(data, "SYSTEM_FASHION_MNIST", str(tmp_path / "absent"))
     monkeypatch.setattr(torchvision.datasets, "FashionMNIST", offline)
-    with pytest.raises(common.UserError) as info:
+    with pytest.raises(FileNotFoundError) as info:
         data.load_split("fashion-mnist", True, data_dir=str(tmp_path / "data"))
     message = str(info.value)
     assert "\n" not in message and "dataset-fashion-mnist" in message and "internet" in message
@@ -303,7 +309,7 @@ def test_apgd_stays_in_ball_and_beats_pgd_with_the_same_budget(norm, eps, tiny_c
     """On a trained model, APGD-CE alone with PGD's step budget finds at least as many
     adversarial examples as PGD (up to 2 points of noise); the full worst case, with targeted
     DLR runs, at least as many as APGD-CE."""
-    model, _ = models.load_checkpoint(tiny_ckpt)
+    model, _ = checkpoints.load_checkpoint(tiny_ckpt)
     x, y = data.load_split("fashion-mnist", False, classes=[0, 1, 2, 3, 4], size=200,
                            download=False)
     torch.manual_seed(0)

@@ -1,5 +1,7 @@
 """advtrain.py under torchrun on the CPU (gloo, 2 processes): the global batch is split
-exactly, one process writes, and a killed run resumes to the uninterrupted result."""
+exactly, one process writes, a killed run resumes to the uninterrupted result, and every
+collective's tensor lives on the process's device; the CUDA lines of the distributed set-up
+(the GPU of each process, NCCL, SyncBatchNorm) run here with the group faked."""
 import gc
 import json
 import os
@@ -120,6 +122,77 @@ def test_torchrun_writes_once_and_a_killed_run_resumes_to_the_same_result(tmp_pa
     metrics = [json.loads((tmp_path / run / "metrics.json").read_text()) for run in ("full", "cut")]
     assert metrics[0]["clean_acc"] == metrics[1]["clean_acc"]
     assert metrics[0]["robust_acc"] == metrics[1]["robust_acc"]
+
+
+def metrics_worker(rank, store, out):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        n_local = (3, 5)[rank]
+        metrics = {"clean_acc": (1 / 3, 3 / 5)[rank],
+                   "robust_acc": [{"norm": "l2", "eps": 0.5, "acc": (0.0, 1 / 5)[rank]}]}
+        # a tensor made without device= lands on the default device, here not the process's
+        # (as a CPU tensor is not a CUDA process's: NCCL refuses it)
+        with torch.device("meta"):
+            reduced = advtrain.reduce_metrics(metrics, n_local, 2, torch.device("cpu"))
+            totals = advtrain.all_reduce_sum(torch.tensor([1.0, 2.0], device="cpu"),
+                                             torch.device("cpu"))
+        if rank == 0:
+            out.write_text(json.dumps({"metrics": reduced, "totals": totals.tolist(),
+                                       "device": str(totals.device)}))
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def test_collectives_put_their_tensors_on_the_process_device(tmp_path):
+    """The evaluation's metrics of two processes (3 and 5 test examples) become those of all 8,
+    reduced on the process's device even where a tensor made without device= would land
+    elsewhere (the default device set to meta): the class of the NCCL failure ("No backend
+    type associated with device type cpu") after a CUDA run's last epoch."""
+    out = tmp_path / "reduced.json"
+    mp.spawn(metrics_worker, args=(tmp_path / "store", out), nprocs=2, join=True)
+    result = json.loads(out.read_text())
+    assert result["metrics"]["clean_acc"] == pytest.approx(4 / 8)
+    assert result["metrics"]["robust_acc"][0]["acc"] == pytest.approx(1 / 8)
+    assert result["totals"] == [2.0, 4.0] and result["device"] == "cpu"
+
+
+def test_init_distributed_gives_each_process_its_gpu_and_nccl(monkeypatch):
+    """Under torchrun on CUDA each process takes the GPU of its LOCAL_RANK and joins an NCCL
+    group; on the CPU a gloo group (the group itself is faked: these lines run here)."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("gpu", device)))
+    monkeypatch.setattr(dist, "init_process_group", lambda backend: calls.append(backend))
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert advtrain.init_distributed(torch.device("cuda")) == (1, 2, torch.device("cuda", 1))
+    assert calls == [("gpu", torch.device("cuda", 1)), "nccl"]
+    calls.clear()
+    assert advtrain.init_distributed(torch.device("cpu")) == (1, 2, torch.device("cpu"))
+    assert calls == ["gloo"]
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert advtrain.init_distributed(torch.device("cuda")) == (0, 1, torch.device("cuda"))
+
+
+def test_setup_model_converts_batchnorm_and_compiles_on_request():
+    """--sync-bn's SyncBatchNorm and --compile's torch.compile, as setup_model builds them
+    (main refuses --sync-bn but under torchrun on CUDA; SyncBatchNorm's forward needs both)."""
+    import argparse
+    import data as data_module
+    ds = data_module.DATASETS["synthetic"]
+    model_args = dict(arch="resnet18", num_classes=10, in_channels=ds.channels,
+                      image_size=ds.size, mean=list(ds.mean), std=list(ds.std), width=8)
+    run = argparse.Namespace(seed=0, sync_bn=True, compile=True, lr=0.1, momentum=0.9,
+                             weight_decay=5e-4)
+    net, model, opt = advtrain.setup_model(run, {"model_args": model_args}, torch.device("cpu"), 1)
+    norms = [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert norms and all(isinstance(m, torch.nn.SyncBatchNorm) for m in norms)
+    assert model is not net and model._orig_mod is net  # torch.compile's wrapper, not yet run
+    run.sync_bn = run.compile = False
+    net, model, _ = advtrain.setup_model(run, {"model_args": model_args}, torch.device("cpu"), 1)
+    assert model is net and not any(isinstance(m, torch.nn.SyncBatchNorm) for m in net.modules())
 
 
 def test_sync_bn_without_cuda_is_one_line():

@@ -64,22 +64,34 @@ FISHER_RTOL = 3e-3
 
 @pytest.fixture(autouse=True)
 def full_float32():
-    """Float32 matmuls and convolutions at full precision on CUDA (no TF32) while a test runs."""
-    flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    """Float32 matmuls and convolutions at full precision on CUDA (no TF32), and cuDNN's
+    deterministic algorithms (a rerun on the device gives the same numbers; advtrain.main,
+    which tests call in this process, turns on cudnn.benchmark) while a test runs."""
+    backends = torch.backends
+    flags = (backends.cudnn.allow_tf32, backends.cuda.matmul.allow_tf32,
+             backends.cudnn.deterministic, backends.cudnn.benchmark)
+    backends.cudnn.allow_tf32 = backends.cuda.matmul.allow_tf32 = False
+    backends.cudnn.deterministic, backends.cudnn.benchmark = True, False
     yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
+    (backends.cudnn.allow_tf32, backends.cuda.matmul.allow_tf32, backends.cudnn.deterministic,
+     backends.cudnn.benchmark) = flags
+
+
+def draw_likes_on_the_cpu(monkeypatch, generator=None):
+    """torch.rand_like and torch.randn_like draw on the CPU (from generator, default the global
+    one) and move the numbers to the tensor's device."""
+    for name, draw in (("rand_like", torch.rand), ("randn_like", torch.randn)):
+        def like(t, *_, draw=draw, **__):
+            return draw(t.shape, dtype=t.dtype, generator=generator).to(t.device)
+        monkeypatch.setattr(torch, name, like)
 
 
 @pytest.fixture
 def cpu_random(monkeypatch):
-    """torch.rand_like and torch.randn_like draw on the CPU (its global generator) and move the
-    numbers to the tensor's device: the attacks' random starts are then the same numbers on
-    every device, given the same seed."""
-    for name, draw in (("rand_like", torch.rand), ("randn_like", torch.randn)):
-        def like(t, *_, draw=draw, **__):
-            return draw(t.shape, dtype=t.dtype).to(t.device)
-        monkeypatch.setattr(torch, name, like)
+    """The attacks' random starts are the same numbers on every device, given the same seed:
+    every random draw of the attacks is a rand_like or randn_like of the data
+    (test_the_attacks_draw_only_through_the_like_functions), drawn here on the CPU."""
+    draw_likes_on_the_cpu(monkeypatch)
 
 
 def on(device, model, memory_format=torch.preserve_format):
@@ -172,6 +184,30 @@ def test_apgd_on_the_device_matches_the_cpu(norm, eps, device, resnet, cpu_rando
     assert fooled.any() and not fooled.all(), fooled  # eps neither too small nor too large
 
 
+@pytest.mark.parametrize("attack,norm", [("pgd", "l2"), ("pgd", "linf"), ("apgd", "l2"),
+                                         ("apgd", "linf")])
+def test_the_attacks_draw_only_through_the_like_functions(attack, norm, resnet, monkeypatch):
+    """What cpu_random relies on: rand_like and randn_like draw from a generator of their own,
+    seeded alike for two runs while the global generators are seeded differently; the attack
+    is the same. A draw of torch.rand(..., device=...) would come from the device's global
+    generator, so the device tests' starts would differ from the CPU's."""
+    model, x, _ = resnet
+    x = x[:8]
+    y = predict(model, x)
+    generator = torch.Generator()
+    draw_likes_on_the_cpu(monkeypatch, generator)
+    runs = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        generator.manual_seed(0)
+        if attack == "pgd":
+            runs.append(advtrain.pgd_attack(model, x, y, norm, 0.5 if norm == "l2" else 0.03, 2))
+        else:
+            runs.append(advtrain.apgd_attack(model, x, y, norm, 0.5 if norm == "l2" else 0.03, 2))
+    assert not torch.equal(runs[0], x)
+    assert torch.equal(runs[0], runs[1])
+
+
 # ----------------------------------------------------------------------------- training
 
 def assert_same_update(net, reference, initial, rtol=TRAIN_RTOL):
@@ -224,6 +260,93 @@ def test_a_float32_training_epoch_on_the_device_matches_the_cpu(channels_last, d
     moved = [not torch.equal(a, b)
              for a, b in zip(net_cpu.state_dict().values(), model.state_dict().values())]
     assert sum(moved) > 0.9 * len(moved)  # every weight and statistic took the steps
+
+
+# The Python-level ways a tensor's value reaches the host (each waits for the device's queue).
+HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__")
+
+
+def host_reads(fn):
+    """(fn(), the number of calls of HOST_READS that fn made). On CUDA the device's own count
+    is asserted elsewhere: torch.cuda's sync debug mode sees the reads made inside torch too."""
+    calls, real = [], {name: getattr(torch.Tensor, name) for name in HOST_READS}
+
+    def counted(name):
+        def read(*args, **kwargs):
+            calls.append(name)
+            return real[name](*args, **kwargs)
+        return read
+
+    try:
+        for name in HOST_READS:
+            setattr(torch.Tensor, name, counted(name))
+        result = fn()
+    finally:
+        for name, method in real.items():
+            setattr(torch.Tensor, name, method)
+    return result, len(calls)
+
+
+def device_syncs(fn, device):
+    """The synchronisations CUDA reports while fn runs (sync debug mode "warn": one warning
+    per synchronising call, inside torch too); 0 on other devices."""
+    if device.type != "cuda":
+        fn()
+        return 0
+    import warnings
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def test_a_training_epoch_reads_the_device_once_whatever_its_batches(device):
+    """The batch loop never waits for the host (DESIGN.md, Scale): an epoch of 1 batch and one
+    of 4 make the same few reads (the data's check, the totals), so no step makes any. On the
+    way, the lines the GPU runs run here: bf16 autocast, channels_last, augmentation,
+    non_blocking copies, the random order gathered on the device; and the model's mode
+    (eval, its head in train mode) is given back."""
+    torch.manual_seed(0)
+    model = models.build_model("cnn", 5, 1, 28, (0.5,), (0.25,))
+    model = model.to(device, memory_format=torch.channels_last).eval()
+    model.head.train()
+    opt = models.make_optimizer(model, 0.01)
+    x, y = torch.rand(32, 1, 28, 28, device=device), torch.randint(0, 5, (32,), device=device)
+
+    def epoch(n):
+        return advtrain.train_epoch(model, opt, x[:n], y[:n], batch_size=8, norm="linf",
+                                    eps=0.03, steps=1, step0=0, augment=True, amp=True,
+                                    channels_last=True, lr_schedule=lambda step: 0.01)
+
+    (loss, acc, step), reads_one = host_reads(lambda: epoch(8))
+    assert step == 1 and loss > 0 and 0 <= acc <= 1
+    (_, _, step), reads_four = host_reads(lambda: epoch(32))
+    assert step == 4 and reads_four == reads_one <= 2, (reads_one, reads_four)
+    assert device_syncs(lambda: epoch(8), device) == device_syncs(lambda: epoch(32), device)
+    assert not model.training and model.head.training and not model.body.training
+
+
+@pytest.mark.slow
+def test_compiled_training_on_the_device_within_the_band_of_eager(device, tmp_path):
+    """advtrain.py --compile: the attacks and the training steps through torch.compile (its
+    default backend, inductor, as on a GPU), a cnn for one epoch of 256 images: its losses and
+    accuracies within 0.02 of eager training's (compiled kernels round otherwise)."""
+    results = {}
+    for name, extra in (("eager", []), ("compiled", ["--compile"])):
+        proc = run_script("advtrain.py", "--classes", "0-4", "--train-size", "256",
+                          "--test-size", "64", "--epochs", "1", "--steps", "1", "--eps", "0.5",
+                          "--eval-steps", "2", "--device", str(device), "--out", tmp_path / name,
+                          *extra)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        log = json.loads((tmp_path / name / "log.jsonl").read_text())
+        metrics = json.loads((tmp_path / name / "metrics.json").read_text())
+        results[name] = (log["loss"], log["train_acc"], metrics["clean_acc"],
+                         metrics["robust_acc"][0]["acc"])
+    assert results["compiled"] == pytest.approx(results["eager"], abs=0.02), results
 
 
 @pytest.fixture(scope="module")

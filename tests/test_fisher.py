@@ -10,7 +10,6 @@ from torch.autograd.functional import jacobian
 
 import models
 import fisher
-from common import UserError
 from conftest import assert_user_error, run_script
 
 CLASSES, SIZE = 3, 8  # cnn on 8x8 grayscale: input and feature dimension 64
@@ -237,7 +236,7 @@ def test_cli_user_errors(tiny_ckpt, tmp_path, capsys):
                       "asked for 1000000 test examples", "has 5000")
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(b"not a checkpoint")
-    with pytest.raises(UserError, match="cannot read"):
+    with pytest.raises(ValueError, match="cannot read"):
         fisher.main(fisher.get_args(["--ckpt", str(corrupt)]))
     for bad in (["--n", "0"], ["--probes", "0"], ["--tol", "0"], ["--dataset", "nope"]):
         with pytest.raises(SystemExit) as exit_info:

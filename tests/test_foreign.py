@@ -14,6 +14,7 @@ import torchvision
 import data
 import models
 import published
+from checkpoints import load_checkpoint, read_checkpoint
 from conftest import one_line_error
 from make_fake_imagenet import randomize_bn, robustness_file  # the fixture script's builders
 
@@ -46,7 +47,7 @@ def test_torchvision_state_dict_uses_dataset_normalisation(tmp_path):
     torch.manual_seed(0)
     original = randomize_bn(torchvision.models.resnet18(weights=None, num_classes=10))
     torch.save(original.state_dict(), tmp_path / "resnet18.pth")
-    model, ckpt = models.load_checkpoint(tmp_path / "resnet18.pth", dataset="imagenet")
+    model, ckpt = load_checkpoint(tmp_path / "resnet18.pth", dataset="imagenet")
     check_same_logits(model, original, torch.rand(2, 3, 64, 64), IMAGENET_MEAN, IMAGENET_STD)
     assert model.features(torch.rand(1, 3, 64, 64)).shape == (1, 512)
     assert {k: ckpt[k] for k in ("arch", "num_classes", "in_channels", "image_size", "dataset",
@@ -62,7 +63,7 @@ def test_robustness_resnet50_uses_its_normalizer(tmp_path):
     original = randomize_bn(torchvision.models.resnet50(weights=None, num_classes=5))
     mean, std = (0.4, 0.5, 0.6), (0.2, 0.3, 0.25)
     torch.save(robustness_file(original.state_dict(), mean, std), tmp_path / "rn50.pt")
-    model, ckpt = models.load_checkpoint(tmp_path / "rn50.pt")
+    model, ckpt = load_checkpoint(tmp_path / "rn50.pt")
     check_same_logits(model, original, torch.rand(2, 3, 64, 64), mean, std)
     assert (ckpt["arch"], ckpt["format"], ckpt["num_classes"], ckpt["image_size"],
             ckpt["dataset"]) == ("resnet50", "robustness", 5, 224, "imagenet")
@@ -85,7 +86,7 @@ def test_robustness_cifar_resnet(tmp_path, arch, width):
     assert ("layer1.0.shortcut.0.weight" in state) == bottleneck
     mean, std = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
     torch.save(robustness_file(state, mean, std, optimizer={"lr": 0.1}), tmp_path / "cifar.pt")
-    model, ckpt = models.load_checkpoint(tmp_path / "cifar.pt")
+    model, ckpt = load_checkpoint(tmp_path / "cifar.pt")
     check_same_logits(model, original, torch.rand(2, 3, 32, 32), mean, std)
     assert (ckpt["arch"], ckpt["image_size"], ckpt["dataset"], ckpt["format"]) == (
         arch, 32, "cifar10", "robustness")
@@ -98,12 +99,12 @@ def test_state_dict_under_state_dict_key_and_dataset_argument(tmp_path):
     original = published.CifarResNet((2, 2, 2, 2), 100, width=4).eval()
     file = robustness_file(original.state_dict(), (0.5,) * 3, (0.25,) * 3)
     torch.save({"state_dict": file.pop("model"), **file}, tmp_path / "c100.pt")
-    model, ckpt = models.load_checkpoint(tmp_path / "c100.pt", dataset="cifar100")
+    model, ckpt = load_checkpoint(tmp_path / "c100.pt", dataset="cifar100")
     check_same_logits(model, original, torch.rand(2, 3, 32, 32), (0.5,) * 3, (0.25,) * 3)
     assert (ckpt["dataset"], ckpt["num_classes"], ckpt["classes"][-1]) == ("cifar100", 100, 99)
-    one_line_error("unknown dataset", models.load_checkpoint, tmp_path / "c100.pt",
+    one_line_error("unknown dataset", load_checkpoint, tmp_path / "c100.pt",
                    dataset="places365")
-    one_line_error("takes 3", models.load_checkpoint, tmp_path / "c100.pt", dataset="mnist")
+    one_line_error("takes 3", load_checkpoint, tmp_path / "c100.pt", dataset="mnist")
 
 
 # ----------------------------------------------------------------------------- detection
@@ -138,31 +139,31 @@ def test_every_known_arch_is_built_and_detected(arch):
 def test_arch_override_and_unknown_layouts(tmp_path):
     original = torchvision.models.resnet18(weights=None, num_classes=3)
     torch.save(original.state_dict(), tmp_path / "r18.pth")
-    model, ckpt = models.load_checkpoint(tmp_path / "r18.pth", arch="resnet18")
+    model, ckpt = load_checkpoint(tmp_path / "r18.pth", arch="resnet18")
     assert ckpt["arch"] == "resnet18"
     r18 = tmp_path / "r18.pth"
-    one_line_error("weights do not fit arch resnet34", models.load_checkpoint, r18,
+    one_line_error("weights do not fit arch resnet34", load_checkpoint, r18,
                    arch="resnet34")
-    one_line_error("weights do not fit arch cifar_resnet18", models.load_checkpoint, r18,
+    one_line_error("weights do not fit arch cifar_resnet18", load_checkpoint, r18,
                    arch="cifar_resnet18")
-    one_line_error("choose from resnet18", models.load_checkpoint, r18, arch="vgg16")
+    one_line_error("choose from resnet18", load_checkpoint, r18, arch="vgg16")
 
     # a ResNet this code does not know: the message says what was found
     odd = published.CifarResNet((1, 1, 1, 1), 10, width=4).state_dict()
     torch.save(robustness_file(odd, (0.5,) * 3, (0.25,) * 3), tmp_path / "odd.pt")
-    message = one_line_error("unknown ResNet layout", models.load_checkpoint, tmp_path / "odd.pt")
+    message = one_line_error("unknown ResNet layout", load_checkpoint, tmp_path / "odd.pt")
     assert "3x3 stem" in message and "[1, 1, 1, 1]" in message and "BasicBlock" in message
     # the override still loads it when it fits
     torch.save(published.CifarResNet((2, 2, 2, 2), 10, width=4).state_dict(), tmp_path / "c18.pth")
-    _, loaded = models.load_checkpoint(tmp_path / "c18.pth", arch="cifar_resnet18")
+    _, loaded = load_checkpoint(tmp_path / "c18.pth", arch="cifar_resnet18")
     assert loaded["arch"] == "cifar_resnet18"
 
     # not a ResNet at all
     torch.save({"features.0.weight": torch.zeros(8, 3, 3, 3),
                 "classifier.weight": torch.zeros(10, 8)}, tmp_path / "vgg.pth")
-    one_line_error("no 4-d conv1.weight", models.load_checkpoint, tmp_path / "vgg.pth")
+    one_line_error("no 4-d conv1.weight", load_checkpoint, tmp_path / "vgg.pth")
     torch.save([torch.zeros(2)], tmp_path / "list.pt")
-    one_line_error("holds a list", models.load_checkpoint, tmp_path / "list.pt")
+    one_line_error("holds a list", load_checkpoint, tmp_path / "list.pt")
 
 
 # ----------------------------------------------------------------------------- safe loading
@@ -196,10 +197,10 @@ def test_pickled_objects_need_unsafe_load(tmp_path, capsys, extra):
     path = tmp_path / "pickled.pt"
     torch.save(robustness_file(_small_state(), (0.5,) * 3, (0.25,) * 3, schedule=extra), path)
     UNPICKLED.clear()
-    message = one_line_error("--unsafe-load", models.load_checkpoint, path)
+    message = one_line_error("--unsafe-load", load_checkpoint, path)
     assert "arbitrary code" in message and "trust" in message
     assert UNPICKLED == [] and capsys.readouterr().err == ""
-    model, ckpt = models.load_checkpoint(path, unsafe=True)
+    model, ckpt = load_checkpoint(path, unsafe=True)
     err = capsys.readouterr().err
     assert err.startswith("warning:") and "--unsafe-load" in err
     assert len(err.strip().splitlines()) == 1
@@ -210,7 +211,7 @@ def test_pickled_objects_need_unsafe_load(tmp_path, capsys, extra):
 def test_unsafe_is_quiet_for_safe_files_and_corrupt_files_stay_one_line(tmp_path, capsys):
     path = tmp_path / "plain.pt"
     torch.save(robustness_file(_small_state(), (0.5,) * 3, (0.25,) * 3), path)
-    models.load_checkpoint(path, unsafe=True)
+    load_checkpoint(path, unsafe=True)
     assert capsys.readouterr().err == ""  # nothing needed unpickling: no warning
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(path.read_bytes()[:2000])
@@ -221,9 +222,9 @@ def test_unsafe_is_quiet_for_safe_files_and_corrupt_files_stay_one_line(tmp_path
     garbage.write_bytes(b"not a checkpoint")
     for bad in (truncated, legacy, garbage):
         for unsafe in (False, True):
-            one_line_error("cannot read checkpoint", models.load_checkpoint, bad, unsafe=unsafe)
+            one_line_error("cannot read checkpoint", load_checkpoint, bad, unsafe=unsafe)
     assert capsys.readouterr().err == ""
-    one_line_error("checkpoint not found", models.load_checkpoint, tmp_path / "missing.pt")
+    one_line_error("checkpoint not found", load_checkpoint, tmp_path / "missing.pt")
 
 
 def test_missing_unpickling_module_is_one_line(tmp_path, monkeypatch):
@@ -234,8 +235,8 @@ def test_missing_unpickling_module_is_one_line(tmp_path, monkeypatch):
     with monkeypatch.context() as patch:  # the module exists while saving only
         patch.setitem(sys.modules, module.__name__, module)
         torch.save({"model": _small_state(), "schedule": module.Schedule()}, path)
-    one_line_error("--unsafe-load", models.load_checkpoint, path)
-    one_line_error("needs the Python module absent_pickler_module", models.load_checkpoint, path,
+    one_line_error("--unsafe-load", load_checkpoint, path)
+    one_line_error("needs the Python module absent_pickler_module", load_checkpoint, path,
                    unsafe=True)
 
 
@@ -248,16 +249,16 @@ def test_own_checkpoints_load_as_before(tiny_ckpt, tmp_path):
     reference.load_state_dict(reference_ckpt["model"])
     x = torch.rand(4, 1, 28, 28)
     for kwargs in ({}, {"unsafe": True}, {"arch": "cnn", "dataset": "cifar10"}):
-        model, ckpt = models.load_checkpoint(tiny_ckpt, **kwargs)
+        model, ckpt = load_checkpoint(tiny_ckpt, **kwargs)
         assert not model.training and ckpt["classes"] == [0, 1, 2, 3, 4]
         assert ckpt["model_args"] is not None
         assert torch.equal(model(x), reference.eval()(x))
-    one_line_error("applies to published checkpoints only", models.load_checkpoint, tiny_ckpt,
+    one_line_error("applies to published checkpoints only", load_checkpoint, tiny_ckpt,
                    arch="resnet18")
-    assert models.read_checkpoint(tiny_ckpt)["arch"] == "cnn"
+    assert read_checkpoint(tiny_ckpt)["arch"] == "cnn"
     pickled = tmp_path / "pickled.pt"
     torch.save({**reference_ckpt, "schedule": Schedule()}, pickled)
-    one_line_error("not a checkpoint written by advtrain.py", models.read_checkpoint, pickled)
+    one_line_error("not a checkpoint written by advtrain.py", read_checkpoint, pickled)
 
 
 def test_imagenet_record_and_load_split():

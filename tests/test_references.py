@@ -8,10 +8,11 @@ import pytest
 import torch
 
 import advtrain
+import checkpoints
 import data
 import invert
 import models
-import report
+import stats
 import transfer
 from conftest import reference
 
@@ -108,13 +109,13 @@ T_VALUES = [-40.0, -8.0, -3.0, -2.0, -1.0, -0.3, -1e-3, 0.0, 0.2, 0.7, 1.5, 2.5,
 def test_t_cdf_and_quantile_equal_scipy_over_a_grid_of_df():
     """To 1e-8 relative (lgamma(df / 2) limits it at df 1e6), or 1e-15 absolute: tails far
     below any level (t = -8 at df 65: 1.5e-11) need no more."""
-    stats = reference("scipy.stats")
+    sp = reference("scipy.stats")
     for df in DFS:
-        ours = [report.t_cdf(t, df) for t in T_VALUES]
-        np.testing.assert_allclose(ours, stats.t.cdf(T_VALUES, df), rtol=1e-8, atol=1e-15,
+        ours = [stats.t_cdf(t, df) for t in T_VALUES]
+        np.testing.assert_allclose(ours, sp.t.cdf(T_VALUES, df), rtol=1e-8, atol=1e-15,
                                    err_msg=f"df={df}")
         for q in (0.01, 0.05, 0.5, 0.9, 0.95, 0.975):
-            assert report.t_quantile(q, df) == pytest.approx(stats.t.ppf(q, df), rel=1e-8), (q, df)
+            assert stats.t_quantile(q, df) == pytest.approx(sp.t.ppf(q, df), rel=1e-8), (q, df)
 
 
 def test_betainc_equals_scipy():
@@ -123,20 +124,20 @@ def test_betainc_equals_scipy():
                  (0.5, 500.0), (3, 9)]:
         for x in (1e-6, 0.01, 0.2, 0.5, 0.8, 0.99, 1 - 1e-9):
             theirs = special.betainc(a, b, x)
-            assert report.betainc(a, b, x) == pytest.approx(theirs, rel=1e-10, abs=1e-300)
+            assert stats.betainc(a, b, x) == pytest.approx(theirs, rel=1e-10, abs=1e-300)
 
 
 def test_one_sided_t_equals_scipy_ttest_and_interval():
-    stats = reference("scipy.stats")
+    sp = reference("scipy.stats")
     rng = np.random.default_rng(0)
     for n in (2, 3, 5, 20):
         v = rng.normal(0.2, 1.0, size=n)
         for direction, alternative in ((+1, "greater"), (-1, "less")):
-            ours = report.one_sided_t(v, direction)
-            theirs = stats.ttest_1samp(v, 0.0, alternative=alternative)
+            ours = stats.one_sided_t(v, direction)
+            theirs = sp.ttest_1samp(v, 0.0, alternative=alternative)
             assert ours["p"] == pytest.approx(theirs.pvalue, rel=1e-9)
             assert ours["t"] == pytest.approx(theirs.statistic)
-            lo, hi = stats.t.interval(0.90, n - 1, loc=v.mean(), scale=stats.sem(v))
+            lo, hi = sp.t.interval(0.90, n - 1, loc=v.mean(), scale=sp.sem(v))
             assert ours["ci"] == pytest.approx([lo, hi], rel=1e-9)
 
 
@@ -144,59 +145,59 @@ def test_holm_hand_checked():
     """p = (0.01, 0.04, 0.03, 0.005), m = 4. Sorted: 0.005 x 4 = 0.02; 0.01 x 3 = 0.03;
     0.03 x 2 = 0.06; 0.04 x 1 = 0.04, raised to 0.06 (monotone). In the given order:
     (0.03, 0.06, 0.06, 0.02). A product above 1 is capped: (0.6, 0.5) -> (1.0, 1.0)."""
-    assert report.holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
-    assert report.holm([0.6, 0.5]) == [1.0, 1.0] and report.holm([0.2]) == [0.2]
+    assert stats.holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert stats.holm([0.6, 0.5]) == [1.0, 1.0] and stats.holm([0.2]) == [0.2]
 
 
 def test_kendall_test_equals_scipy_exact_without_ties():
     """n distinct values: our exact p from inversion counts is scipy's exact kendalltau p."""
-    stats = reference("scipy.stats")
+    sp = reference("scipy.stats")
     rng = np.random.default_rng(1)
     for n in (4, 5, 7, 10, 15):
         for _ in range(5):
             y = rng.normal(size=n) + 0.3 * np.arange(n)
             for direction, alternative in ((+1, "greater"), (-1, "less")):
-                ours = report.kendall_test(y, direction)
-                theirs = stats.kendalltau(np.arange(n), y, method="exact", alternative=alternative)
+                ours = stats.kendall_test(y, direction)
+                theirs = sp.kendalltau(np.arange(n), y, method="exact", alternative=alternative)
                 assert ours["p"] == pytest.approx(theirs.pvalue, rel=1e-9), (y, direction)
                 assert ours["tau"] == pytest.approx(theirs.statistic)
-    assert report.kendall_test(np.arange(4.0), +1)["p"] == pytest.approx(1 / 24)  # 1 / 4!
+    assert stats.kendall_test(np.arange(4.0), +1)["p"] == pytest.approx(1 / 24)  # 1 / 4!
 
 
 def test_kendall_test_with_ties_equals_scipy_permutation_test():
     """Tied values, n <= report.EXACT_MAX_N: the exact test over all n! orders equals scipy's
     exhaustive permutation test of tau-b (x = positions, no ties; y permuted)."""
-    stats = reference("scipy.stats")
+    sp = reference("scipy.stats")
     for y in ([0.1, 0.3, 0.3, 0.2, 0.5, 0.5], [1.0, 1.0, 2.0, 3.0, 2.0]):
         n = len(y)
         for direction, alternative in ((+1, "greater"), (-1, "less")):
-            ours = report.kendall_test(y, direction)
-            theirs = stats.permutation_test(
-                (np.asarray(y),), lambda v: stats.kendalltau(np.arange(n), v).statistic,
+            ours = stats.kendall_test(y, direction)
+            theirs = sp.permutation_test(
+                (np.asarray(y),), lambda v: sp.kendalltau(np.arange(n), v).statistic,
                 permutation_type="pairings", alternative=alternative, n_resamples=np.inf)
             assert ours["p"] == pytest.approx(theirs.pvalue, rel=1e-9), (y, direction)
-            assert ours["tau"] == pytest.approx(stats.kendalltau(np.arange(n), y).statistic)
+            assert ours["tau"] == pytest.approx(sp.kendalltau(np.arange(n), y).statistic)
 
 
 def test_sen_slope_equals_scipy_theilslopes():
-    stats = reference("scipy.stats")
+    sp = reference("scipy.stats")
     rng = np.random.default_rng(2)
     x = np.array([0.0, 0.1, 0.25, 0.5, 1.0, 2.0])
     for _ in range(5):
         y = 0.3 * x + rng.normal(0, 0.1, size=len(x))
-        assert report.sen_slope(x, y)[0] == pytest.approx(stats.theilslopes(y, x).slope, rel=1e-12)
+        assert stats.sen_slope(x, y)[0] == pytest.approx(sp.theilslopes(y, x).slope, rel=1e-12)
 
 
 def test_example_test_mcnemar_equals_scipy_binomtest():
     """Paired 0/1 correctness: p is the exact binomial tail of the discordant pairs."""
-    stats = reference("scipy.stats")
+    sp = reference("scipy.stats")
     rng = np.random.default_rng(3)
     for n in (20, 200):
         a, b = rng.random(n) < 0.7, rng.random(n) < 0.6
         wins, losses = int(np.sum(a & ~b)), int(np.sum(~a & b))
         for direction, k in ((+1, wins), (-1, losses)):
-            theirs = stats.binomtest(k, wins + losses, 0.5, alternative="greater").pvalue
-            assert report.example_test(a, b, direction)["p"] == pytest.approx(theirs, rel=1e-9)
+            theirs = sp.binomtest(k, wins + losses, 0.5, alternative="greater").pvalue
+            assert stats.example_test(a, b, direction)["p"] == pytest.approx(theirs, rel=1e-9)
 
 
 # ------------------------------------------------------------------------ attacks vs torchattacks
@@ -250,7 +251,7 @@ def test_apgd_accuracy_equals_torchattacks(tiny_ckpt, norm, eps):
     APGD-CE, and APGD-CE + targeted APGD-DLR, ours vs torchattacks: within 3 points (the
     random starts differ, so examples near the boundary can go either way)."""
     torchattacks = reference("torchattacks")
-    model, _ = models.load_checkpoint(tiny_ckpt)
+    model, _ = checkpoints.load_checkpoint(tiny_ckpt)
     x, y = data.load_split("fashion-mnist", False, classes=[0, 1, 2, 3, 4], size=200,
                            download=False)
     torch.manual_seed(0)
@@ -300,3 +301,32 @@ def test_psnr_equals_scikit_image():
     theirs = [metrics.peak_signal_noise_ratio(a.numpy(), b.numpy(), data_range=1.0)
               for a, b in zip(x, y)]
     np.testing.assert_allclose(invert.psnr(x, y).numpy(), theirs, rtol=1e-10)
+
+
+def test_power_and_mde_equal_scipy_noncentral_t():
+    """At the MDE the one-sided t-test has power 0.8 under scipy's noncentral t, to 1e-5."""
+    sp = reference("scipy.stats")
+    for df in (1, 2, 4, 9, 99, 10 ** 4):
+        for alpha in (0.05, 0.0125):
+            mde = stats.mde_t(1.0, df, alpha)
+            power = sp.nct.sf(sp.t.ppf(1 - alpha, df), df, mde)
+            assert power == pytest.approx(0.8, abs=1e-5), (df, alpha)
+            assert stats.t_power(mde, df, alpha) == pytest.approx(power, abs=1e-6)
+
+
+def test_draws_and_proportion_tests_equal_scipy():
+    """The few-shot paired test is a t test with D - 1 df on its SE; the two-proportion test a
+    normal test."""
+    sp = reference("scipy.stats")
+    rng = np.random.default_rng(5)
+    for draws in (2, 5, 100):
+        rows, cols = rng.normal(0.01, 0.02, draws), rng.normal(0.01, 0.3, 500)
+        ours = stats.draws_test(rows, cols, +1)
+        se = np.sqrt(rows.var(ddof=1) / draws + cols.var(ddof=1) / 500)
+        assert ours["p"] == pytest.approx(sp.t.sf(rows.mean() / se, draws - 1), rel=1e-9)
+        assert stats.t_margin_p(ours["mean"], se, draws - 1, +1, 0.01) == pytest.approx(
+            sp.t.cdf((rows.mean() - 0.01) / se, draws - 1), rel=1e-9)
+    ours = stats.two_proportions(0.82, 0.80, 1000, +1)
+    se = np.sqrt((0.82 * 0.18 + 0.8 * 0.2) / 1000)
+    assert ours["p"] == pytest.approx(sp.norm.sf(0.02 / se), rel=1e-12)
+    assert stats.normal_margin_p(0.02, se, +1, 0.05) == pytest.approx(sp.norm.cdf(-0.03 / se))

@@ -47,9 +47,11 @@ def run_all(tmp_path, fail="", force="0", script=ROOT / "run_all.sh", jobs="1", 
     calls = tmp_path / "calls"
     calls.write_text("")
     (tmp_path / "calls.order").write_text("")
+    # CUDA_VISIBLE_DEVICES empty: no GPU, whatever the machine has (tests/test_gpu_scripts.py
+    # tests the pool on GPUs)
     env = dict(os.environ, PYTHON=str(fake), CALLS=str(calls), FAIL=fail, FORCE=force,
                OUT=str(tmp_path / "res"), SEEDS="0 1", JOBS=jobs, JUDGE_SLEEP=judge_sleep,
-               **extra_env)
+               CUDA_VISIBLE_DEVICES="", **extra_env)
     if jobs is None:
         del env["JOBS"]
     proc = subprocess.run(["bash", str(script)], cwd=ROOT, env=env, capture_output=True, text=True)
@@ -178,7 +180,9 @@ def without_timing(obj):
 
 
 def smoke(out, seeds, jobs):
-    env = dict(os.environ, OUT=str(out), PYTHON=sys.executable, SEEDS=seeds, JOBS=jobs)
+    # on the CPU (no GPU visible): identical files for any JOBS are a CPU property
+    env = dict(os.environ, OUT=str(out), PYTHON=sys.executable, SEEDS=seeds, JOBS=jobs,
+               CUDA_VISIBLE_DEVICES="")
     proc = subprocess.run(["bash", str(ROOT / "run_all.sh"), "paper", "--smoke"], cwd=ROOT, env=env,
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -1,5 +1,6 @@
 """transfer.py: the linear probe, frozen features, caching, input adaptation, user errors."""
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import checkpoints
 import common
 import data
 import models
@@ -123,7 +125,7 @@ class Images(torch.utils.data.Dataset):
 def test_streamed_split_gives_the_in_memory_features_and_fine_tuning(tiny_ckpt, workers):
     """A split read batch by batch from a Dataset (with a SHIFTS transform, resized per batch)
     gives the features, and the fine-tuned accuracy, of the same images held in memory."""
-    model, _ = models.load_checkpoint(tiny_ckpt)
+    model, _ = checkpoints.load_checkpoint(tiny_ckpt)
     x, y = data.load_split("fashion-mnist", False, classes=[5, 6, 7, 8, 9], size=70, download=False)
     shift = transfer.SHIFTS["invert"]
     in_memory = extract_features(model, shift(x), 1, 28, batch_size=32)
@@ -176,14 +178,46 @@ def test_cached_features_reused_correct_and_checkpoint_untouched(tiny_ckpt, tmp_
     after = torch.load(tiny_ckpt, weights_only=True)["model"]
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     # the cached arrays are the frozen features of the first 300 target images
-    model, _ = models.load_checkpoint(tiny_ckpt)
+    model, _ = checkpoints.load_checkpoint(tiny_ckpt)
     x, _ = data.load_split("fashion-mnist", True, classes=[5, 6, 7, 8, 9], size=300, download=False)
     np.testing.assert_allclose(cached, extract_features(model, x, 1, 28).numpy(), rtol=1e-5,
                                atol=1e-6)
 
 
+def test_feature_cache_is_keyed_by_the_model_not_the_file_time(tiny_ckpt, tmp_path, capsys):
+    """Another model saved over the checkpoint, its file stamped older than the cache, never
+    reuses the first model's features: the cache is keyed by the weights and the extraction
+    settings (features/*.json), not by file times."""
+    ckpt = tmp_path / "model.pt"
+    shutil.copy(tiny_ckpt, ckpt)
+    argv = ["--ckpt", ckpt, "--out", tmp_path / "out", *PROBE_ARGS]
+    cache = tmp_path / "out" / "features" / "fashion-mnist_5-9_train.npy"
+    code, out, err = run_transfer(capsys, *argv)
+    assert code == 0 and "extracted" in out and "cached" not in out, err
+    first = np.load(cache)
+    other = torch.load(tiny_ckpt, weights_only=True)
+    other["model"]["body.0.0.weight"] = -other["model"]["body.0.0.weight"]  # another network
+    torch.save(other, ckpt)
+    day_older = cache.stat().st_mtime - 86400
+    os.utime(ckpt, (day_older, day_older))
+    code, out, err = run_transfer(capsys, *argv)
+    assert code == 0 and out.count("extracted") == 2 and "cached" not in out, err
+    model, _ = checkpoints.load_checkpoint(ckpt)
+    x, _ = data.load_split("fashion-mnist", True, classes=[5, 6, 7, 8, 9], size=300, download=False)
+    np.testing.assert_allclose(np.load(cache), extract_features(model, x, 1, 28).numpy(),
+                               rtol=1e-5, atol=1e-6)
+    assert not np.allclose(np.load(cache), first)
+    # the same model and settings again: cached; another extraction batch size: extracted
+    code, out, err = run_transfer(capsys, *argv)
+    assert code == 0 and out.count("cached") == 2 and "extracted" not in out, err
+    code, out, err = run_transfer(capsys, *argv, "--batch-size", "64")
+    assert code == 0 and out.count("extracted") == 2, err
+    record = json.loads(cache.with_suffix(".json").read_text())
+    assert record["settings"]["batch_size"] == 64 and len(record["settings"]["model"]) == 64
+
+
 def test_extraction_leaves_batchnorm_alone(tiny_ckpt):
-    model, _ = models.load_checkpoint(tiny_ckpt)
+    model, _ = checkpoints.load_checkpoint(tiny_ckpt)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     model.train()  # even a model left in train mode keeps its BatchNorm statistics
     x, _ = data.load_split("fashion-mnist", True, classes=[5, 6], size=64, download=False)
@@ -280,7 +314,7 @@ def test_cli_few_shot_entries_and_too_many_shots(tiny_ckpt, tmp_path, capsys):
 
 
 def test_finetune_moves_every_weight_of_a_copy_and_beats_chance(tiny_ckpt, tmp_path, capsys):
-    model, _ = models.load_checkpoint(tiny_ckpt)
+    model, _ = checkpoints.load_checkpoint(tiny_ckpt)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     x, y = data.load_split("fashion-mnist", True, classes=[5, 6, 7, 8, 9], size=600, download=False)
     xt, yt = data.load_split("fashion-mnist", False, classes=[5, 6, 7, 8, 9], size=300,
@@ -308,7 +342,7 @@ def test_finetune_moves_every_weight_of_a_copy_and_beats_chance(tiny_ckpt, tmp_p
 
 def test_each_script_imports_with_only_the_shared_modules(tmp_path):
     """A script copied beside the shared modules alone imports: no script imports another."""
-    shared = ["common.py", "data.py", "models.py", "published.py"]
+    shared = ["checkpoints.py", "common.py", "data.py", "models.py", "published.py"]
     for script in ("advtrain", "fisher", "transfer", "invert"):
         folder = tmp_path / script
         folder.mkdir()
@@ -327,7 +361,7 @@ def test_few_shot_probe_within_a_point_of_scikit_learns_best_fixed_penalty(tiny_
     from conftest import reference
     linear_model = reference("sklearn.linear_model")
     threadpoolctl = reference("threadpoolctl")  # scikit-learn's own dependency
-    model, _ = models.load_checkpoint(tiny_ckpt)
+    model, _ = checkpoints.load_checkpoint(tiny_ckpt)
     (x, y), (xt, yt) = [data.load_split("fashion-mnist", train, classes=[5, 6, 7, 8, 9],
                                         size=n, download=False)
                         for train, n in ((True, 3000), (False, 1000))]
