@@ -152,12 +152,13 @@ def make_optimizer(model, lr, momentum=0.9, weight_decay=5e-4):
 
 
 def sgd_epoch(model, opt, x, y, *, batch_size=128, lr_schedule=None, step0=0, prepare=None,
-              amp=False, shard=None, reduce=None):
+              amp=False, shard=None, reduce=None, generator=None):
     """One epoch of minibatch training on in-memory tensors x [N, ...], y [N]: the loop of
     adversarial training (advtrain.train_epoch) and of fine-tuning (transfer.finetune).
 
-    The batches follow a random order drawn from the global CPU generator (so every device
-    trains on the same order) and copied once to x's device, where they are gathered; each
+    The batches follow a random order drawn on the CPU, from `generator` or else the global
+    generator (so every device trains on the same order), and copied once to x's device,
+    where they are gathered; each
     batch moves to the model's device, is replaced by prepare(xb, yb) when given (e.g. an
     attack) and trained on in train mode with the mean cross-entropy, under bf16 autocast
     when amp; opt steps after lr_schedule (global step -> learning rate; None leaves the
@@ -173,7 +174,7 @@ def sgd_epoch(model, opt, x, y, *, batch_size=128, lr_schedule=None, step0=0, pr
     back. Returns (mean loss, accuracy on the trained examples, next global step).
     """
     device = next(model.parameters()).device
-    order = torch.randperm(len(x)).to(x.device, non_blocking=True)
+    order = torch.randperm(len(x), generator=generator).to(x.device, non_blocking=True)
     # on the device: loss sum, correct, then the first non-finite loss's step and value
     sums = torch.zeros(4, dtype=torch.float64, device=device)
     count, step = 0, step0

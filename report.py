@@ -4,152 +4,30 @@
     python report.py results/quick                   # report.md, summary.json, *.png
     python report.py --rules                         # the rules block of docs/PROTOCOL.md
 
-Every subfolder with a metrics.json is a run; a folder whose name starts with `judge` (the
-inversion's helper classifier) is listed but part of no claim. The eps = 0 runs are the
-baseline of every training-norm group. Each claim is data (CLAIMS: metrics, contrast,
-direction, parts) filled in by the study's declaration (DECLARATIONS, or DIR/study.json), and
-one engine judges them all at one of two levels (seeds, models) with the tests of stats.py,
-giving one of four verdicts (VERDICTS); every rules text is generated from the same data.
-numpy and the standard library only (matplotlib, if present, for the plots).
+The runs are read by collect.py (a folder whose name starts with `judge`, the inversion's
+helper classifier, is listed but part of no claim); the eps = 0 runs are the baseline of every
+training-norm group. Each claim is data in claims.py (CLAIMS: metrics, contrasts, directions,
+parts) filled in by the study's declaration (DECLARATIONS, or DIR/study.json), and one engine
+here judges them all at one of two levels (seeds, models) with the tests of stats.py, giving
+one of four verdicts (claims.VERDICTS); plots.py draws the figures. numpy and the standard
+library only (matplotlib, if present, for the plots).
 """
-import json
 import math
-import zipfile
 from pathlib import Path
 
 import numpy as np
 
 from claims import (CLAIMS, DECLARATIONS, HOLDS, METRICS, MIN_MODEL_EPS, MIN_SEEDS,
-                    MODELS_SENTENCE, RULES_BEGIN, RULES_END, ci_text, declaration_problem,
-                    eps_list, fmt, number, rule_text, rules_markdown)
+                    MODELS_SENTENCE, RULES_BEGIN, RULES_END, ci_text, eps_list, fmt, number,
+                    rule_text, rules_markdown)
+from collect import FISHER_KEYS, collect_rows, read_declaration
 from common import ArgumentParser, UserError, atomic_save, mean_se, provenance, user_errors
+import plots
 from stats import (ALPHA, example_test, holm, kendall_margin_p, kendall_mde, kendall_test,
                    mde_normal, mde_t, normal_margin_p, one_sided_t, sen_slope, slope, t_margin_p,
                    two_proportions)
 
 EPS_TOL = 1e-6        # eps and radii are floats (8/255): equal when closer than this
-FISHER_KEYS = ("weights_trace", "weights_trace_empirical", "input_trace", "input_lambda_max",
-               "repr_trace", "repr_lambda_max", "repr_trace_normalized")
-REQUIRED_METRICS = ("norm", "eps", "clean_acc", "robust_acc", "seed")
-
-
-# ----------------------------------------------------------------------------- collection
-
-def read_json(path, required=False):
-    """The JSON object in path; None when the file is absent (and not required)."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        if required:
-            raise UserError(f"{path} not found")
-        return None
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})")
-    if not isinstance(data, dict):
-        raise UserError(f"{path} does not hold a JSON object")
-    return data
-
-
-def robust_records(path, records):
-    """The robust_acc list of metrics.json: records {norm, eps, acc, ...}; unknown keys dropped."""
-    if not isinstance(records, list) or not all(
-            isinstance(r, dict) and {"norm", "eps", "acc"} <= set(r)
-            and (number(r["acc"]) is None or 0 <= r["acc"] <= 1) for r in records):
-        raise UserError(f"{path}: robust_acc must be a list of {{norm, eps, acc, ...}} records, "
-                        "acc in [0, 1]")
-    keep = ("norm", "eps", "attack", "steps", "restarts", "acc")
-    return [{k: r[k] for k in keep if k in r} for r in records]
-
-
-def transfer_measures(transfer):
-    """{measure: accuracy} of a transfer.json: per target (an entry holding `acc`), its full-data
-    probe ("target"), its K-shot probes ("target K-shot") and fine-tuning ("target fine-tuned")."""
-    measures = {}
-    for target, v in transfer.items():
-        if not isinstance(v, dict) or number(v.get("acc")) is None:
-            continue
-        measures[target] = number(v["acc"])
-        for shots, few in (v.get("few_shot") or {}).items():
-            if isinstance(few, dict) and number(few.get("acc")) is not None:
-                measures[f"{target} {shots}-shot"] = number(few["acc"])
-        if isinstance(v.get("finetune"), dict) and number(v["finetune"].get("acc")) is not None:
-            measures[f"{target} fine-tuned"] = number(v["finetune"]["acc"])
-    return measures
-
-
-def per_example(run, transfer):
-    """{measure: 0/1 correctness} from the .npz files that transfer.json names under `correct`:
-    "probe" [N] -> "target", "<K>-shot" [draws, N] -> "target K-shot", "fine-tuned" [N]."""
-    out = {}
-    for target, v in transfer.items():
-        if not isinstance(v, dict) or not isinstance(v.get("correct"), str):
-            continue
-        path = run / v["correct"]
-        if not path.is_file():
-            continue
-        try:
-            with np.load(path) as npz:
-                out.update({target if k == "probe" else f"{target} {k}": npz[k] for k in npz.files})
-        except (OSError, ValueError, zipfile.BadZipFile) as e:
-            raise UserError(f"{path} is not a readable .npz ({e})")
-    return out
-
-
-def inversion(v):
-    """One method of invert.json: ssim, psnr, judge_acc and per-image SSIM (None when absent)."""
-    out = {k: number(v.get(k)) for k in ("ssim", "psnr", "judge_acc")}
-    images = v["per_image"].get("ssim") if isinstance(v.get("per_image"), dict) else None
-    ok = isinstance(images, list) and images and all(number(x) is not None for x in images)
-    out["per_image_ssim"] = [float(x) for x in images] if ok else None
-    return out
-
-
-def collect_run(run):
-    """One row (nested dict) for the run folder `run`."""
-    path = run / "metrics.json"
-    m = read_json(path, required=True)
-    missing = [k for k in REQUIRED_METRICS if k not in m]
-    if missing:
-        raise UserError(f"{path} lacks {', '.join(missing)}: not a metrics.json of advtrain.py")
-    if number(m["eps"]) is None or number(m["eps"]) < 0 or number(m["clean_acc"]) is None \
-            or not isinstance(m["seed"], int):
-        raise UserError(f"{path}: eps and clean_acc must be numbers (eps >= 0), seed an integer")
-    row = {"run": run.name, "role": "judge" if run.name.startswith("judge") else "study",
-           "norm": m["norm"], "eps": float(m["eps"]), "seed": m["seed"],
-           "clean_acc": float(m["clean_acc"]), "robust_acc": robust_records(path, m["robust_acc"])}
-    row.update({k: m[k] for k in ("arch", "dataset", "classes", "epochs", "train_seconds",
-                                  "test_size") if k in m})
-    fisher = read_json(run / "fisher.json") or {}
-    row["fisher"] = {k: number(fisher[k]) for k in FISHER_KEYS if number(fisher.get(k)) is not None}
-    transfer = read_json(run / "transfer.json") or {}
-    row["transfer"], row["correct"] = transfer_measures(transfer), per_example(run, transfer)
-    invert = read_json(run / "invert.json") or {}
-    row["invert"] = {meth: inversion(v) for meth, v in invert.items()
-                     if isinstance(v, dict) and "ssim" in v}
-    disjoint = invert.get("disjoint")
-    row["invert_disjoint"] = disjoint if isinstance(disjoint, bool) else None
-    return row
-
-
-def collect_rows(results_dir):
-    """One row per run folder (a subfolder holding metrics.json): study runs in numeric eps
-    order (then norm, seed), the judge runs last."""
-    rows = [collect_run(p.parent) for p in Path(results_dir).glob("*/metrics.json")]
-    return sorted(rows, key=lambda r: (r["role"] != "study", r["eps"], r["norm"], r["seed"]))
-
-
-def read_declaration(results):
-    """{preset, decisions, source} from results/study.json; without one, the quick preset's."""
-    path = results / "study.json"
-    if not path.is_file():
-        print(f"no study.json in {results}: applying the defaults, DECLARATIONS[\"quick\"]",
-              flush=True)
-        return {"preset": "quick", "decisions": DECLARATIONS["quick"], "source": "defaults"}
-    study = read_json(path, required=True)
-    problem = declaration_problem(study.get("decisions"))
-    if problem:
-        raise UserError(f"{path}: {problem}")
-    return {"preset": study.get("preset"), "decisions": study["decisions"], "source": "study.json"}
 
 
 # ----------------------------------------------------------------------------- rows and groups
@@ -700,114 +578,65 @@ def series(rows, value):
     return tuple(map(list, zip(*out))) if out else ([], [], [])
 
 
-def panels_figure(plt, path, panel_rows, ylabel, log=False):
-    """Rows of panels (title, runs, [(label, value of a run)]): mean ± SE against eps, the
-    legend under each panel; False (nothing written) when no panel has data."""
-    ncols = max(len(r) for r in panel_rows)
-    fig, axes = plt.subplots(len(panel_rows), ncols, figsize=(4.6 * ncols, 4.4 * len(panel_rows)),
-                             squeeze=False)
-    for ax_row, panels in zip(axes, panel_rows):
-        for ax, (title, rows, curves) in zip(ax_row, panels):
-            for label, value in curves:
-                eps, means, ses = series(rows, value)
-                if eps:
-                    ax.errorbar(eps, means, yerr=ses, marker="o", capsize=3, label=label)
-            positive = [e for e in eps_grid(rows) if e > 0]
-            if positive and max(positive) / min(positive) > 50:  # published grids: 0.01 .. 5
-                ax.set_xscale("symlog", linthresh=min(positive))
-            ax.set(title=title, xlabel="training eps", ylabel=ylabel,
-                   yscale="log" if log else "linear")
-            if ax.has_data():
-                ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
-        for ax in ax_row[len(panels):]:
-            ax.set_axis_off()
-    drawn = any(ax.has_data() for ax in axes.flat)
-    if drawn:
-        fig.tight_layout()
-        fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return drawn
-
-
-def image_strip(x, n_images, size=64):
-    """[N, C, H, W] in [0, 1] -> [H', n_images * W', 3]: the first images side by side, RGB,
-    subsampled to at most size pixels, each with a 1-pixel white frame."""
-    x = np.asarray(x[:n_images], dtype=np.float32).clip(0, 1)
-    x = x[..., ::-(-x.shape[-2] // size), ::-(-x.shape[-1] // size)]
-    x = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)), constant_values=1.0)
-    x = np.repeat(x, 3, 1) if x.shape[1] == 1 else x[:, :3]
-    return x.transpose(2, 0, 3, 1).reshape(x.shape[2], -1, 3)
-
-
-def inversion_figure(plt, rows, results, n_images=8):
-    """inversions.png: the first n_images inverted test images (originals.npy, when a run saved
-    it) and a labelled row per (eps, method) from the first seed's runs, eps in numeric order."""
+def inversion_strips(rows, results, n_images=8):
+    """(strips, labels, first seed): the first n_images inverted test images (originals.npy,
+    when a run saved it) and a row per (eps, method) of the first seed's runs (plots.py)."""
     study = [r for r in study_rows(rows) if r["invert"]]
     if not study:
-        return False
+        return [], [], None
     first = min(r["seed"] for r in study)
     strips, labels = [], []
     for r in (r for r in study if r["seed"] == first):
         run = results / r["run"]
         if not strips and (run / "originals.npy").is_file():
-            strips.append(image_strip(np.load(run / "originals.npy"), n_images))
+            strips.append(plots.image_strip(np.load(run / "originals.npy"), n_images))
             labels.append("originals")
         for method in sorted(r["invert"]):
             if (run / f"recon_{method}.npy").is_file():
-                strips.append(image_strip(np.load(run / f"recon_{method}.npy"), n_images))
+                strips.append(plots.image_strip(np.load(run / f"recon_{method}.npy"), n_images))
                 labels.append(f"{r['norm']} eps {fmt(r['eps'])}: {method}")
-    strips = [(s, lab) for s, lab in zip(strips, labels) if s.shape == strips[0].shape] \
-        if strips else []
-    if not strips:
-        return False
-    mosaic = np.concatenate([s for s, _ in strips])
-    h = strips[0][0].shape[0]
-    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * n_images, 0.6 + 0.9 * len(strips)))
-    ax.imshow(mosaic, interpolation="nearest")
-    ax.set_yticks([h * (i + 0.5) for i in range(len(strips))], [lab for _, lab in strips],
-                  fontsize=8)
-    ax.set_xticks([])
-    ax.set_xlabel(f"the first {n_images} inverted test images (seed {first})")
-    fig.savefig(results / "inversions.png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return True
+    keep = [i for i, s in enumerate(strips) if s.shape == strips[0].shape]
+    return [strips[i] for i in keep], [labels[i] for i in keep], first
 
 
-def make_figures(rows, results):
+def make_figures(rows, results, n_images=8):
     """accuracy_vs_eps.png, fisher_vs_eps.png (log y), transfer_vs_eps.png (full data,
-    few-shot, fine-tuned panels per norm), inversions.png; [] without matplotlib."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return []
+    few-shot, fine-tuned panels per norm), inversions.png, drawn by plots.py; [] without
+    matplotlib."""
     groups = [(norm, group_rows(rows, norm)) for norm in norm_groups(rows)]
-    if not groups:
+    if not groups or not plots.available():
         return []
 
     def kind(measure):
         return "fine-tuned" if measure.endswith("fine-tuned") else \
             "few-shot" if measure.endswith("-shot") else "full data"
 
+    def panel(title, g, curves):  # (title, [(label, eps, means, SEs)], eps > 0 of the grid)
+        return title, [(label, *series(g, value)) for label, value in curves], \
+            [e for e in eps_grid(g) if e > 0]
+
     measures = sorted({t for r in rows for t in r["transfer"]})
     fisher = ("weights_trace", "input_trace", "input_lambda_max", "repr_trace_normalized")
     kinds = [k for k in ("full data", "few-shot", "fine-tuned")
              if any(kind(t) == k for t in measures)]
     figures = {  # rows of panels: accuracy and Fisher one row, transfer a row per norm
-        "accuracy_vs_eps.png": ("accuracy", False, [[
-            (f"trained {n}", g, [("clean", metric_of("clean_acc"))] + [
+        "accuracy_vs_eps.png": ("accuracy", False, [[panel(
+            f"trained {n}", g, [("clean", metric_of("clean_acc"))] + [
                 (f"robust {n} {fmt(e)}", metric_of("robust_acc", (n, e))) for e in radii(g, n)])
             for n, g in groups]]),
-        "fisher_vs_eps.png": ("Fisher information (log scale)", True, [[
-            (f"trained {n}", g, [(k, metric_of(k)) for k in fisher]) for n, g in groups]]),
-        "transfer_vs_eps.png": ("target test accuracy", False, [[
-            (f"{k}, trained {n}", g, [(t, metric_of("transfer", t)) for t in measures
-                                      if kind(t) == k]) for k in kinds] for n, g in groups]),
+        "fisher_vs_eps.png": ("Fisher information (log scale)", True, [[panel(
+            f"trained {n}", g, [(k, metric_of(k)) for k in fisher]) for n, g in groups]]),
+        "transfer_vs_eps.png": ("target test accuracy", False, [[panel(
+            f"{k}, trained {n}", g, [(t, metric_of("transfer", t)) for t in measures
+                                     if kind(t) == k]) for k in kinds] for n, g in groups]),
     }
     written = [name for name, (ylabel, log, panels) in figures.items()
-               if all(panels) and panels_figure(plt, results / name, panels, ylabel, log)]
-    return written + (["inversions.png"] if inversion_figure(plt, rows, results) else [])
+               if all(panels) and plots.panels_figure(results / name, panels, ylabel, log)]
+    strips, labels, first = inversion_strips(rows, results, n_images)
+    if strips and plots.mosaic_figure(results / "inversions.png", strips, labels,
+                                      f"the first {n_images} inverted test images (seed {first})"):
+        written.append("inversions.png")
+    return written
 
 
 # ----------------------------------------------------------------------------- script

@@ -347,8 +347,9 @@ def finetune(model, x, y, test_split, channels, size, epochs=2, lr=0.01, batch_s
              weight_decay=5e-4, transform=None):
     """Fine-tune a copy of model, every weight, with a new zero-initialised linear head for
     the target's classes, and test it. SGD with Nesterov momentum 0.9 (models.make_optimizer),
-    one-cycle learning rate peaking at lr (common.lr_at), batches in a random order from the
-    global RNG seeded with `seed`, BatchNorm in train mode (it adapts to the target, unlike the
+    one-cycle learning rate peaking at lr (common.lr_at), batches in a random order from a
+    generator seeded with `seed` (the global RNG is left alone), BatchNorm in train mode (it
+    adapts to the target, unlike the
     frozen probe): models.sgd_epoch, the loop of adversarial training, which raises
     FloatingPointError after an epoch with a non-finite loss. Training images x [N, C, H, W]
     in [0, 1] are transformed (e.g. a SHIFTS entry) and adapted to the model in memory on its
@@ -356,6 +357,11 @@ def finetune(model, x, y, test_split, channels, size, epochs=2, lr=0.01, batch_s
     ((x, y) tensors or a streamed Dataset, as for extract_features) is adapted per batch. The
     model itself is left untouched. Returns {"acc": test accuracy, "correct": bool [N_test],
     whether each test example is classified right}."""
+    check_images(x, "x")
+    check_labels(y, len(x), "y")
+    if not (epochs >= 1 and lr > 0 and batch_size >= 1):
+        raise ValueError(f"need epochs >= 1, lr > 0 and batch_size >= 1, got {epochs}, {lr}, "
+                         f"{batch_size}")
     device = next(model.parameters()).device
     net = copy.deepcopy(model)
     net.head = torch.nn.Linear(net.head.in_features, int(y.max()) + 1).to(device)
@@ -365,11 +371,12 @@ def finetune(model, x, y, test_split, channels, size, epochs=2, lr=0.01, batch_s
     x = adapt_images(transform(x) if transform else x, channels, size).to(device)
     y = y.to(device)
     steps_per_epoch = -(-len(x) // batch_size)
-    torch.manual_seed(seed)
+    order = torch.Generator().manual_seed(seed)
     for epoch in range(epochs):
         try:
             sgd_epoch(net, opt, x, y, batch_size=batch_size, step0=epoch * steps_per_epoch,
-                      lr_schedule=lambda step: lr_at(step, epochs * steps_per_epoch, lr))
+                      lr_schedule=lambda step: lr_at(step, epochs * steps_per_epoch, lr),
+                      generator=order)
         except FloatingPointError as e:
             raise FloatingPointError(f"fine-tuning epoch {epoch + 1}: {e}") from None
     feats = extract_features(net, test_split, channels, size, transform=transform)

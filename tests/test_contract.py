@@ -463,9 +463,9 @@ def bad_inputs():
         ("linear_probe", lambda m, x, y: transfer.linear_probe(f3, y3, f3, y3, val_fraction=1.0),
          "val_fraction"),
         ("few_shot_probe", lambda m, x, y: transfer.few_shot_probe(f3, y3, f3, y3, 6), "shots"),
-        pytest.param("finetune", lambda m, x, y: transfer.finetune(m, x[0], y, (x, y), 1, 8),
-                     "x must", marks=pytest.mark.xfail(
-                         strict=True, reason="finetune checks no input yet (issue 28's part)")),
+        ("finetune", lambda m, x, y: transfer.finetune(m, x[0], y, (x, y), 1, 8), "x must"),
+        ("finetune", lambda m, x, y: transfer.finetune(m, x, y, (x, y), 1, 8, epochs=0),
+         "epochs"),
         ("invert_features", lambda m, x, y: invert.invert_features(
             m, m.features(x)[:3].detach(), x, 2), "z0 must"),
         ("invert_features", lambda m, x, y: invert.invert_features(
@@ -544,3 +544,14 @@ def test_accuracy_at_eps_is_never_the_clean_accuracy_by_default():
     y = logits.argmax(1)  # every example right: the attack has something to take
     assert advtrain.accuracy(model, x, y) == 1.0
     assert advtrain.accuracy(model, x, y, eps=2.0, steps=10) < 1.0
+
+
+def test_statistics_import_only_numpy_and_the_standard_library():
+    """stats.py copies into any project: numpy and the standard library only."""
+    imported = set()
+    for node in ast.walk(ast.parse((ROOT / "stats.py").read_text())):
+        if isinstance(node, ast.Import):
+            imported |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            imported.add(node.module.split(".")[0])
+    assert imported <= {"numpy", *sys.stdlib_module_names}, imported
