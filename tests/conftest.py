@@ -1,7 +1,11 @@
-"""Shared fixtures: the repository root on sys.path, a tiny trained checkpoint, the outside
-references (skipped when absent, failing under CI=true) and the Fashion-MNIST check."""
+"""Shared fixtures: the repository root on sys.path, the scripts run in a new process or in
+this one, a tiny trained checkpoint, the outside references (skipped when absent, failing
+under CI=true) and the Fashion-MNIST check."""
+import contextlib
 import importlib
+import io
 import os
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -13,9 +17,33 @@ sys.path.insert(0, str(ROOT))
 
 
 def run_script(*args, cwd=ROOT):
-    """Run `python script args...` and return the CompletedProcess (text output)."""
+    """Run `python script args...` in a new process and return the CompletedProcess (text
+    output). For what needs a process of its own (torchrun, what an import loads); otherwise
+    run_main, seconds faster."""
     return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, capture_output=True,
                           text=True)
+
+
+def run_main(script, *args):
+    """`python script args...` in this process: the script's `if __name__ == "__main__"` block
+    (its main inside common.user_errors) run by runpy, with sys.argv set, from the repository
+    root. Returns a CompletedProcess: returncode 0, or that of the SystemExit raised; stdout and
+    stderr as printed. An exception that main lets through (a traceback) propagates."""
+    argv = [str(ROOT / script), *map(str, args)]
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    saved = sys.argv
+    try:
+        sys.argv = argv
+        with contextlib.chdir(ROOT), contextlib.redirect_stdout(out), \
+                contextlib.redirect_stderr(err):
+            runpy.run_path(argv[0], run_name="__main__")
+    except SystemExit as e:  # as the interpreter exits: None is 0, a message is 1 (printed)
+        code = e.code if isinstance(e.code, int) else int(e.code is not None)
+        if isinstance(e.code, str):
+            err.write(e.code + "\n")
+    finally:
+        sys.argv = saved
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
 
 
 def assert_user_error(proc, expected, *more):
@@ -118,6 +146,13 @@ def pytest_collection_modifyitems(session, config, items):
     # start at once rather than last
     slow_files = {item.path for item in items if item.get_closest_marker("slow")}
     items.sort(key=lambda item: item.path not in slow_files)  # stable: file order kept
+    # a device comparison on the CPU would compare the CPU with itself: skipped, before its
+    # fixtures are made
+    if requested_device() == "cpu":
+        for item in items:
+            marker = item.get_closest_marker("accelerator")
+            if marker:
+                item.add_marker(pytest.mark.skip(reason=f"on the CPU this is {marker.args[0]}"))
     if items and not config.option.collectonly:
         missing = fashion_mnist_missing()
         if missing:

@@ -1,11 +1,12 @@
-"""tests/bench.py: its numbers are sane (timings are printed, never asserted), the study's
-time split adds up, and the paper preset's projection adds each stage's work at its rate."""
-import math
+"""tests/bench.py: the study's time split adds up, and the paper preset's projection adds
+each stage's work at its rate and prints what it counted. The bench's timings are printed,
+never asserted (what they compare is computed alike: the Fisher estimators against brute
+force in tests/test_fisher.py)."""
 import re
 
 import pytest
 
-from conftest import run_script
+from conftest import run_main
 
 
 def table_rows(stdout, table=0):
@@ -20,23 +21,6 @@ def table_rows(stdout, table=0):
             tables[-1].append([cell.strip() for cell in line.strip("|").split("|")])
         previous = row or line.startswith("|---")
     return tables[table][1:]
-
-
-@pytest.mark.slow
-def test_bench_quick_numbers_are_consistent():
-    """The three Fisher implementations print the same mean trace (they compute one quantity);
-    every ratio is a positive finite number; the probes beat chance (5 classes)."""
-    proc = run_script("tests/bench.py", "--quick")
-    assert proc.returncode == 0, proc.stderr
-    rows = table_rows(proc.stdout)
-    ratios = [float(re.match(r"[\d.]+(e[+-]?\d+)?", r[2]).group()) for r in rows if r[2]]
-    assert len(ratios) >= 4 and all(0 < q < math.inf for q in ratios), rows
-    traces = [float(m) for r in rows if r[0].startswith("Fisher weights trace")
-              for m in re.findall(r"mean trace ([\d.e+-]+)", r[1])]
-    assert len(traces) >= 3 and max(traces) == pytest.approx(min(traces), rel=2e-3), traces
-    probe = next(r for r in rows if r[0].startswith("linear probe"))
-    accuracies = [float(a) for a in re.findall(r"acc ([\d.]+)", probe[1])]
-    assert len(accuracies) == 2 and all(0.5 < a <= 1 for a in accuracies), probe
 
 
 def test_study_split_sums_steps_by_stage_and_seed(tmp_path):
@@ -95,7 +79,7 @@ def test_bench_projection_prints_hours_and_its_inputs():
     """python tests/bench.py --projection-only --quick: the FLOPs counted here (a PGD-7 step of
     the CIFAR ResNet-18 is 7 attack steps and a training step), no host read in the training
     step's loop, and the projected hours on one H200, every stage positive."""
-    proc = run_script("tests/bench.py", "--projection-only", "--quick")
+    proc = run_main("tests/bench.py", "--projection-only", "--quick")
     assert proc.returncode == 0, proc.stderr
     inputs = {row[0]: row[1] for row in table_rows(proc.stdout, 0)}
     gflop = {name: float(inputs[f"FLOPs, {name}"].split()[0])

@@ -327,6 +327,16 @@ def project_imports(module):
     return found & set(PROJECT) - {module}
 
 
+@pytest.mark.parametrize("script", ["advtrain", "fisher", "transfer", "invert"])
+def test_each_script_imports_with_only_the_shared_modules(script, tmp_path):
+    """A script copied beside the shared modules alone imports: no script imports another."""
+    for name in ("checkpoints.py", "common.py", "data.py", "models.py", "published.py",
+                 f"{script}.py"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    with alone(tmp_path):
+        assert importlib.import_module(script).__file__ == str(tmp_path / f"{script}.py")
+
+
 def test_no_import_cycle():
     """The import graph of the project's modules (every import statement, deferred ones
     included) has no cycle: no two modules import each other, directly or around a circle;
@@ -369,6 +379,7 @@ MODEL_CALLS = {
     "pgd_attack": (lambda m, x, y: advtrain.pgd_attack(m, x, y, "l2", 0.5, 2), True),
     "apgd_attack": (lambda m, x, y: advtrain.apgd_attack(m, x, y, "linf", 0.1, 2), True),
     "accuracy": (lambda m, x, y: advtrain.accuracy(m, x, y, 4, "l2", 0.5, steps=2), True),
+    "accuracy-clean": (lambda m, x, y: advtrain.accuracy(m, x, y, 4), True),
     "accuracy-apgd": (lambda m, x, y: advtrain.accuracy(m, x, y, 4, "linf", 0.1, steps=2,
                                                         attack="apgd"), True),
     "train_epoch": (lambda m, x, y: advtrain.train_epoch(

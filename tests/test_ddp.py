@@ -196,6 +196,6 @@ def test_setup_model_converts_batchnorm_and_compiles_on_request():
 
 
 def test_sync_bn_without_cuda_is_one_line():
-    from conftest import assert_user_error, run_script
-    assert_user_error(run_script("advtrain.py", "--sync-bn", "--epochs", "1", "--train-size", "64",
-                                 "--test-size", "32"), "needs torchrun with CUDA")
+    from conftest import assert_user_error, run_main
+    assert_user_error(run_main("advtrain.py", "--sync-bn", "--epochs", "1", "--train-size", "64",
+                               "--test-size", "32"), "needs torchrun with CUDA")

@@ -3,11 +3,13 @@ the same computation on the CPU where the two must agree.
 
     DEVICE=cuda bash tests/run.sh                           # the suite, these tests on the GPU
     DEVICE=cuda python -m pytest -q tests/test_device.py    # these tests alone
-    python -m pytest -q tests/test_device.py                # on the CPU: CPU against CPU
+    python -m pytest -q tests/test_device.py                # on the CPU: what can fail there
 
-Without DEVICE the comparisons are CPU against CPU, and the checks that stand on their own
-(an attack stays in its ball and raises the loss, training moves the weights) still test
-something. With DEVICE=cuda and no GPU, tests/conftest.py stops the run with one line.
+Without DEVICE (on the CPU) a comparison would be the CPU against itself, which cannot fail:
+those tests (marked `accelerator`) skip, naming the test of the suite that covers their CPU
+form; the tests that stand on their own run (the attacks draw only through the *_like
+functions, an epoch's host reads do not grow with its batches, compiled training within the
+band of eager). With DEVICE=cuda and no GPU, tests/conftest.py stops the run with one line.
 
 Tolerances. The comparisons run in float32 with TF32 off (fixture full_float32: a CUDA
 convolution may otherwise round its inputs to 10 mantissa bits). Two devices sum in other
@@ -54,10 +56,12 @@ from conftest import ROOT, run_script
 CPU = torch.device("cpu")
 
 
-def accelerator_only(device, duplicate):
-    """Skip on the CPU a test whose CPU form is `duplicate`, another test of the suite."""
-    if device.type == "cpu":
-        pytest.skip(f"on the CPU this is {duplicate}")
+def accelerator(duplicate):
+    """Marks a comparison of the device with the CPU: skipped on the CPU (tests/conftest.py,
+    before its fixtures are made), where its CPU form is `duplicate`, another test."""
+    return pytest.mark.accelerator(duplicate)
+
+
 TRAIN_RTOL = 3e-3  # the change of the state over a training epoch (assert_same_update)
 FISHER_RTOL = 3e-3
 
@@ -145,6 +149,7 @@ def assert_same_attack(model, y, adv, adv_cpu):
     return fooled
 
 
+@accelerator("test_advtrain.py's test_pgd_stays_in_ball_and_raises_loss")
 @pytest.mark.parametrize("norm,eps", [("l2", 0.5), ("linf", 4 / 255)])
 def test_pgd_on_the_device_matches_the_cpu(norm, eps, device, resnet, cpu_random):
     model, x, _ = resnet
@@ -168,6 +173,7 @@ def test_pgd_on_the_device_matches_the_cpu(norm, eps, device, resnet, cpu_random
     assert_same_attack(model, y, adv, adv_cpu)
 
 
+@accelerator("test_references.py's test_apgd_stays_in_its_ball_beats_pgd_and_equals_torchattacks")
 @pytest.mark.parametrize("norm,eps", [("l2", 0.5), ("linf", 4 / 255)])
 def test_apgd_on_the_device_matches_the_cpu(norm, eps, device, resnet, cpu_random):
     model, x, _ = resnet
@@ -186,13 +192,15 @@ def test_apgd_on_the_device_matches_the_cpu(norm, eps, device, resnet, cpu_rando
 
 @pytest.mark.parametrize("attack,norm", [("pgd", "l2"), ("pgd", "linf"), ("apgd", "l2"),
                                          ("apgd", "linf")])
-def test_the_attacks_draw_only_through_the_like_functions(attack, norm, resnet, monkeypatch):
+def test_the_attacks_draw_only_through_the_like_functions(attack, norm, monkeypatch):
     """What cpu_random relies on: rand_like and randn_like draw from a generator of their own,
     seeded alike for two runs while the global generators are seeded differently; the attack
     is the same. A draw of torch.rand(..., device=...) would come from the device's global
-    generator, so the device tests' starts would differ from the CPU's."""
-    model, x, _ = resnet
-    x = x[:8]
+    generator, so the device tests' starts would differ from the CPU's. (A cnn of 10 classes
+    on random images: the attacks' draws do not depend on the model.)"""
+    torch.manual_seed(0)
+    model = models.build_model("cnn", 10, 1, 28, (0.5,), (0.25,)).eval()
+    x = torch.rand(8, 1, 28, 28)
     y = predict(model, x)
     generator = torch.Generator()
     draw_likes_on_the_cpu(monkeypatch, generator)
@@ -246,6 +254,7 @@ def train_copy(model, dev, x, y, memory_format=torch.contiguous_format, epochs=1
     return net, history
 
 
+@accelerator("test_advtrain.py's training tests")
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_a_float32_training_epoch_on_the_device_matches_the_cpu(channels_last, device, resnet,
                                                                 cpu_random):
@@ -356,12 +365,12 @@ def fashion_mnist():
             *data.load_split("fashion-mnist", False, size=500, **load))
 
 
+@accelerator("test_a_float32_training_epoch_on_the_device_matches_the_cpu")
 @pytest.mark.slow
 def test_bf16_training_on_the_device_within_the_band_of_float32(device, fashion_mnist):
     """The cnn, 2 epochs of PGD-1 training (L2 0.5) on 2000 Fashion-MNIST images: bf16
     autocast on the device, with and without channels_last, against float32 on the CPU.
     The scripts use bf16 on CUDA only; on the CPU they train in float32 (tested elsewhere)."""
-    accelerator_only(device, "test_a_float32_training_epoch_on_the_device_matches_the_cpu")
     x, y, x_test, y_test = fashion_mnist
     torch.manual_seed(0)
     model = models.build_model("cnn", 5, 1, 28, (0.286,), (0.353,))
@@ -382,6 +391,7 @@ def test_bf16_training_on_the_device_within_the_band_of_float32(device, fashion_
         assert abs(clean_acc - clean) <= 0.04 and abs(robust_acc - robust) <= 0.04, accuracies
 
 
+@accelerator("tests/test_ddp.py")
 def test_data_parallel_in_one_process_matches_plain_training(device, resnet, tmp_path,
                                                              cpu_random):
     """DistributedDataParallel over one process (NCCL and SyncBatchNorm on CUDA, gloo on the
@@ -409,12 +419,12 @@ def test_data_parallel_in_one_process_matches_plain_training(device, resnet, tmp
     assert_same_update(net, plain, model)
 
 
+@accelerator("tests/test_ddp.py")
 @pytest.mark.slow
 def test_torchrun_one_process_on_the_device(device, tmp_path):
     """advtrain.py under torchrun with one process on the device: it trains and writes.
     (advtrain.py joins no process group when WORLD_SIZE is 1: the in-process test above
     exercises NCCL.)"""
-    accelerator_only(device, "tests/test_ddp.py")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
            "advtrain.py", "--dataset", "synthetic", "--arch", "resnet18", "--width", "8",
            "--train-size", "64", "--test-size", "32", "--epochs", "1", "--steps", "1",
@@ -464,6 +474,7 @@ def fisher_estimates(model, x, y):
     return {name: value.detach().cpu() for name, value in out.items()}
 
 
+@accelerator("tests/test_fisher.py")
 def test_fisher_estimators_on_the_device_match_the_cpu(device, tiny_cnn):
     model, x = tiny_cnn
     y = torch.tensor([0, 1, 2, 0, 1, 2])
@@ -474,6 +485,7 @@ def test_fisher_estimators_on_the_device_match_the_cpu(device, tiny_cnn):
         torch.testing.assert_close(dev[name], reference, rtol=FISHER_RTOL, atol=0, msg=name)
 
 
+@accelerator("tests/test_fisher.py")
 def test_input_fisher_of_the_resnet_on_the_device_matches_the_cpu(device, resnet):
     """The measures of C4 on the CIFAR ResNet-18 (width 8), 4 test images."""
     model, x, _ = resnet
@@ -491,6 +503,7 @@ def test_input_fisher_of_the_resnet_on_the_device_matches_the_cpu(device, resnet
 
 # ----------------------------------------------------------------------------- transfer
 
+@accelerator("tests/test_transfer.py's feature tests")
 def test_frozen_features_on_the_device_match_the_cpu(device, resnet):
     """Grayscale 28x28 images, contrast-inverted and adapted (1 -> 3 channels, 28 -> 32 px) on
     the device, from tensors and from a Dataset read by a DataLoader (batches of 16, the last
@@ -525,6 +538,7 @@ def assert_same_predictions(a, b, name):
     assert agree.double().mean() >= 0.98, (name, agree.double().mean())
 
 
+@accelerator("tests/test_transfer.py and tests/test_references.py")
 def test_probes_and_fine_tuning_on_the_device_match_the_cpu(device, resnet):
     train, test = clusters(500), clusters(200, seed=1)
     results = []
@@ -547,6 +561,8 @@ def test_probes_and_fine_tuning_on_the_device_match_the_cpu(device, resnet):
 
 # ----------------------------------------------------------------------------- inversion
 
+
+@accelerator("tests/test_invert.py")
 @pytest.mark.parametrize("method", ["baseline", "tv", "noise", "noise-tv"])
 def test_inversion_on_the_device_reaches_the_quality_of_the_cpu(method, device, resnet):
     """20 steps of each of invert.py's methods on 4 test images, as invert.py runs them (the
@@ -588,13 +604,14 @@ def test_inversion_on_the_device_reaches_the_quality_of_the_cpu(method, device, 
 
 # ----------------------------------------------------------------------------- the scripts
 
+
+@accelerator("tests/test_study.py's paper smoke")
 @pytest.mark.slow
 def test_paper_mini_smoke_on_the_device(device, tmp_path):
     """The paper preset's scripts with --device DEVICE on tiny synthetic CIFAR-shaped data
     (run_all.sh paper --smoke pins --device cpu): training (on CUDA bf16 autocast and
     channels_last, augmentation, APGD evaluation), Fisher, transfer (probes, few-shot,
     fine-tuning), the four inversions; then Fisher on the CPU from the same checkpoint."""
-    accelerator_only(device, "tests/test_study.py's paper smoke")
     cell = tmp_path / "l2_eps0.5_seed0"
     dev = ["--device", str(device)]
 

@@ -10,7 +10,7 @@ from torch.autograd.functional import jacobian
 
 import models
 import fisher
-from conftest import assert_user_error, run_script
+from conftest import assert_user_error, run_main
 
 CLASSES, SIZE = 3, 8  # cnn on 8x8 grayscale: input and feature dimension 64
 
@@ -56,29 +56,6 @@ def test_weights_trace_exact_matches_per_example_loop(tiny):
     for layer, sq in expected.items():
         assert rel_err(per_layer[layer], (probs * sq).sum(1)) < 1e-4, layer
     assert rel_err(trace, sum((probs * sq).sum(1) for sq in expected.values())) < 1e-4
-
-
-def test_estimators_run_in_eval_mode_and_give_the_mode_back(tiny):
-    """A model left in train mode gives the eval-mode numbers (train-mode BatchNorm would mix
-    the examples) and is in train mode again afterwards, its BatchNorm statistics unchanged."""
-    model, x = tiny
-    seeded = lambda: torch.Generator().manual_seed(0)
-    calls = {"weights": lambda: fisher.fisher_trace_weights(model, x, chunk=3)[0],
-             "input_trace": lambda: fisher.input_fisher_trace(model, x),
-             "input_lambda_max": lambda: fisher.input_fisher_lambda_max(model, x, 8,
-                                                                        generator=seeded())[0],
-             "repr_trace": lambda: fisher.repr_jacobian_frobenius(model, x, 4, seeded()),
-             "repr_lambda_max": lambda: fisher.repr_lambda_max(model, x, 8, generator=seeded())[0]}
-    expected = {name: call() for name, call in calls.items()}
-    buffers = {k: v.clone() for k, v in model.state_dict().items()}
-    model.train()
-    try:
-        for name, call in calls.items():
-            assert torch.equal(call(), expected[name]), name
-            assert all(m.training for m in model.modules()), name
-    finally:
-        model.eval()
-    assert all(torch.equal(buffers[k], v) for k, v in model.state_dict().items())
 
 
 def test_fisher_factor_has_k_minus_1_columns_and_reproduces_the_covariance():
@@ -206,7 +183,7 @@ def test_mean_se_and_ratio_se_against_simulation():
 
 
 def test_cli_writes_fisher_json_and_arrays(tiny_ckpt, tmp_path):
-    proc = run_script("fisher.py", "--ckpt", tiny_ckpt, "--n", 12, "--out", tmp_path, "--chunk", 5,
+    proc = run_main("fisher.py", "--ckpt", tiny_ckpt, "--n", 12, "--out", tmp_path, "--chunk", 5,
                       "--batch-size", 8, "--probes", 4, "--power-iters", 30, "--no-download")
     assert proc.returncode == 0, proc.stderr
     assert len(proc.stdout.strip().splitlines()) >= 7  # one line per stage
@@ -228,18 +205,22 @@ def test_cli_writes_fisher_json_and_arrays(tiny_ckpt, tmp_path):
         assert values.shape == (12,) and values.mean() == pytest.approx(result[name]), name
 
 
-def test_cli_user_errors(tiny_ckpt, tmp_path, capsys):
-    # Two through the script (one line on stderr, no traceback), the rest in-process (faster).
-    assert_user_error(run_script("fisher.py", "--ckpt", tmp_path / "missing.pt"), "not found")
-    assert_user_error(run_script("fisher.py", "--ckpt", tiny_ckpt, "--n", 10 ** 6,
-                                 "--out", tmp_path, "--no-download"),
-                      "asked for 1000000 test examples", "has 5000")
-    corrupt = tmp_path / "corrupt.pt"
-    corrupt.write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="cannot read"):
-        fisher.main(fisher.get_args(["--ckpt", str(corrupt)]))
-    for bad in (["--n", "0"], ["--probes", "0"], ["--tol", "0"], ["--dataset", "nope"]):
-        with pytest.raises(SystemExit) as exit_info:
-            fisher.get_args(["--ckpt", str(tiny_ckpt), *bad])
-        err = capsys.readouterr().err
-        assert exit_info.value.code == 2 and bad[0] in err and bad[1] in err, err
+@pytest.mark.parametrize("argv,expect", [
+    (["--ckpt", "{tmp}/missing.pt"], ["not found", "missing.pt"]),
+    (["--ckpt", "{tmp}/corrupt.pt"], ["cannot read", "corrupt.pt"]),
+    (["--n", "1000000", "--no-download"], ["asked for 1000000 test examples", "has 5000"]),
+    (["--n", "0"], ["--n", "0"]),
+    (["--probes", "0"], ["--probes", "0"]),
+    (["--tol", "0"], ["--tol", "0"]),
+    (["--dataset", "nope"], ["--dataset", "nope"]),
+])
+def test_cli_user_errors(argv, expect, tiny_ckpt, tmp_path):
+    """`python fisher.py ...` (its __main__ block, in this process): one line naming the bad
+    flag, value or file, and exit 2."""
+    (tmp_path / "corrupt.pt").write_bytes(b"not a checkpoint")
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    if "--ckpt" not in argv:
+        argv = ["--ckpt", tiny_ckpt, *argv]
+    proc = run_main("fisher.py", *argv, "--out", tmp_path)
+    assert proc.returncode == 2, proc
+    assert_user_error(proc, *expect)

@@ -268,28 +268,27 @@ def test_imagenet_record_and_load_split():
     one_line_error("DATA_DIR/train", data.load_split, "imagenet", True, "no-such-folder")
 
 
-@pytest.mark.slow
 def test_scripts_run_end_to_end_on_a_robustness_cifar_checkpoint(tmp_path):
-    """fisher.py, transfer.py and invert.py on a robustness-layout CIFAR ResNet-18 (width 8),
-    synthetic 32-px data (classes 0-9, the checkpoint's 10); a dill-pickled file would need
-    --unsafe-load, a wrong --arch is one line."""
-    from conftest import assert_user_error, run_script
+    """fisher.py and transfer.py (their __main__ blocks, in this process) on a
+    robustness-layout CIFAR ResNet-18 (width 8), synthetic 32-px data (classes 0-9, the
+    checkpoint's 10); a wrong --arch is one line."""
+    from conftest import assert_user_error, run_main
     torch.manual_seed(0)
     blocks = published.FOREIGN_ARCHS["cifar_resnet18"].blocks
     original = randomize_bn(published.CifarResNet(blocks, 10, 8))
     ckpt = tmp_path / "cifar.pt"
     torch.save(robustness_file(original.state_dict(), (0.5,) * 3, (0.25,) * 3), ckpt)
     common = ["--ckpt", ckpt, "--out", tmp_path, "--device", "cpu", "--no-download"]
-    proc = run_script("fisher.py", *common, "--dataset", "synthetic", "--n", 4, "--chunk", 4,
-                      "--power-iters", 5)
+    proc = run_main("fisher.py", *common, "--dataset", "synthetic", "--n", 4, "--chunk", 4,
+                    "--power-iters", 5)
     assert proc.returncode == 0, proc.stderr
     fisher_json = json.loads((tmp_path / "fisher.json").read_text())
     assert fisher_json["arch"] == "cifar_resnet18" and fisher_json["eps"] is None
     assert fisher_json["weights_trace"] > 0
-    proc = run_script("transfer.py", *common, "--target", "synthetic:0-4", "--train-size", 40,
-                      "--test-size", 20)
+    proc = run_main("transfer.py", *common, "--target", "synthetic:0-4", "--train-size", 40,
+                    "--test-size", 20)
     assert proc.returncode == 0, proc.stderr
     transfer_json = json.loads((tmp_path / "transfer.json").read_text())
     assert transfer_json["synthetic:0-4"]["feature_dim"] == 64
-    assert_user_error(run_script("fisher.py", *common, "--dataset", "synthetic",
-                                 "--arch", "resnet50"), "resnet50")
+    assert_user_error(run_main("fisher.py", *common, "--dataset", "synthetic",
+                               "--arch", "resnet50"), "resnet50")

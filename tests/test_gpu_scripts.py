@@ -3,7 +3,6 @@ stand-in nvidia-smi (tests/fake_nvidia_smi) with a stand-in interpreter that rec
 each step saw, and tests/gpu_check.sh's bookkeeping of its stages."""
 import os
 import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -101,7 +100,10 @@ def test_run_all_uses_the_visible_gpus_and_none_when_none_are_visible(tmp_path):
 
 
 def test_run_all_refuses_a_job_count_that_is_not_a_positive_integer(tmp_path):
-    environ = dict(os.environ, JOBS_PER_GPU="two", OUT=str(tmp_path), PYTHON=sys.executable)
+    fake = tmp_path / "fake_python"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    environ = dict(os.environ, JOBS_PER_GPU="two", OUT=str(tmp_path), PYTHON=str(fake))
     proc = subprocess.run(["bash", str(ROOT / "run_all.sh")], cwd=ROOT, env=environ,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "JOBS_PER_GPU must be a positive integer, got 'two'" in \

@@ -17,14 +17,22 @@ import torchvision
 import advtrain
 import common
 import data
-from conftest import ROOT, assert_user_error, run_script
+from conftest import ROOT, assert_user_error, run_main
 from make_fake_imagenet import write_folder
 
 FAKE_PYTHON = textwrap.dedent("""\
     #!/usr/bin/env bash
     # Stand-in interpreter: records each call and writes the output the real script would.
     [ "$1" = -c ] && exit 0  # setup_python.sh asks whether it imports torch: it does
-    [ "$1" = data.py ] && exec "$REAL_PYTHON" "$@"  # which datasets are in DATA_DIR: data.py says
+    if [ "$1" = data.py ]; then  # `data.py present NAME... --data-dir D`: those of NAME that
+      shift 2; dir="" names=()   # are in PRESENT, when D is DATA_DIR (data.py's answer, asked
+      while [ $# -gt 0 ]; do     # by the test: see fake_run)
+        case $1 in --data-dir) dir=$2; shift 2 ;; *) names+=("$1"); shift ;; esac
+      done
+      [ "$dir" = "$DATA_DIR" ] || exit 0
+      for name in "${names[@]}"; do [[ " $PRESENT " != *" $name "* ]] || echo "$name"; done
+      exit 0
+    fi
     echo "$*" >> "$CALLS"
     out=""; prev=""
     for a in "$@"; do [ "$prev" = --out ] && out=$a; prev=$a; done
@@ -69,9 +77,9 @@ def lay_out(data_dir, name, skip=None):
             (data_dir / rel).write_bytes(b"")
 
 
-def fake_run(tmp_path, manifest, files=(), data=("val",), targets=(), **env):
+def fake_run(tmp_path, manifest, files=(), folders=("val",), targets=(), **env):
     """run_all.sh imagenet with the fake interpreter, CKPT_DIR=tmp/ckpt holding `files` and
-    manifest.csv (None: no manifest), DATA_DIR=tmp/data holding the folders `data` and the
+    manifest.csv (None: no manifest), DATA_DIR=tmp/data holding the `folders` and the
     datasets `targets` in their layouts. Returns (process, the calls, one per line)."""
     ckpt, data_dir = tmp_path / "ckpt", tmp_path / "data"
     for name in files:
@@ -80,7 +88,7 @@ def fake_run(tmp_path, manifest, files=(), data=("val",), targets=(), **env):
     ckpt.mkdir(exist_ok=True)
     if manifest is not None:
         (ckpt / "manifest.csv").write_text(manifest)
-    for folder in data:
+    for folder in folders:
         (data_dir / folder).mkdir(parents=True, exist_ok=True)
     for name in targets:
         lay_out(data_dir, name)
@@ -88,9 +96,13 @@ def fake_run(tmp_path, manifest, files=(), data=("val",), targets=(), **env):
     fake.write_text(FAKE_PYTHON)
     fake.chmod(0o755)
     calls.write_text("")
-    env = preset_env(tmp_path, **{"PYTHON": str(fake), "REAL_PYTHON": sys.executable,
-                                  "CALLS": str(calls), "CKPT_DIR": str(ckpt),
-                                  "DATA_DIR": str(data_dir), "JOBS": "1", **env})
+    env = preset_env(tmp_path, **{"PYTHON": str(fake), "CALLS": str(calls),
+                                  "CKPT_DIR": str(ckpt), "DATA_DIR": str(data_dir), "JOBS": "1",
+                                  **env})
+    # what `python data.py present` would print (a new interpreter would cost seconds of
+    # imports; the command line itself: test_present_means_loadable_offline_...)
+    env["PRESENT"] = " ".join(name for name in data.DATASETS
+                              if data.dataset_present(name, env["DATA_DIR"]))
     proc = subprocess.run(["bash", str(ROOT / "run_all.sh"), "imagenet"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
     return proc, calls.read_text().splitlines()
@@ -233,10 +245,10 @@ def test_present_means_loadable_offline_and_the_command_line_lists_the_present(t
     assert torch.equal(x[0, 0] * 255, torch.from_numpy(images[0]).float())
     lay_out(tmp_path, "svhn")
     present = ("data.py", "present", "--data-dir", tmp_path)
-    proc = run_script(*present, "cifar10", "svhn", "synthetic", "mnist")
+    proc = run_main(*present, "cifar10", "svhn", "synthetic", "mnist")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["svhn", "synthetic", "mnist"]
-    assert_user_error(run_script(*present, "mnist", "imagenet1k"), "imagenet1k")
+    assert_user_error(run_main(*present, "mnist", "imagenet1k"), "imagenet1k")
 
 
 @pytest.mark.slow
@@ -292,7 +304,7 @@ def test_eval_only_a_torchvision_state_dict_on_an_imagenet_folder(torchvision_ck
     argv = ["advtrain.py", "--eval-only", "--ckpt", root / "r18.pth", "--dataset", "imagenet",
             "--data-dir", root / "data", "--trained-norm", "linf", "--trained-eps", "4/255",
             "--trained-seed", "3", "--eval-eps", "l2:0.5", "--eval-steps", "1", "--device", "cpu"]
-    proc = run_script(*argv, "--test-size", "4", "--out", tmp_path)
+    proc = run_main(*argv, "--test-size", "4", "--out", tmp_path)
     assert proc.returncode == 0, proc.stderr
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     keys = ("norm", "seed", "dataset", "arch", "test_size")
@@ -300,9 +312,9 @@ def test_eval_only_a_torchvision_state_dict_on_an_imagenet_folder(torchvision_ck
     assert metrics["eps"] == pytest.approx(4 / 255)
     radii = [(r["norm"], round(r["eps"], 6)) for r in metrics["robust_acc"]]
     assert radii == [("l2", 0.5), ("linf", round(4 / 255, 6))]
-    assert_user_error(run_script(*argv, "--test-size", "11", "--out", tmp_path),
+    assert_user_error(run_main(*argv, "--test-size", "11", "--out", tmp_path),
                       "asked for 11 test examples")
-    assert_user_error(run_script(*argv[:8], "--trained-eps", "1", "--out", tmp_path),
+    assert_user_error(run_main(*argv[:8], "--trained-eps", "1", "--out", tmp_path),
                       "needs --trained-norm")
 
 
@@ -322,5 +334,5 @@ def test_eval_only_keeps_our_checkpoints_training_and_imagenet_is_not_for_traini
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     keys = ("norm", "eps", "seed", "dataset")
     assert tuple(metrics[k] for k in keys) == ("l2", 0.5, 0, "fashion-mnist")
-    assert_user_error(run_script("advtrain.py", "--dataset", "imagenet", "--epochs", "1"),
+    assert_user_error(run_main("advtrain.py", "--dataset", "imagenet", "--epochs", "1"),
                       "invalid choice for training", "--eval-only")

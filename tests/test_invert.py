@@ -7,10 +7,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import assert_user_error, run_script
+from conftest import assert_user_error, run_main
 import data
 import invert
-from common import user_errors
 from models import build_model
 
 
@@ -97,21 +96,6 @@ def test_inversion_is_reproducible_and_noise_changes_it(random_cnn):
     assert not torch.equal(run(), invert.invert_features(model, z0, x_start, 3))
 
 
-def test_inversion_runs_in_eval_mode_and_gives_the_mode_back(random_cnn):
-    """A model left in train mode inverts as in eval mode (train-mode BatchNorm would mix the
-    images) and is in train mode again afterwards."""
-    model, z0 = random_cnn
-    x_start = invert.grey_start((4, 1, 28, 28), seed=0)
-    expected = invert.invert_features(model, z0, x_start, 2)
-    model.train()
-    try:
-        assert torch.equal(invert.invert_features(model, z0, x_start, 2), expected)
-        assert all(m.training for m in model.modules())
-    finally:
-        model.eval()
-    assert not model.training
-
-
 def test_noise_average_adds_the_jacobian_penalty():
     # for a linear representation f(x) = A x the identity is exact:
     # E_n ||f(x + n) - z0||^2 = ||f(x) - z0||^2 + sigma^2 ||A||_F^2
@@ -131,7 +115,7 @@ def test_noise_average_adds_the_jacobian_penalty():
 # ----------------------------------------------------------------------------- command line
 
 def test_cli_writes_grid_arrays_and_json(tiny_ckpt, tmp_path):
-    proc = run_script("invert.py", "--ckpt", tiny_ckpt, "--judge", tiny_ckpt, "--start", 62,
+    proc = run_main("invert.py", "--ckpt", tiny_ckpt, "--judge", tiny_ckpt, "--start", 62,
                       "--n-images", 5, "--method", "baseline,improved", "--steps", 4,
                       "--out", tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -173,22 +157,25 @@ def test_cli_writes_grid_arrays_and_json(tiny_ckpt, tmp_path):
         assert grid.size == (5 * 29 + 1, 3 * 29 + 1)
 
 
-def test_user_errors_are_one_line(tiny_ckpt, tmp_path, capsys):
-    bad = tmp_path / "bad.pt"
-    bad.write_bytes(b"not a checkpoint")
-    for argv in (["--ckpt", str(tmp_path / "missing.pt")], ["--ckpt", str(bad)],
-                 ["--ckpt", "x.pt", "--method", "baseline,magic"],
-                 ["--ckpt", "x.pt", "--n-images", "0"],
-                 ["--ckpt", str(tiny_ckpt), "--start", "4990", "--n-images", "20",
-                  "--out", str(tmp_path)]):
-        with pytest.raises(SystemExit) as exit_info, user_errors():
-            invert.main(invert.get_args(argv))
-        assert exit_info.value.code != 0
-        err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and err[0].startswith("error:"), (argv, err)
-    assert_user_error(run_script("invert.py", "--ckpt", "x.pt", "--method", "magic"), "magic")
-    assert_user_error(run_script("invert.py", "--ckpt", tiny_ckpt, "--n-images", 100000,
-                                 "--out", tmp_path), "asked for 100000 test examples", "has 5000")
+@pytest.mark.parametrize("argv,expect", [
+    (["--ckpt", "{tmp}/missing.pt"], ["not found", "missing.pt"]),
+    (["--ckpt", "{tmp}/bad.pt"], ["cannot read checkpoint", "bad.pt"]),
+    (["--ckpt", "x.pt", "--method", "baseline,magic"], ["magic"]),
+    (["--ckpt", "x.pt", "--method", "magic"], ["magic"]),
+    (["--ckpt", "x.pt", "--n-images", "0"], ["--n-images", "0"]),
+    (["--start", "4990", "--n-images", "20"], ["asked for", "has 5000"]),
+    (["--n-images", "100000"], ["asked for 100000 test examples", "has 5000"]),
+])
+def test_user_errors_are_one_line(argv, expect, tiny_ckpt, tmp_path):
+    """`python invert.py ...` (its __main__ block, in this process): one line naming the bad
+    flag, value or file, and exit 2."""
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    if "--ckpt" not in argv:
+        argv = ["--ckpt", tiny_ckpt, *argv]
+    proc = run_main("invert.py", *argv, "--out", tmp_path)
+    assert proc.returncode == 2, proc
+    assert_user_error(proc, *expect)
 
 
 def test_default_step_size_scales_with_the_square_root_of_the_image_values():

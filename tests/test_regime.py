@@ -171,3 +171,23 @@ def test_the_quick_design_reaches_its_mde_targets():
     assert stats.mde_t(seed_sd / np.sqrt(3), 2, 0.05 / m) <= 0.02
     model_se = np.sqrt(sd ** 2 / draws + (SIGMA_B ** 2 + SIGMA_E ** 2 / draws) / N)
     assert stats.mde_t(model_se, draws - 1, 0.05 / m) <= 0.01
+
+
+def test_the_seeds_level_spans_draws(tmp_path):
+    """Rule 5: run_all.sh gives every cell's transfer step its training seed and the declared
+    draws, and few_shot_probe's draws depend on that seed (seed 0's first draws are the same
+    whatever their number: rule 4's 5 draws are rule 5's first 5)."""
+    import torch
+    import transfer
+    from test_study import run_all
+    proc, _ = run_all(tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    for seed in (0, 1):
+        cmd = (tmp_path / "res" / f"l2_eps0.5_seed{seed}" / ".transfer.json.cmd").read_text()
+        assert f"--seed {seed} " in cmd and f"--draws 5 10:{declared_draws()} " in cmd, cmd
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(60, 4, generator=g), torch.arange(60) % 3
+    draws = {seed: transfer.few_shot_probe(x, y, x, y, 2, draws=4, seed=seed)["correct"]
+             for seed in (0, 1)}
+    assert not torch.equal(draws[0], draws[1])
+    assert torch.equal(transfer.few_shot_probe(x, y, x, y, 2, draws=2)["correct"], draws[0][:2])
