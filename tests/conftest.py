@@ -31,18 +31,19 @@ def run_main(script, *args):
     stderr as printed. An exception that main lets through (a traceback) propagates."""
     argv = [str(ROOT / script), *map(str, args)]
     out, err, code = io.StringIO(), io.StringIO(), 0
-    saved = sys.argv
+    saved = sys.argv, os.getcwd()
     try:
         sys.argv = argv
-        with contextlib.chdir(ROOT), contextlib.redirect_stdout(out), \
-                contextlib.redirect_stderr(err):
+        os.chdir(ROOT)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             runpy.run_path(argv[0], run_name="__main__")
     except SystemExit as e:  # as the interpreter exits: None is 0, a message is 1 (printed)
         code = e.code if isinstance(e.code, int) else int(e.code is not None)
         if isinstance(e.code, str):
             err.write(e.code + "\n")
     finally:
-        sys.argv = saved
+        sys.argv = saved[0]
+        os.chdir(saved[1])
     return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
 
 

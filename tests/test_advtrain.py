@@ -1,4 +1,5 @@
 """advtrain.py: attack, data, models, training, checkpoints, resume and user errors."""
+import copy
 import json
 
 import pytest
@@ -28,6 +29,12 @@ def test_parse_eps_and_classes():
     for bad in ("0-10", "4-2", "a", "1,1"):
         with pytest.raises(ValueError):
             common.parse_classes(bad, 10)
+
+
+def test_one_cycle_learning_rate_known_values():
+    """lr_at: linear from 0 to max_lr over the first quarter of the steps, then linear to 0."""
+    expected = [0.0, 0.2, 0.4, 0.4 * 5 / 6, 0.4 * 4 / 6, 0.2, 0.4 * 2 / 6, 0.4 / 6, 0.0]
+    assert [common.lr_at(step, 8, 0.4) for step in range(9)] == pytest.approx(expected)
 
 
 def test_load_split_relabels_in_given_order():
@@ -109,7 +116,6 @@ def test_features_are_what_the_head_sees(arch, channels, size, dim):
             assert not torch.allclose(model.features(a), model.features(b))
 
 
-@pytest.mark.slow
 def test_resnet18_and_cuda_branches_run_on_cpu():
     """bf16 autocast and channels_last (the CUDA settings) on CPU, on tiny synthetic data."""
     x, y = data.load_split("synthetic", True, size=8)
@@ -157,6 +163,29 @@ def test_adversarial_training_buys_robustness(tmp_path):
     assert rob_l2 > std_l2 + 0.15
     log = [json.loads(line) for line in (tmp_path / "rob" / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [1, 2]
+
+
+def test_training_steps_on_the_attacked_batch(fmnist_test, tiny_ckpt):
+    """train_epoch trains on PGD's examples of each batch: at learning rate 0 (the weights stay)
+    its loss is the train-mode loss of the model on pgd_attack's examples of the batch, from
+    the same random state (the batch order, then the attack's start), far above the loss at
+    eps 0, which trains on the batch itself."""
+    x, y = fmnist_test
+    model, _ = checkpoints.load_checkpoint(tiny_ckpt)
+    losses = {}
+    for eps in (0.0, 0.5):
+        net = copy.deepcopy(model)
+        torch.manual_seed(1)
+        losses[eps], _, _ = advtrain.train_epoch(net, models.make_optimizer(net, 0.0), x, y,
+                                                 batch_size=len(x), eps=eps, steps=3)
+    net = copy.deepcopy(model)
+    torch.manual_seed(1)
+    order = torch.randperm(len(x))
+    x_adv = advtrain.pgd_attack(net, x[order], y[order], "l2", 0.5, 3)
+    with models.train_mode(net), torch.no_grad():
+        expected = F.cross_entropy(net(x_adv), y[order]).item()
+    assert losses[0.5] == pytest.approx(expected, rel=1e-5)
+    assert losses[0.5] > 1.3 * losses[0.0], losses
 
 
 def test_checkpoint_loads_weights_only(tiny_ckpt):

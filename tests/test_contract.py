@@ -373,27 +373,41 @@ def bn_modes(model):
     return seen
 
 
-# Every README-listed function that takes a model: how to call it on (model, x, y), and whether
-# it runs the model in eval mode (train_epoch trains; finetune trains a copy).
+def forward_in(context, model, x):
+    """model(x) inside a mode context manager (models.eval_mode, models.train_mode)."""
+    with context(model):
+        model(x)
+
+
+EVAL, TRAINS = {False}, {False, True}  # the modes a function's BatchNorm layers run in
+# Every README-listed function that takes a model: how to call it on (model, x, y), the modes
+# its BatchNorm layers run in (train_epoch attacks in eval mode and steps in train mode;
+# finetune trains a copy, whose layers carry the recorder too), and whether it leaves the
+# BatchNorm statistics as they were (all but train_epoch).
 MODEL_CALLS = {
-    "pgd_attack": (lambda m, x, y: advtrain.pgd_attack(m, x, y, "l2", 0.5, 2), True),
-    "apgd_attack": (lambda m, x, y: advtrain.apgd_attack(m, x, y, "linf", 0.1, 2), True),
-    "accuracy": (lambda m, x, y: advtrain.accuracy(m, x, y, 4, "l2", 0.5, steps=2), True),
-    "accuracy-clean": (lambda m, x, y: advtrain.accuracy(m, x, y, 4), True),
+    "pgd_attack": (lambda m, x, y: advtrain.pgd_attack(m, x, y, "l2", 0.5, 2), EVAL, True),
+    "apgd_attack": (lambda m, x, y: advtrain.apgd_attack(m, x, y, "linf", 0.1, 2), EVAL, True),
+    "accuracy": (lambda m, x, y: advtrain.accuracy(m, x, y, 4, "l2", 0.5, steps=2), EVAL, True),
+    "accuracy-clean": (lambda m, x, y: advtrain.accuracy(m, x, y, 4), EVAL, True),
     "accuracy-apgd": (lambda m, x, y: advtrain.accuracy(m, x, y, 4, "linf", 0.1, steps=2,
-                                                        attack="apgd"), True),
+                                                        attack="apgd"), EVAL, True),
     "train_epoch": (lambda m, x, y: advtrain.train_epoch(
-        m, models.make_optimizer(m, 0.01), x, y, batch_size=4, eps=0.5, steps=1), False),
-    "fisher_trace_weights": (lambda m, x, y: fisher.fisher_trace_weights(m, x, chunk=4), True),
-    "input_fisher_trace": (lambda m, x, y: fisher.input_fisher_trace(m, x), True),
-    "input_fisher_lambda_max": (lambda m, x, y: fisher.input_fisher_lambda_max(m, x, 4), True),
-    "repr_jacobian_frobenius": (lambda m, x, y: fisher.repr_jacobian_frobenius(m, x, 4), True),
-    "repr_lambda_max": (lambda m, x, y: fisher.repr_lambda_max(m, x, 4), True),
-    "extract_features": (lambda m, x, y: transfer.extract_features(m, x, 1, 8, 4), True),
-    "finetune": (lambda m, x, y: transfer.finetune(m, x, y, (x, y), 1, 8, epochs=1), None),
+        m, models.make_optimizer(m, 0.01), x, y, batch_size=4, eps=0.5, steps=1), TRAINS, False),
+    "fisher_trace_weights": (lambda m, x, y: fisher.fisher_trace_weights(m, x, chunk=4), EVAL,
+                             True),
+    "input_fisher_trace": (lambda m, x, y: fisher.input_fisher_trace(m, x), EVAL, True),
+    "input_fisher_lambda_max": (lambda m, x, y: fisher.input_fisher_lambda_max(m, x, 4), EVAL,
+                                True),
+    "repr_jacobian_frobenius": (lambda m, x, y: fisher.repr_jacobian_frobenius(m, x, 4), EVAL,
+                                True),
+    "repr_lambda_max": (lambda m, x, y: fisher.repr_lambda_max(m, x, 4), EVAL, True),
+    "extract_features": (lambda m, x, y: transfer.extract_features(m, x, 1, 8, 4), EVAL, True),
+    "finetune": (lambda m, x, y: transfer.finetune(m, x, y, (x, y), 1, 8, epochs=1), TRAINS,
+                 True),
     "invert_features": (lambda m, x, y: invert.invert_features(
-        m, torch.rand(len(x), 64), torch.full_like(x, 0.5), 2), True),
-    "eval_mode": (None, True),  # the context manager itself: run in the test
+        m, torch.rand(len(x), 64), torch.full_like(x, 0.5), 2), EVAL, True),
+    "eval_mode": (lambda m, x, y: forward_in(models.eval_mode, m, x), EVAL, True),
+    "train_mode": (lambda m, x, y: forward_in(models.train_mode, m, x), {True}, False),
 }
 
 
@@ -407,23 +421,20 @@ def set_modes(model, start):
 @pytest.mark.parametrize("start", ["eval", "train", "mixed"])
 @pytest.mark.parametrize("call", sorted(MODEL_CALLS))
 def test_mode_given_back(call, start):
-    """Each function that takes a model leaves every submodule in the mode it found it, and
-    (all but the training ones) runs it in eval mode, its BatchNorm statistics untouched."""
+    """Each function that takes a model leaves every submodule in the mode it found it, runs
+    its BatchNorm layers in the modes it should (eval mode but for training), and leaves their
+    statistics untouched unless it trains the model itself."""
     model, x, y = tiny_setting()
     set_modes(model, start)
     before = {name: m.training for name, m in model.named_modules()}
     buffers = {k: v.clone() for k, v in model.named_buffers()}
     seen = bn_modes(model)
-    run, in_eval = MODEL_CALLS[call]
-    if call == "eval_mode":
-        with models.eval_mode(model):
-            model(x)
-    else:
-        run(model, x, y)
+    run, bn_modes_expected, keeps_statistics = MODEL_CALLS[call]
+    run(model, x, y)
     assert {name: m.training for name, m in model.named_modules()} == before
-    if in_eval:
-        assert seen and not any(seen)
-        assert all(torch.equal(v, buffers[k]) for k, v in model.named_buffers())
+    assert set(seen) == bn_modes_expected, seen
+    kept = all(torch.equal(v, buffers[k]) for k, v in model.named_buffers())
+    assert kept == keeps_statistics
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -87,6 +87,22 @@ def test_one_inversion_step_lowers_the_objective(random_cnn, tv_weight):
     assert x.min() >= 0 and x.max() <= 1 and not torch.equal(x, x_start)
 
 
+def test_total_variation_known_values_and_its_weight(random_cnn):
+    """TV is the mean absolute difference of horizontal neighbours plus that of vertical ones:
+    an image dark on the left and bright on the right has one jump of 1 in each row of 4
+    horizontal differences (0.25) and none vertically. The objective adds tv_weight times it."""
+    halves = torch.zeros(2, 1, 4, 5)
+    halves[..., 3:] = 1
+    assert invert.total_variation(halves).tolist() == [0.25, 0.25]
+    assert invert.total_variation(halves.transpose(2, 3)).tolist() == [0.25, 0.25]
+    model, z0 = random_cnn
+    x = images(4, 1, 28, seed=6)
+    with torch.no_grad():
+        added = (invert.inversion_loss(model, x, z0, tv_weight=0.3)
+                 - invert.inversion_loss(model, x, z0))
+    torch.testing.assert_close(added, 0.3 * invert.total_variation(x))
+
+
 def test_inversion_is_reproducible_and_noise_changes_it(random_cnn):
     model, z0 = random_cnn
     x_start = invert.grey_start((4, 1, 28, 28), seed=0)
