@@ -17,7 +17,9 @@ CLASSES, SIZE = 3, 8  # cnn on 8x8 grayscale: input and feature dimension 64
 
 @pytest.fixture(scope="module")
 def tiny():
-    """(model in eval mode with non-trivial BatchNorm statistics, x [4, 1, 8, 8] in [0, 1])."""
+    """(model in eval mode with non-trivial BatchNorm statistics, x [4, 1, 8, 8] in [0, 1]).
+    Its head is scaled by 5, so that p(y|x) is far from uniform (the largest p about 0.5 of 3
+    classes): a label sampler that ignored p would be off by several SE in the tests below."""
     torch.manual_seed(0)
     model = models.build_model("cnn", CLASSES, 1, SIZE, (0.5,), (0.25,))
     for m in model.modules():
@@ -26,6 +28,9 @@ def tiny():
             m.running_var.uniform_(0.5, 2.0)
             m.weight.data.uniform_(0.5, 1.5)
             m.bias.data.uniform_(-0.2, 0.2)
+    with torch.no_grad():
+        model.head.weight *= 5
+        model.head.bias *= 5
     return model.eval(), torch.rand(4, 1, SIZE, SIZE)
 
 
