@@ -190,3 +190,15 @@ def device():
     """torch.device of env DEVICE (default cpu), checked usable in pytest_sessionstart."""
     import torch
     return torch.device(requested_device())
+
+
+def cli_user_error(script, argv, expect, ckpt, tmp_path):
+    """`python script argv...` in this process, with a corrupt checkpoint at {tmp}/bad.pt and
+    --ckpt ckpt unless argv names one: one line containing each of `expect`, and exit 2."""
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    if "--ckpt" not in argv:
+        argv = ["--ckpt", ckpt, *argv]
+    proc = run_main(script, *argv, "--out", tmp_path)
+    assert proc.returncode == 2, proc
+    assert_user_error(proc, *expect)

@@ -10,7 +10,7 @@ from torch.autograd.functional import jacobian
 
 import models
 import fisher
-from conftest import assert_user_error, run_main
+from conftest import cli_user_error, run_main
 
 CLASSES, SIZE = 3, 8  # cnn on 8x8 grayscale: input and feature dimension 64
 
@@ -212,7 +212,7 @@ def test_cli_writes_fisher_json_and_arrays(tiny_ckpt, tmp_path):
 
 @pytest.mark.parametrize("argv,expect", [
     (["--ckpt", "{tmp}/missing.pt"], ["not found", "missing.pt"]),
-    (["--ckpt", "{tmp}/corrupt.pt"], ["cannot read", "corrupt.pt"]),
+    (["--ckpt", "{tmp}/bad.pt"], ["cannot read", "bad.pt"]),
     (["--n", "1000000", "--no-download"], ["asked for 1000000 test examples", "has 5000"]),
     (["--n", "0"], ["--n", "0"]),
     (["--probes", "0"], ["--probes", "0"]),
@@ -222,10 +222,4 @@ def test_cli_writes_fisher_json_and_arrays(tiny_ckpt, tmp_path):
 def test_cli_user_errors(argv, expect, tiny_ckpt, tmp_path):
     """`python fisher.py ...` (its __main__ block, in this process): one line naming the bad
     flag, value or file, and exit 2."""
-    (tmp_path / "corrupt.pt").write_bytes(b"not a checkpoint")
-    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
-    if "--ckpt" not in argv:
-        argv = ["--ckpt", tiny_ckpt, *argv]
-    proc = run_main("fisher.py", *argv, "--out", tmp_path)
-    assert proc.returncode == 2, proc
-    assert_user_error(proc, *expect)
+    cli_user_error("fisher.py", argv, expect, tiny_ckpt, tmp_path)

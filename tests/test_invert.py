@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import assert_user_error, run_main
+from conftest import cli_user_error, run_main
 import data
 import invert
 from models import build_model
@@ -185,13 +185,7 @@ def test_cli_writes_grid_arrays_and_json(tiny_ckpt, tmp_path):
 def test_user_errors_are_one_line(argv, expect, tiny_ckpt, tmp_path):
     """`python invert.py ...` (its __main__ block, in this process): one line naming the bad
     flag, value or file, and exit 2."""
-    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
-    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
-    if "--ckpt" not in argv:
-        argv = ["--ckpt", tiny_ckpt, *argv]
-    proc = run_main("invert.py", *argv, "--out", tmp_path)
-    assert proc.returncode == 2, proc
-    assert_user_error(proc, *expect)
+    cli_user_error("invert.py", argv, expect, tiny_ckpt, tmp_path)
 
 
 def test_default_step_size_scales_with_the_square_root_of_the_image_values():
