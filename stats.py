@@ -290,7 +290,7 @@ def kendall_mde(x, sigma, alpha=ALPHA, power=POWER):
 
 
 @functools.lru_cache(maxsize=None)
-def unit_kendall_mde(x, alpha=ALPHA, power=POWER, sims=4000, seed=0):
+def unit_kendall_mde(x, alpha=ALPHA, power=POWER, sims=20000, seed=0):
     """kendall_mde at sigma 1: bisection over `sims` fixed simulated noises (seed), to 0.1%."""
     x = np.asarray(x, dtype=np.float64)
     if np.any(np.diff(x) <= 0):

@@ -254,7 +254,7 @@ SPLIT_SIZES = {"cifar10": (50000, 10000), "cifar100": (50000, 10000), "svhn": (7
 def paper_preset(run_all=HERE.parent / "run_all.sh"):
     """`bash run_all.sh paper` as run_all.sh sets it: its arrays (GRID, TRAIN, JUDGE, TARGETS,
     FISHER, INVERT, before the smoke's) read from the script and parsed by the scripts' own
-    argument parsers, so that their defaults count too; SEEDS' default."""
+    argument parsers, so that their defaults count too; the preset's SEEDS default."""
     import re
     import shlex
     from common import parse_eps
@@ -262,7 +262,7 @@ def paper_preset(run_all=HERE.parent / "run_all.sh"):
     block = text[text.index("\n  paper)\n"):]
     block = block[:block.index("\n    if [[")]  # the smoke's settings follow
     arrays = {name: shlex.split(body) for name, body in re.findall(r"(\w+)=\(([^)]*)\)", block)}
-    seeds = re.search(r'SEEDS=\$\{SEEDS:-([^}]*)\}', text).group(1).split()
+    seeds = re.search(r'SEEDS=\$\{SEEDS:-([^}]*)\}', block).group(1).split()
     ckpt = ["--ckpt", "model.pt"]
     train = advtrain.get_args(arrays["TRAIN"])
     judge = advtrain.get_args(arrays["TRAIN"] + arrays["JUDGE"])

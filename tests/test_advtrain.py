@@ -82,6 +82,18 @@ def test_project_onto_the_ball_and_the_image_range(norm, eps):
     torch.testing.assert_close(advtrain.project(x, big, norm, eps), (x + inside).clamp(0, 1))
 
 
+def test_l2_step_moves_each_example_its_size_along_its_gradient():
+    """l2_step (the attacks' and the inversion's step): size * grad / ||grad|| per example, so
+    an example with a tiny gradient moves as far as one with a large one; a zero gradient, 0."""
+    g = torch.Generator().manual_seed(0)
+    grad = torch.randn(3, 2, 4, 4, generator=g) * torch.tensor([1e-4, 1.0, 50.0]).view(3, 1, 1, 1)
+    grad[2] = 0
+    step = models.l2_step(grad, torch.tensor([0.3, 0.7, 0.5]).view(3, 1, 1, 1))
+    torch.testing.assert_close(step.flatten(1).norm(dim=1), torch.tensor([0.3, 0.7, 0.0]))
+    cosine = F.cosine_similarity(step[:2].flatten(1), grad[:2].flatten(1))
+    torch.testing.assert_close(cosine, torch.ones(2))
+
+
 def test_augment_is_a_crop_or_flipped_crop():
     torch.manual_seed(0)
     x = torch.rand(6, 3, 8, 8)

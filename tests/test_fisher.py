@@ -160,6 +160,26 @@ def test_repr_frobenius_hutchinson_within_3_se(tiny):
     assert rel_err(estimate, exact) > 1e-6  # really estimated
 
 
+def test_repr_frobenius_hutchinson_exact_when_jj_t_is_diagonal():
+    """Features W x with orthogonal rows of unequal norms: J_f J_f^T = W W^T is diagonal, so
+    every Rademacher probe gives r^T W W^T r = ||W||_F^2 exactly, and the estimate over
+    probes < d equals it (a wrong normalisation shows as a wrong factor)."""
+    class Linear(torch.nn.Module):
+        def __init__(self, w):
+            super().__init__()
+            self.w = w  # [d, C*H*W]
+
+        def features(self, x):
+            return x.flatten(1) @ self.w.T
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.linalg.qr(torch.randn(16, 12, generator=g, dtype=torch.float64))[0].T  # [12, 16]
+    w = (torch.linspace(0.5, 2.0, 12, dtype=torch.float64)[:, None] * q).float()
+    x = torch.rand(3, 1, 4, 4, generator=g)
+    estimate = fisher.repr_jacobian_frobenius(Linear(w), x, 5, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(estimate, w.pow(2).sum().expand(3), rtol=1e-5, atol=0)
+
+
 def test_lanczos_small_eigengap_and_low_rank():
     """Operators with lambda_2 / lambda_1 = 0.99 (power iteration would need ~1000 steps)
     and of rank 2 (the Krylov space becomes invariant): both to 1e-3 of eigvalsh."""
