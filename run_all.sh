@@ -114,8 +114,8 @@ case "$PRESET" in
              --eval-attack apgd --eval-steps 2 --device cpu)
       TARGETS=(--target synthetic:0-4 --target fashion-mnist:5-9 --train-size 64 --test-size 32
                --shots 1 2 --finetune --finetune-size 32 --device cpu)
-      FISHER=(--n 4 --chunk 4 --power-iters 5 --device cpu)
-      INVERT=(--n-images 4 --steps 5 --method baseline,tv,noise,noise-tv --device cpu)
+      FISHER=(--n 4 --chunk 4 --power-iters 2 --device cpu)
+      INVERT=(--n-images 4 --steps 2 --method baseline,tv,noise,noise-tv --device cpu)
     fi
     ;;
   imagenet)
@@ -149,9 +149,9 @@ case "$PRESET" in
     if [[ -n "$SMOKE" ]]; then
       EVAL=(--dataset imagenet --test-size 8 --eval-eps l2:0.5 linf:8/255 --eval-attack apgd
             --eval-steps 2 --device cpu)
-      FISHER=(--dataset imagenet --n 2 --chunk 1 --probes 4 --power-iters 5 --device cpu)
+      FISHER=(--dataset imagenet --n 2 --chunk 1 --probes 4 --power-iters 2 --device cpu)
       TARGETS=(--target synthetic:0-4 --train-size 64 --test-size 32 --shots 1 2 --device cpu)
-      INVERT=(--n-images 2 --steps 5 --method baseline,tv,noise,noise-tv --device cpu)
+      INVERT=(--n-images 2 --steps 2 --method baseline,tv,noise,noise-tv --device cpu)
     fi
     [[ "${TARGETS[*]}" == *--target* ]] || die "no transfer target's data in ${DATA[1]}" \
       "(cifar10 cifar100 svhn fashion-mnist mnist): add it, or name targets in TARGETS_LIST"
