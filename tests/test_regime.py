@@ -18,8 +18,9 @@ difference d[k, i] of two models on draw k and example i has a draw effect (the 
 difference: 1 to 3 points, normal or skewed: 20% bad draws), a persistent per-example effect
 (SD 0.06) and a draw-by-example interaction (SD 0.3), as measured between the quick study's
 models; at level seeds each of 3 seeds (the fewest that decide there; the quick preset's
-form also at its 6) adds a training effect (SD 0.5 point) and draws of its own. A models-level study is simulated by the row and column means of d, which is all that
-stats.draws_test reads (test_summaries_are_what_example_test_reads).
+form also at its 6) adds a training effect (SD 0.5 point) and draws of its own. A models-level
+study is simulated by the row and column means of d, which is all that stats.draws_test reads
+(test_summaries_are_what_example_test_reads).
 """
 import re
 import zlib
