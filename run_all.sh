@@ -3,19 +3,38 @@
 # checkpoints), then Fisher, transfer and inversion on every checkpoint, then the report.
 #
 #   bash run_all.sh                 # preset quick: CPU, Fashion-MNIST 0-4 -> 5-9, 6 seeds
-#   SEEDS=0 bash run_all.sh         # one seed: verdicts at level models (for these models)
+#   SEEDS=0 bash run_all.sh         # one seed (results/quick-seeds0): verdicts at level models
 #   bash run_all.sh paper           # CIFAR-10, resnet18, L2 and Linf grids (GPU, internet)
 #   bash run_all.sh paper --smoke   # the paper code path on tiny synthetic CIFAR-shaped data
 #   CKPT_DIR=dir bash run_all.sh imagenet  # published robust ImageNet models, evaluated
 #   bash run_all.sh imagenet --smoke       # its code path on tiny fake checkpoints, CPU
 #
-# Environment: SEEDS (quick "0 1 2 3 4 5", paper "0 1 2"), JOBS, JOBS_PER_GPU and THREADS
-# (below), FORCE=1 (redo every step), OUT (default results/<preset>[-smoke]), PYTHON (default
-# python3; without torch a .venv is made, see setup_python.sh), DATA_DIR (default ./data;
-# imagenet: DATA_DIR/val in ImageFolder layout, beside the transfer targets' torchvision
-# folders). imagenet only: CKPT_DIR (read only) holds the checkpoints and manifest.csv: a
-# header, then one row `file,norm,eps[,seed]` per checkpoint, each a cell (file relative to
-# CKPT_DIR, norm l2 or linf, eps as 0.5 or 4/255, seed default 0), e.g.
+# Where it runs (one plan of the study, so a step's output never depends on where it ran):
+#   (default)    a local pool of JOBS jobs (below)
+#   --slurm      submits the study to Slurm and returns: the judge, an array job of the cells,
+#                an array of their inversions (each after its cell and the judge) and the
+#                report (after every task has ended, naming the cells that did not finish).
+#                Each task asks for THREADS cores, and one GPU unless the preset runs on the
+#                CPU; SBATCH_ARGS adds your options to every sbatch (e.g. "--partition=gpu
+#                --account=lab --time=04:00:00"). Logs and job ids in OUT/slurm/.
+#   --plan       prints the study's tasks, a line each in dependency order: STAGE, NAME and
+#                the command (tab-separated). Stage 1: the judge and the cells, stage 2: the
+#                inversions (each needs its cell and the judge), stage 3: the report. Any
+#                engine can run them, a stage after the one before, e.g.
+#                for s in 1 2 3; do awk -F'\t' -v s=$s '$1 == s {print $3}' plan.tsv |
+#                  xargs -d '\n' -n 1 -P 4 bash -c; done
+#   --redeclare  replaces OUT/study.json's declaration by the preset's current one (recorded
+#                there, old and new, and shown in report.md); without it a declaration that
+#                differs from the one OUT was declared with is refused
+#
+# Environment: SEEDS (quick "0 1 2 3 4 5", paper "0 1 2"; another set gets its own default
+# OUT), DEVICE (auto, cpu or cuda; quick and the smokes: cpu, else auto), JOBS, JOBS_PER_GPU
+# and THREADS (below), FORCE=1 (redo every step), OUT (default results/<preset>[-smoke]
+# [-seeds<S>]), PYTHON (default python3; without torch a .venv is made, see setup_python.sh),
+# DATA_DIR (default ./data; imagenet: DATA_DIR/val in ImageFolder layout, beside the transfer
+# targets' torchvision folders). imagenet only: CKPT_DIR (read only) holds the checkpoints and
+# manifest.csv: a header, then one row `file,norm,eps[,seed]` per checkpoint, each a cell
+# (file relative to CKPT_DIR, norm l2 or linf, eps as 0.5 or 4/255, seed default 0), e.g.
 # `resnet50_l2_eps3.ckpt,l2,3`; UNSAFE_LOAD=1 lets every script unpickle them (robustness
 # files need it; only for files you trust); TARGETS_LIST (default: those of cifar10 cifar100
 # svhn fashion-mnist mnist that data.py finds in DATA_DIR; others download).
@@ -23,21 +42,46 @@
 # A step is skipped when its output exists and was made by the same command (recorded in a
 # hidden .<output>.cmd file beside it, with the command of the training it depends on); a
 # changed setting redoes exactly the steps it affects. Training resumes from its last epoch,
-# so a killed study started again finishes; every output is written atomically.
+# so a killed study started again (or resubmitted) finishes; every output is written
+# atomically.
 set -euo pipefail
 cd "$(dirname "$0")"
-
-PRESET=${1:-quick} SMOKE=${2:-}
-STUDY=$PRESET${SMOKE:+-smoke}  # the name of its declaration in report.py
-FORCE=${FORCE:-0} OUT=${OUT:-results/$STUDY} T0=$SECONDS
-DATA=(--data-dir "${DATA_DIR:-./data}")
+ROOT=$PWD
 die() { echo "error: $*" >&2; exit 2; }
-[[ -z "$SMOKE" || ("$SMOKE" == --smoke && "$PRESET" != quick) ]] ||
-  die "unknown option '$SMOKE' for preset $PRESET (paper and imagenet take --smoke)"
+
+# --plan-task PLAN KEY: one task of a plan file as a Slurm job runs it: the line named KEY,
+# or the SLURM_ARRAY_TASK_ID-th line of stage KEY (the judge aside: it has a job of its own)
+if [[ "${1:-}" == --plan-task ]]; then
+  (( $# == 3 )) || die "usage: run_all.sh --plan-task PLAN_FILE NAME_OR_STAGE"
+  line=$(awk -F'\t' -v k="$3" -v i="${SLURM_ARRAY_TASK_ID:-1}" \
+         '$2 == k || ($1 == k && $2 != "judge" && ++n == i) { print $3; exit }' "$2")
+  [[ -n "$line" ]] || die "no task $3 (index ${SLURM_ARRAY_TASK_ID:-1}) in $2"
+  exec bash -c "$line"
+fi
+
+PRESET="" SMOKE="" ACTION=local TASK="" REDECLARE=()
+while (( $# )); do
+  case $1 in
+    --smoke) SMOKE=--smoke ;;
+    --plan | --slurm) ACTION=${1#--} ;;
+    --redeclare) REDECLARE=(--redeclare) ;;
+    --task) (( $# > 1 )) || die "--task needs a task name (--plan lists them)"
+            ACTION=task TASK=$2; shift ;;
+    -*) die "unknown option '$1' (--smoke, --slurm, --plan, --redeclare)" ;;
+    *) [[ -z "$PRESET" ]] || die "one preset, got '$PRESET' and '$1'"; PRESET=$1 ;;
+  esac
+  shift
+done
+PRESET=${PRESET:-quick}
+[[ -z "$SMOKE" || "$PRESET" != quick ]] ||
+  die "unknown option '--smoke' for preset quick (paper and imagenet take --smoke)"
+STUDY=$PRESET${SMOKE:+-smoke}  # the name of its declaration in report.py
+GIVEN_OUT=${OUT:-} OUT=${OUT:-results/$STUDY} FORCE=${FORCE:-0} T0=$SECONDS
+DATA=(--data-dir "${DATA_DIR:-./data}")
 source setup_python.sh torch torchvision numpy  # sets PY: $PYTHON if it has them, else .venv
 # ROWS: the cells, "seed norm eps [checkpoint]": SEEDS x GRID, or (imagenet) the manifest's
 # rows, whose published checkpoints (PUBLISHED=1) are evaluated instead of trained
-PUBLISHED=0 ROWS=() UNSAFE=()
+PUBLISHED=0 ROWS=() UNSAFE=() PRESET_SEEDS=""
 [[ "${UNSAFE_LOAD:-0}" == 1 ]] && UNSAFE=(--unsafe-load)
 cell_name() { echo "${2}_eps${3//\//_}_seed$1"; }  # cell_name SEED NORM EPS
 
@@ -79,7 +123,7 @@ read_manifest() {
 case "$PRESET" in
   quick)
     # 6 seeds: rule 5's C2 contrast reaches an MDE of 2 points at level seeds (docs/PROTOCOL.md)
-    SEEDS=${SEEDS:-0 1 2 3 4 5}
+    PRESET_SEEDS="0 1 2 3 4 5" DEVICE_DEFAULT=cpu  # the README's numbers: CPU, float32
     GRID=("l2 0" "l2 0.25" "l2 0.5" "l2 1.0" "l2 2.0")
     # every model is attacked at the reference radii of the preset (C1 at L2 0.5, declared)
     TRAIN=(--dataset fashion-mnist --classes 0-4 --arch cnn --train-size 10000 --test-size 1000
@@ -97,7 +141,7 @@ case "$PRESET" in
     INVERT=(--start 64 --n-images 32 --method baseline,tv,noise,noise-tv)
     ;;
   paper)
-    SEEDS=${SEEDS:-0 1 2}
+    PRESET_SEEDS="0 1 2" DEVICE_DEFAULT=auto
     GRID=("l2 0" "l2 0.25" "l2 0.5" "l2 1.0" "linf 2/255" "linf 4/255" "linf 8/255")
     TRAIN=(--dataset cifar10 --arch resnet18 --epochs 30 --steps 7 --batch-size 128 --lr 0.1
            --augment --eval-eps l2:0.5 linf:8/255 --eval-attack apgd --eval-steps 100
@@ -108,21 +152,24 @@ case "$PRESET" in
     FISHER=(--n 512)
     INVERT=(--start 0 --n-images 32 --method baseline,tv,noise,noise-tv)
     if [[ -n "$SMOKE" ]]; then  # same code path, tiny synthetic data, CPU
+      DEVICE_DEFAULT=cpu
       GRID=("l2 0" "l2 0.5" "linf 8/255")
       TRAIN=(--dataset synthetic --arch resnet18 --width 8 --train-size 64 --test-size 32
              --epochs 1 --steps 1 --batch-size 32 --augment --eval-eps l2:0.5 linf:8/255
-             --eval-attack apgd --eval-steps 2 --device cpu)
+             --eval-attack apgd --eval-steps 2)
       TARGETS=(--target synthetic:0-4 --target fashion-mnist:5-9 --train-size 64 --test-size 32
-               --shots 1 2 --finetune --finetune-size 32 --device cpu)
-      FISHER=(--n 4 --chunk 4 --power-iters 2 --device cpu)
-      INVERT=(--n-images 4 --steps 2 --method baseline,tv,noise,noise-tv --device cpu)
+               --shots 1 2 --finetune --finetune-size 32)
+      FISHER=(--n 4 --chunk 4 --power-iters 2)
+      INVERT=(--n-images 4 --steps 2 --method baseline,tv,noise,noise-tv)
     fi
     ;;
   imagenet)
     # Published robust ImageNet models (e.g. Salman et al. 2020's; a torchvision state dict for
     # eps 0), never trained: each is attacked by our evaluation (C1), then measured like a
     # trained cell. CKPT_DIR is only read. robustness pickles need UNSAFE_LOAD=1.
+    DEVICE_DEFAULT=auto
     if [[ -n "$SMOKE" ]]; then  # same code path, tiny fake checkpoints and images, CPU
+      DEVICE_DEFAULT=cpu
       [[ -f "$OUT/fake/ckpt/manifest.csv" ]] || "$PY" tests/make_fake_imagenet.py --out "$OUT/fake"
       CKPT_DIR=$OUT/fake/ckpt DATA=(--data-dir "$OUT/fake/data")
     fi
@@ -148,10 +195,10 @@ case "$PRESET" in
     INVERT=(--n-images 16 --method baseline,tv,noise,noise-tv)
     if [[ -n "$SMOKE" ]]; then
       EVAL=(--dataset imagenet --test-size 8 --eval-eps l2:0.5 linf:8/255 --eval-attack apgd
-            --eval-steps 2 --device cpu)
-      FISHER=(--dataset imagenet --n 2 --chunk 1 --probes 4 --power-iters 2 --device cpu)
-      TARGETS=(--target synthetic:0-4 --train-size 64 --test-size 32 --shots 1 2 --device cpu)
-      INVERT=(--n-images 2 --steps 2 --method baseline,tv,noise,noise-tv --device cpu)
+            --eval-steps 2)
+      FISHER=(--dataset imagenet --n 2 --chunk 1 --probes 4 --power-iters 2)
+      TARGETS=(--target synthetic:0-4 --train-size 64 --test-size 32 --shots 1 2)
+      INVERT=(--n-images 2 --steps 2 --method baseline,tv,noise,noise-tv)
     fi
     [[ "${TARGETS[*]}" == *--target* ]] || die "no transfer target's data in ${DATA[1]}" \
       "(cifar10 cifar100 svhn fashion-mnist mnist): add it, or name targets in TARGETS_LIST"
@@ -159,18 +206,201 @@ case "$PRESET" in
   *) die "unknown preset '$PRESET' (quick, paper or imagenet)" ;;
 esac
 (( PUBLISHED )) || JUDGE_CKPT=$OUT/judge/model.pt
+DEVICE=${DEVICE:-$DEVICE_DEFAULT}
+[[ "$DEVICE" =~ ^(auto|cpu|cuda(:[0-9]+)?)$ ]] || die "DEVICE must be auto, cpu or cuda, got '$DEVICE'"
+if (( PUBLISHED )); then SEEDS=""; else SEEDS=$(echo ${SEEDS:-$PRESET_SEEDS}); fi
+# another seed set is another study: its own folder, since the report judges every run in it
+[[ -n "$GIVEN_OUT" || "$SEEDS" == "$PRESET_SEEDS" ]] || OUT+=-seeds${SEEDS// /-}
+THREADS=${THREADS:-1}
+[[ "$THREADS" =~ ^[1-9][0-9]*$ ]] || die "THREADS must be a positive integer, got '$THREADS'"
+export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
+
+# The cells in the order the pool starts them: longest first (robust cells, then eps 0, whose
+# training has no attack), so that every core stays busy until the end. CELL_ROW[name]: "seed
+# norm eps checkpoint".
+(( PUBLISHED )) || for s in $SEEDS; do for g in "${GRID[@]}"; do ROWS+=("$s $g"); done; done
+CELLS=() PLAIN=()
+declare -A CELL_ROW
+for c in "${ROWS[@]}"; do
+  read -r seed norm eps ckpt <<< "$c"
+  name=$(cell_name "$seed" "$norm" "$eps")
+  CELL_ROW[$name]="$seed $norm $eps ${ckpt:-$OUT/$name/model.pt}"
+  [[ "$eps" == 0 ]] && PLAIN+=("$name") || CELLS+=("$name")
+done
+CELLS+=("${PLAIN[@]}")
+
+# step OUTPUT LOG UPSTREAM command...: the one skip-or-run. Skipped when OUTPUT exists and was
+# made by this command (less the interpreter) after the same UPSTREAM (their commands, or "");
+# with another command than the recorded one (or FORCE=1), RESTART (a resumable step's files)
+# goes first. One line with the cell, the step, its time; on failure its last lines, exit 1.
+# CHECKING=1: runs nothing, and adds the step to $INCOMPLETE when it would run.
+RESTART=() CHECKING=0 INCOMPLETE=$OUT/incomplete.tsv
+step() {
+  local output=$1 log=$2 cmd="${*:5}" stamp t cell name
+  stamp=$(dirname "$output")/.$(basename "$output").cmd
+  cell=$(basename "$(dirname "$output")") name=$(basename "$output")
+  [[ -z "$3" ]] || cmd+=$'\n'"after: $3"
+  if (( CHECKING )); then
+    [[ -f "$output" && -f "$stamp" && "$(< "$stamp")" == "$cmd" ]] ||
+      printf '%s\t%s\t%s\n' "$cell" "${name%.json}" "${log#"$OUT/"}" >> "$INCOMPLETE"
+    return
+  fi
+  if [[ "$FORCE" == 1 || ! -f "$stamp" || "$(< "$stamp")" != "$cmd" ]]; then
+    rm -f "${RESTART[@]}"
+  elif [[ -f "$output" ]]; then
+    echo "[$((SECONDS - T0))s] $cell: skip $name (done with these settings)"
+    return
+  fi
+  mkdir -p "$(dirname "$output")"
+  rm -f "$output"
+  printf '%s' "$cmd" > "$stamp"
+  t=$SECONDS
+  if ! "${@:4}" > "$log" 2>&1; then
+    echo "[$((SECONDS - T0))s] $cell: FAILED $name: ${*:4}" >&2
+    tail -n 20 "$log" >&2
+    exit 1
+  fi
+  echo "[$((SECONDS - T0))s] $cell: done $name ($((SECONDS - t))s)"
+  printf '%s\t%s\t%s\n' "$cell" "${name%.json}" "$((SECONDS - t))" >> "$OUT/steps.tsv"
+}
+
+train() {  # train DIR ARGS...: resumable, so a killed run continues from its last epoch
+  local dir=$1 RESTART=("$1/model.pt" "$1/log.jsonl"); shift
+  step "$dir/metrics.json" "$dir/train.log" "" \
+    "$PY" advtrain.py "${TRAIN[@]}" "${DATA[@]}" "$@" --device "$DEVICE" --out "$dir" --resume
+}
+
+# made_by DIR...: the training commands of the cells DIR, on which every step of a checkpoint
+# trained here depends; nothing for a published one (its path is in the step's own command)
+made_by() { (( PUBLISHED )) || for dir; do cat "$dir/.metrics.json.cmd" 2> /dev/null || :; done; }
+
+measure() {  # measure DIR CKPT NORM EPS SEED: train (or evaluate CKPT), then Fisher, transfer
+  local dir=$1 ckpt=$2 trained
+  if (( PUBLISHED )); then  # the --trained-* flags: what the published model was trained with
+    step "$dir/metrics.json" "$dir/eval.log" "" "$PY" advtrain.py --eval-only --ckpt "$ckpt" \
+      "${EVAL[@]}" "${DATA[@]}" --trained-norm "$3" --trained-eps "$4" --trained-seed "$5" \
+      "${UNSAFE[@]}" --device "$DEVICE" --out "$dir"
+  else
+    train "$dir" --norm "$3" --eps "$4" --seed "$5"
+  fi
+  trained=$(made_by "$dir")
+  step "$dir/fisher.json" "$dir/fisher.log" "$trained" "$PY" fisher.py --ckpt "$ckpt" \
+    "${FISHER[@]}" "${DATA[@]}" "${UNSAFE[@]}" --device "$DEVICE" --out "$dir"
+  step "$dir/transfer.json" "$dir/transfer.log" "$trained" "$PY" transfer.py --ckpt "$ckpt" \
+    "${TARGETS[@]}" "${DATA[@]}" "${UNSAFE[@]}" --seed "$5" --device "$DEVICE" --out "$dir"
+}
+
+invert() {  # invert DIR CKPT: inversion of the cell's checkpoint, labelled by the judge (if any)
+  step "$1/invert.json" "$1/invert.log" "$(made_by "$1" "$OUT/judge")" \
+    "$PY" invert.py --ckpt "$2" ${JUDGE_CKPT:+--judge "$JUDGE_CKPT"} "${INVERT[@]}" \
+    "${DATA[@]}" "${UNSAFE[@]}" --device "$DEVICE" --out "$1"
+}
+
+report() {  # the steps that did not finish (failed, stopped, never run), then the report
+  local task tasks=("${CELLS[@]}" "${CELLS[@]/#/invert:}")
+  (( PUBLISHED )) || tasks=(judge "${tasks[@]}")
+  : > "$INCOMPLETE"
+  (CHECKING=1; for task in "${tasks[@]}"; do run_task "$task"; done)
+  [[ ! -s "$INCOMPLETE" ]] || echo "[$((SECONDS - T0))s] did not finish:" \
+    "$(cut -f1,2 "$INCOMPLETE" | tr '\t\n' ': ' | sed 's/ $//')" >&2
+  "$PY" report.py "$OUT" 2>&1 | tee "$OUT/report.log" ||
+    { echo "[$((SECONDS - T0))s] FAILED: report.py $OUT (above)" >&2; exit 1; }
+}
+
+run_task() {  # run_task NAME: one task of the plan (judge, a cell, invert:CELL or report)
+  local seed norm eps ckpt cell=${1#invert:}
+  case $1 in
+    judge) (( ! PUBLISHED )) || die "no judge is trained in preset $PRESET"
+           train "$OUT/judge" "${JUDGE[@]}" --seed 100 ;;
+    report) report ;;
+    *) [[ -v "CELL_ROW[$cell]" ]] || die "no task '$1' in this study ($PRESET in $OUT," \
+                                         "SEEDS '$SEEDS': --plan lists its tasks)"
+       read -r seed norm eps ckpt <<< "${CELL_ROW[$cell]}"
+       if [[ "$1" == invert:* ]]; then invert "$OUT/$cell" "$ckpt"
+       else measure "$OUT/$cell" "$ckpt" "$norm" "$eps" "$seed"; fi ;;
+  esac
+}
+
+# plan: the study's tasks, STAGE<TAB>NAME<TAB>COMMAND a line, in dependency order. Each
+# command runs one task through this script with the settings of this run, wherever it runs.
+plan() {
+  local v cmd python=$PY settings
+  [[ "$PY" != */* ]] || python=$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")
+  settings=(OUT="$OUT" SEEDS="$SEEDS" DEVICE="$DEVICE" THREADS="$THREADS" FORCE="$FORCE"
+            PYTHON="$python")
+  for v in DATA_DIR CKPT_DIR UNSAFE_LOAD TARGETS_LIST; do
+    [[ -z "${!v:-}" ]] || settings+=("$v=${!v}")
+  done
+  cmd=$(printf '%q ' env "${settings[@]}" bash "$ROOT/run_all.sh" "$PRESET" $SMOKE --task)
+  (( PUBLISHED )) || printf '1\tjudge\t%sjudge\n' "$cmd"
+  for v in "${CELLS[@]}"; do printf '1\t%s\t%s%s\n' "$v" "$cmd" "$v"; done
+  for v in "${CELLS[@]}"; do printf '2\tinvert:%s\t%sinvert:%s\n' "$v" "$cmd" "$v"; done
+  printf '3\treport\t%sreport\n' "$cmd"
+}
+
+if [[ "$ACTION" == task ]]; then
+  run_task "$TASK"
+  exit
+fi
 mkdir -p "$OUT"
-# Independent cells run concurrently: JOBS at once, each with THREADS torch threads (default
-# 1). On the CPU outputs depend on THREADS (the order of float sums), never on JOBS: JOBS=1
-# and JOBS=4 give identical files. The GPUs: those CUDA_VISIBLE_DEVICES names (set but empty:
-# none), else every one nvidia-smi lists. Each runs at most JOBS_PER_GPU of the jobs at once
-# (default: one per 32 GiB of the first GPU's memory, at least 1, so 4 on a 141 GB H200; or
-# JOBS spread evenly when JOBS is given): one job, bound by kernel launches, leaves most of a
-# large GPU idle, and a job's largest step (fisher.py's weights trace at its default --chunk
-# on the CIFAR ResNet-18) holds about 26 GB. JOBS defaults to JOBS_PER_GPU per GPU, and
-# without a GPU to one per CPU core.
+logs=$(cd "$OUT" && pwd)/slurm
+if [[ "$ACTION" == slurm && -s "$logs/jobs" ]]; then  # one submission at a time: one writer
+  live=$(squeue -h -o %A -j "$(paste -sd, "$logs/jobs")" 2> /dev/null | sort -u | xargs) || :
+  [[ -z "$live" ]] || die "jobs of this study are still queued or running: $live" \
+                          "(squeue -j ${live// /,}); wait for them or scancel them, then resubmit"
+fi
+if [[ "$ACTION" == plan ]]; then
+  "$PY" report.py --declare "$STUDY" "$OUT" "${REDECLARE[@]}" >&2
+  plan | tee "$OUT/plan.tsv"
+  exit
+fi
+"$PY" report.py --declare "$STUDY" "$OUT" "${REDECLARE[@]}"
+plan > "$OUT/plan.tsv"
+: > "$OUT/steps.tsv"
+
+# submit: the plan as Slurm jobs, each task running its plan line (--plan-task); returns
+if [[ "$ACTION" == slurm ]]; then
+  command -v sbatch > /dev/null ||
+    die "--slurm needs Slurm's sbatch on PATH (run it where you submit jobs)"
+  mkdir -p "$logs"
+  read -ra user_args <<< "${SBATCH_ARGS:-}"
+  task=(--cpus-per-task "$THREADS")
+  [[ "$DEVICE" == cpu ]] || task+=(--gres gpu:1)
+  n=${#CELLS[@]} judge=""
+  sb() {  # sb NAME KEY SBATCH_ARGS...: a job running the plan's task KEY; prints its id
+    local id log=$logs/$1-%j.out
+    [[ "$*" != *--array* ]] || log=$logs/$1-%A_%a.out
+    id=$(sbatch --parsable --chdir "$ROOT" -J "$STUDY-$1" -o "$log" "${@:3}" \
+         "${user_args[@]}" --wrap "$(printf '%q ' bash "$ROOT/run_all.sh" --plan-task \
+                                     "$(dirname "$logs")/plan.tsv" "$2")") || exit 1
+    echo "${id%%;*}"
+  }
+  (( PUBLISHED )) || judge=$(sb judge judge "${task[@]}")
+  cells=$(sb cells 1 "${task[@]}" --array "1-$n")
+  inversions=$(sb invert 2 "${task[@]}" --array "1-$n" --kill-on-invalid-dep yes \
+               --dependency "aftercorr:$cells${judge:+,afterok:$judge}")
+  report=$(sb report report --cpus-per-task 1 \
+           --dependency "afterany:${judge:+$judge:}$cells:$inversions")
+  printf '%s\n' $judge "$cells" "$inversions" "$report" > "$logs/jobs"
+  echo "[$((SECONDS - T0))s] $PRESET: submitted ${judge:+the judge (job $judge), }$n cells" \
+       "(array $cells), their inversions (array $inversions) and the report (job $report);" \
+       "each task ${task[*]}${SBATCH_ARGS:+ $SBATCH_ARGS}"
+  echo "follow: squeue -j $(paste -sd, "$logs/jobs"); logs in $logs; the report:" \
+       "$OUT/report.md. Resubmit (the same command) to redo only what is missing or changed."
+  exit
+fi
+
+# The local pool: at most JOBS jobs at once, each with THREADS torch threads (default 1). On
+# the CPU outputs depend on THREADS (the order of float sums), never on JOBS: JOBS=1 and JOBS=4
+# give identical files (on a GPU, kernels may sum in other orders whatever JOBS). The GPUs
+# (unless DEVICE=cpu): those CUDA_VISIBLE_DEVICES names (set but empty: none), else every one
+# nvidia-smi lists. Each runs at most JOBS_PER_GPU of the jobs at once (default: one per 32 GiB
+# of the first GPU's memory, at least 1, so 4 on a 141 GB H200; or JOBS spread evenly when
+# JOBS is given): one job, bound by kernel launches, leaves most of a large GPU idle, and a
+# job's largest step (fisher.py's weights trace at its default --chunk on the CIFAR ResNet-18)
+# holds about 26 GB. JOBS defaults to JOBS_PER_GPU per GPU, and without a GPU to one per core.
 GPU_LIST=()
-if nvidia-smi -L > /dev/null 2>&1; then
+if [[ "$DEVICE" != cpu ]] && nvidia-smi -L > /dev/null 2>&1; then
   if [[ -v CUDA_VISIBLE_DEVICES ]]; then
     IFS=, read -ra GPU_LIST <<< "$CUDA_VISIBLE_DEVICES"
   else
@@ -195,78 +425,28 @@ if (( N_GPUS )) && [[ -z "${JOBS_PER_GPU:-}" ]]; then
   fi
 fi
 JOBS=${JOBS:-$(( N_GPUS ? N_GPUS * JOBS_PER_GPU : CORES ))}
-THREADS=${THREADS:-1}
-export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
 
-# step OUTPUT LOG UPSTREAM command...: the one skip-or-run. Skipped when OUTPUT exists and was
-# made by this command (less the interpreter) after the same UPSTREAM (their commands, or "");
-# with another command than the recorded one (or FORCE=1), RESTART (a resumable step's files)
-# goes first. One line with the cell, the step, its time; on failure its last lines, exit 1.
-RESTART=()
-step() {
-  local output=$1 log=$2 cmd="${*:5}" stamp t cell name
-  stamp=$(dirname "$output")/.$(basename "$output").cmd
-  cell=$(basename "$(dirname "$output")") name=$(basename "$output")
-  [[ -z "$3" ]] || cmd+=$'\n'"after: $3"
-  if [[ "$FORCE" == 1 || ! -f "$stamp" || "$(< "$stamp")" != "$cmd" ]]; then
-    rm -f "${RESTART[@]}"
-  elif [[ -f "$output" ]]; then
-    echo "[$((SECONDS - T0))s] $cell: skip $name (done with these settings)"
-    return
-  fi
-  rm -f "$output"
-  printf '%s' "$cmd" > "$stamp"
-  t=$SECONDS
-  if ! "${@:4}" > "$log" 2>&1; then
-    echo "[$((SECONDS - T0))s] $cell: FAILED $name: ${*:4}" >&2
-    tail -n 20 "$log" >&2
-    exit 1
-  fi
-  echo "[$((SECONDS - T0))s] $cell: done $name ($((SECONDS - t))s)"
-  printf '%s\t%s\t%s\n' "$cell" "${name%.json}" "$((SECONDS - t))" >> "$OUT/steps.tsv"
-}
-
-train() {  # train DIR ARGS...: resumable, so a killed run continues from its last epoch
-  local dir=$1 RESTART=("$1/model.pt" "$1/log.jsonl"); shift
-  mkdir -p "$dir"
-  step "$dir/metrics.json" "$dir/train.log" "" \
-    "$PY" advtrain.py "${TRAIN[@]}" "${DATA[@]}" "$@" --out "$dir" --resume
-}
-
-# made_by DIR...: the training commands of the cells DIR, on which every step of a checkpoint
-# trained here depends; nothing for a published one (its path is in the step's own command)
-made_by() { (( PUBLISHED )) || for dir; do cat "$dir/.metrics.json.cmd"; done; }
-
-measure() {  # measure DIR CKPT NORM EPS SEED: train (or evaluate CKPT), then Fisher, transfer
-  local dir=$1 ckpt=$2 trained
-  mkdir -p "$dir"
-  if (( PUBLISHED )); then  # the --trained-* flags: what the published model was trained with
-    step "$dir/metrics.json" "$dir/eval.log" "" "$PY" advtrain.py --eval-only --ckpt "$ckpt" \
-      "${EVAL[@]}" "${DATA[@]}" --trained-norm "$3" --trained-eps "$4" --trained-seed "$5" \
-      "${UNSAFE[@]}" --out "$dir"
-  else
-    train "$dir" --norm "$3" --eps "$4" --seed "$5"
-  fi
-  trained=$(made_by "$dir")
-  step "$dir/fisher.json" "$dir/fisher.log" "$trained" \
-    "$PY" fisher.py --ckpt "$ckpt" "${FISHER[@]}" "${DATA[@]}" "${UNSAFE[@]}" --out "$dir"
-  step "$dir/transfer.json" "$dir/transfer.log" "$trained" \
-    "$PY" transfer.py --ckpt "$ckpt" "${TARGETS[@]}" "${DATA[@]}" "${UNSAFE[@]}" --seed "$5" \
-    --out "$dir"
-}
-
-invert() {  # invert DIR CKPT: inversion of the cell's checkpoint, labelled by the judge (if any)
-  step "$1/invert.json" "$1/invert.log" "$(made_by "$1" "$OUT/judge")" \
-    "$PY" invert.py --ckpt "$2" ${JUDGE_CKPT:+--judge "$JUDGE_CKPT"} "${INVERT[@]}" \
-    "${DATA[@]}" "${UNSAFE[@]}" --out "$1"
-}
-
-# A pool of at most JOBS background jobs (the shell's own job control). A job that fails
-# leaves $FAILED behind; the pool then stops the others and the study. On a GPU machine a job
-# starts once a GPU runs fewer than JOBS_PER_GPU of the pool's jobs, on the GPU that runs the
-# fewest at that moment (the first listed on a tie), the only one it sees.
+# Each job runs one task in a process group of its own (job control, set -m), so stopping a
+# job stops every process it started. A job that fails leaves $FAILED behind; the pool then
+# stops the others and the study, as does an interrupt. On a GPU machine a job starts once a
+# GPU runs fewer than JOBS_PER_GPU of the pool's jobs, on the GPU that runs the fewest at that
+# moment (the first listed on a tie), the only one it sees.
+set -m
 FAILED=$OUT/.failed GPU_OF=()  # GPU_OF[process id of a running job]: its GPU, a GPU_LIST index
 rm -f "$FAILED"
+stop_jobs() {  # every running job, with all its processes
+  local pid
+  for pid in $(jobs -p); do kill -TERM -- "-$pid" 2> /dev/null || :; done
+  wait || :
+}
+trap 'stop_jobs; echo "[$((SECONDS - T0))s] study stopped: interrupted" >&2; exit 130' INT
+trap 'stop_jobs; echo "[$((SECONDS - T0))s] study stopped: terminated" >&2; exit 143' TERM
+check_failed() {
+  [[ -f "$FAILED" ]] || return 0
+  stop_jobs
+  echo "[$((SECONDS - T0))s] study stopped: a step failed (above)" >&2
+  exit 1
+}
 pick_gpu() {  # the least-loaded GPU with room into $gpu (launch's); fails when none has room
   local pid i load=() running=" $(jobs -rp | tr '\n' ' ') "
   for pid in "${!GPU_OF[@]}"; do
@@ -283,59 +463,38 @@ pick_gpu() {  # the least-loaded GPU with room into $gpu (launch's); fails when 
   done
   [[ -n "$gpu" ]]
 }
-launch() {  # launch COMMAND...: in the background, once fewer than JOBS jobs run
+launch() {  # launch TASK: run_task TASK in the background, once fewer than JOBS jobs run
   local gpu=""
   check_failed
   while (( $(jobs -rp | wc -l) >= JOBS )) || { (( N_GPUS )) && ! pick_gpu; }; do
-    wait -n || true
+    wait -n || :
     check_failed
   done
   if [[ -z "$gpu" ]]; then  # (a subshell: a failing step's exit ends it, not the `||`)
-    ( "$@" ) || touch "$FAILED" &
+    ( run_task "$1" ) || touch "$FAILED" &
   else
-    ( export CUDA_VISIBLE_DEVICES=${GPU_LIST[gpu]}; "$@" ) || touch "$FAILED" &
+    ( export CUDA_VISIBLE_DEVICES=${GPU_LIST[gpu]}; run_task "$1" ) || touch "$FAILED" &
     GPU_OF[$!]=$gpu
   fi
 }
-check_failed() {
-  [[ -f "$FAILED" ]] || return 0
-  jobs -p | xargs -r kill 2> /dev/null || true
-  wait || true
-  echo "[$((SECONDS - T0))s] study stopped: a step failed (above)" >&2
-  exit 1
-}
 
-# Longest first (robust cells, then eps 0, whose training has no attack), so that every core
-# stays busy until the end; the judge starts first.
-(( PUBLISHED )) || for s in $SEEDS; do for g in "${GRID[@]}"; do ROWS+=("$s $g"); done; done
-robust=() plain=()
-for c in "${ROWS[@]}"; do
-  [[ "$(cut -d' ' -f3 <<< "$c")" == 0 ]] && plain+=("$c") || robust+=("$c")
-done
-echo "[0s] $PRESET: ${#ROWS[@]} cells in $OUT; judge ${JUDGE_CKPT:-none (no l2 checkpoint)};" \
-     "$JOBS jobs at once$( ((N_GPUS)) && echo " (at most $JOBS_PER_GPU per GPU, $N_GPUS GPUs)")," \
-     "$THREADS torch thread(s) each"
-"$PY" report.py --declare "$STUDY" "$OUT"
-: > "$OUT/steps.tsv"
-# Each cell's job trains (or evaluates) it and measures Fisher and transfer; its inversion is
-# launched once that job and the judge's have ended (`wait` on their process ids).
+echo "[0s] $PRESET: ${#CELLS[@]} cells in $OUT on $DEVICE; judge ${JUDGE_CKPT:-none (no l2" \
+     "checkpoint)}; $JOBS jobs at once$( ((N_GPUS)) &&
+     echo " (at most $JOBS_PER_GPU per GPU, $N_GPUS GPUs)"), $THREADS torch thread(s) each"
+# The plan's stages: the judge and each cell's job (train or evaluate, Fisher, transfer); each
+# inversion once its cell's job and the judge's have ended (`wait` on their process ids); the
+# report once every job has.
 judge=()
-(( PUBLISHED )) || { launch train "$OUT/judge" "${JUDGE[@]}" --seed 100; judge=($!); }
-dirs=() ckpts=() pids=()
-for c in "${robust[@]}" "${plain[@]}"; do
-  read -r seed norm eps ckpt <<< "$c"
-  dirs+=("$OUT/$(cell_name "$seed" "$norm" "$eps")") ckpts+=("${ckpt:-${dirs[-1]}/model.pt}")
-  launch measure "${dirs[-1]}" "${ckpts[-1]}" "$norm" "$eps" "$seed"
-  pids+=($!)
+(( PUBLISHED )) || { launch judge; judge=($!); }
+pids=()
+for c in "${CELLS[@]}"; do launch "$c"; pids+=($!); done
+for i in "${!CELLS[@]}"; do
+  wait "${judge[@]}" "${pids[i]}" || :
+  launch "invert:${CELLS[i]}"
 done
-for i in "${!dirs[@]}"; do
-  wait "${judge[@]}" "${pids[i]}" || true
-  launch invert "${dirs[i]}" "${ckpts[i]}"
-done
-wait || true
+wait || :
 check_failed
-# the report always reflects every run present
-"$PY" report.py "$OUT" 2>&1 | tee "$OUT/report.log" ||
-  { echo "[$((SECONDS - T0))s] FAILED: report.py $OUT (above)" >&2; exit 1; }
+set +m
+run_task report
 printf 'total\tstudy\t%s\n' "$((SECONDS - T0))" >> "$OUT/steps.tsv"
 echo "[$((SECONDS - T0))s] study done: $OUT/report.md"
