@@ -36,7 +36,6 @@ import json
 import math
 import os
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -44,9 +43,9 @@ import torch.nn.functional as F
 
 from checkpoints import load_checkpoint, new_checkpoint, read_checkpoint
 from common import (CKPT_HELP, UNSAFE_LOAD_HELP, ArgumentParser, Clock, UserError,
-                    add_common_args, atomic_save, check_number, format_eps, lr_at,
-                    nonnegative_int, parse_classes, parse_eps, positive_int, provenance,
-                    user_errors, writable_dir)
+                    add_classifier_args, add_common_args, atomic_save, check_number,
+                    ckpt_folder, format_eps, lr_at, nonnegative_int, parse_classes, parse_eps,
+                    positive_int, provenance, user_errors, writable_dir)
 from data import DATASETS, load_split, random_crop_flip
 from models import (ARCHS, build_model, check_images, check_labels, eval_mode, get_device,
                     l2_step, make_optimizer, per_example_norm, sgd_epoch)
@@ -282,6 +281,11 @@ def accuracy(model, x, y, batch_size=500, norm="l2", eps=0.0, steps=None, restar
     if attack not in EVAL_ATTACKS:
         raise ValueError(f"attack must be one of {', '.join(EVAL_ATTACKS)}, got {attack!r}")
     device = next(model.parameters()).device
+    with eval_mode(model), torch.no_grad():  # a label past the classes would count as wrong
+        classes = model(x[:1].to(device)).shape[1]
+    if int(y.min()) < 0 or int(y.max()) >= classes:
+        raise ValueError(f"y must be class labels 0-{classes - 1} of the model, got labels from "
+                         f"{int(y.min())} to {int(y.max())}")
     correct = 0
     with eval_mode(model):
         for i in range(0, len(x), batch_size):
@@ -471,6 +475,15 @@ def parse_radius(text):
 
 TRAINING_FLAGS = ("norm", "eps", "seed")  # what a model was trained with
 EVAL_ONLY_FLAGS = ("trained_norm", "trained_eps", "trained_seed")
+CLASSIFIER_FLAGS = ("model", "head", "mean", "std", "image_size")  # add_classifier_args
+
+
+class ArchChoices(tuple):
+    """--arch's choices: ARCHS to train, and with --eval-only also torchvision:NAME (any
+    torchvision classifier, whose name is checked when it is built)."""
+
+    def __contains__(self, name):
+        return tuple.__contains__(self, name) or str(name).startswith("torchvision:")
 
 
 def get_args(argv=None):
@@ -486,9 +499,12 @@ def get_args(argv=None):
                    help="use the first N training examples (default all)")
     p.add_argument("--test-size", type=positive_int, default=None,
                    help="evaluate on the first N test examples (default all)")
-    p.add_argument("--arch", default="cnn", choices=ARCHS, help="model")
+    p.add_argument("--arch", default="cnn", choices=ArchChoices(ARCHS),
+                   help="model; with --eval-only also torchvision:NAME, any classifier of "
+                        "torchvision.models, whose state dict --ckpt is")
     p.add_argument("--width", type=positive_int, default=64,
-                   help="resnet18 base width (channels of the first stage)")
+                   help="resnet18 base width (channels of the first stage); on the CPU not 1, "
+                        "2 or 4 (a torch fault in channels_last)")
     p.add_argument("--norm", default=None, choices=NORMS,
                    help="threat model of training (default l2)")
     p.add_argument("--eps", type=parse_eps, default=None,
@@ -540,7 +556,8 @@ def get_args(argv=None):
                    help="random seed of initialisation and data order (default 0)")
     add_common_args(p)
     p.add_argument("--out", default=None, help="output folder (default runs/default; with "
-                   "--eval-only, eval-<attack> beside the checkpoint)")
+                   "--eval-only, eval-<attack> beside the checkpoint); a model.pt of other "
+                   "settings there is refused unless --resume")
     p.add_argument("--resume", action="store_true", help="continue from --out/model.pt if it "
                    "holds an unfinished run trained with the same settings")
     p.add_argument("--eval-only", action="store_true",
@@ -549,6 +566,7 @@ def get_args(argv=None):
     p.add_argument("--ckpt", default=None, help="with --eval-only, the " + CKPT_HELP)
     p.add_argument("--unsafe-load", action="store_true", help="with --eval-only: "
                    + UNSAFE_LOAD_HELP)
+    add_classifier_args(p, "with --eval-only and --arch torchvision:NAME or --model: ")
     trained = "with --eval-only, what a published checkpoint was trained with (ours record " \
               "their own; a value that contradicts it is an error): "
     p.add_argument("--trained-norm", default=None, choices=NORMS, help=trained + "norm")
@@ -557,16 +575,19 @@ def get_args(argv=None):
     p.add_argument("--trained-seed", type=int, default=None, help=trained + "seed")
     args = p.parse_args(argv)
     if args.eval_only:
-        if not args.ckpt:
-            p.error("--eval-only needs --ckpt")
+        if not args.ckpt and not args.model:
+            p.error("--eval-only needs --ckpt (or --model)")
         for name in TRAINING_FLAGS:
             if getattr(args, name) is not None:
                 p.error(f"--{name} sets training; with --eval-only, --trained-{name} gives "
                         f"what a published checkpoint was trained with")
     else:
-        for name in ("ckpt", "unsafe_load") + EVAL_ONLY_FLAGS:
+        for name in ("ckpt", "unsafe_load") + EVAL_ONLY_FLAGS + CLASSIFIER_FLAGS:
             if getattr(args, name) not in (None, False):
                 p.error(f"--{name.replace('_', '-')} applies to --eval-only only")
+        if args.arch not in ARCHS:
+            p.error(f"--arch {args.arch} applies to --eval-only only (training: "
+                    f"{', '.join(ARCHS)})")
         if args.dataset == "imagenet":  # no in-memory ImageNet training set
             p.error("argument --dataset: invalid choice for training: 'imagenet' (published "
                     "ImageNet checkpoints are evaluated with --eval-only)")
@@ -640,14 +661,36 @@ def settings_of(run):
     return settings
 
 
-def check_resumable(ckpt, settings, path):
-    """--resume continues only a run made with exactly these settings; else name the first
-    difference."""
+def settings_difference(ckpt, settings):
+    """The first setting where ckpt's recorded settings differ from `settings`: (key, recorded,
+    given), or None when they agree."""
     recorded = ckpt.get("provenance", {}).get("settings", {})
     for key, value in provenance(settings)["settings"].items():
         if recorded.get(key) != value:
-            raise UserError(f"--resume: {path} was trained with {key}={recorded.get(key)!r}, "
-                            f"not {value!r}; use another --out or drop --resume")
+            return key, recorded.get(key), value
+    return None
+
+
+def check_resumable(ckpt, settings, path):
+    """--resume continues only a run made with exactly these settings; else name the first
+    difference."""
+    diff = settings_difference(ckpt, settings)
+    if diff:
+        raise UserError(f"--resume: {path} was trained with {diff[0]}={diff[1]!r}, not "
+                        f"{diff[2]!r}; use another --out or drop --resume")
+
+
+def check_not_overwriting(out, settings, resume):
+    """A model.pt of other settings in out is never replaced unasked: without --resume that is
+    a UserError (a rerun of the same settings may retrain in place)."""
+    path = out / "model.pt"
+    if resume or not path.exists():
+        return
+    diff = settings_difference(read_checkpoint(path), settings)
+    if diff:
+        raise UserError(f"{path} holds a model trained with {diff[0]}={diff[1]!r}, not "
+                        f"{diff[2]!r}: give another --out, delete it, or --resume with its "
+                        f"settings")
 
 
 def make_checkpoint(net, opt, run, data, epoch, train_seconds, guard):
@@ -661,6 +704,18 @@ def make_checkpoint(net, opt, run, data, epoch, train_seconds, guard):
                           guard=guard)
 
 
+def ran_on(device, trained):
+    """{device, precision} of a run for metrics.json (report.md states them; DESIGN.md,
+    Precision): on CUDA the training step and its attack run under bf16 autocast
+    (models.sgd_epoch), and float32 matrix products may run as TF32 where torch allows it."""
+    if device.type != "cuda":
+        return {"device": "cpu", "precision": "float32"}
+    tf32 = torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32
+    f32 = "float32" + (" (TF32 allowed)" if tf32 else "")
+    return {"device": torch.cuda.get_device_name(device),
+            "precision": f"training bf16 autocast, evaluation {f32}" if trained else f32}
+
+
 def eval_only(args):
     """--eval-only: any checkpoint (ours at its training radius and --eval-eps; a published
     one at --trained-eps, if given, and --eval-eps), on the test split of its dataset and
@@ -668,9 +723,11 @@ def eval_only(args):
     for torchvision state dicts); metrics.json under --out."""
     clock = Clock()
     device = get_device(args.device)
-    model, ckpt = load_checkpoint(args.ckpt, device, dataset=args.dataset, unsafe=args.unsafe_load)
+    model, ckpt = load_checkpoint(
+        args.ckpt, device, arch=None if args.arch in ARCHS else args.arch, dataset=args.dataset,
+        unsafe=args.unsafe_load, **{name: getattr(args, name) for name in CLASSIFIER_FLAGS})
     run = eval_settings(args, ckpt)
-    out = writable_dir(run.out or Path(run.ckpt).parent / f"eval-{run.eval_attack}")
+    out = writable_dir(run.out or ckpt_folder(run) / f"eval-{run.eval_attack}")
     x, y = load_split(run.dataset, False, run.data_dir, ckpt["classes"], run.test_size,
                       not run.no_download)
     # no training radius known (a published checkpoint without --trained-eps): --eval-eps only
@@ -680,7 +737,7 @@ def eval_only(args):
                        restarts=run.eval_restarts, attack=run.eval_attack)
     metrics.update(eps=run.eps, norm=run.norm, arch=ckpt["arch"], dataset=run.dataset,
                    classes=ckpt["classes"], seed=run.seed, test_size=len(x), ckpt=str(run.ckpt),
-                   provenance=provenance(settings_of(run)))
+                   **ran_on(device, trained=False), provenance=provenance(settings_of(run)))
     atomic_save(out / "metrics.json", metrics)
     robust = " ".join(f"{r['attack']} {r['norm']}@{format_eps(r['eps'])} {r['acc']:.4f}"
                       for r in metrics["robust_acc"])
@@ -709,6 +766,41 @@ def load_data(run, device):
                       image_size=ds.size, mean=list(ds.mean), std=list(ds.std), width=run.width)
     return {"classes": classes, "model_args": model_args, "guard": guard, "test": test,
             "train": (x_train.to(device), y_train.to(device))}  # whole dataset on the device
+
+
+def width_problem(arch, width, device):
+    """Why a resnet18 of this width cannot train in channels_last on device, as one line, or
+    None. torch 2.14.1 on the CPU corrupts memory in the backward of a strided 1x1 convolution
+    with 4 input channels in channels_last (docs/PERFORMANCE.md): the shortcuts of stages 2-4
+    take width, 2 width and 4 width channels."""
+    if arch != "resnet18" or device.type != "cpu" or 4 not in (width, 2 * width, 4 * width):
+        return None
+    return (f"--width {width} on the CPU gives a strided 1x1 convolution 4 input channels, "
+            f"whose channels_last backward corrupts memory in torch 2.14.1: use --width 3, 5 "
+            f"or more")
+
+
+def compile_problem(device):
+    """Why torch.compile's default backend (inductor) cannot compile for device here, as one
+    line, or None. It compiles at the first training step, after the data are loaded: without
+    a C++ compiler (CPU) or Triton (CUDA) that is a traceback minutes into the run."""
+    try:
+        from torch._inductor import exc
+        from torch._inductor.cpp_builder import get_cpp_compiler
+        from torch.utils._triton import has_triton
+    except ImportError:  # another torch layout: torch.compile says what it lacks
+        return None
+    if device.type == "cuda":
+        return None if has_triton() else ("--compile on CUDA needs Triton, which is not "
+                                           "installed: install triton or drop --compile")
+    if device.type != "cpu":
+        return None
+    try:
+        get_cpp_compiler()
+    except exc.InvalidCxxCompiler:
+        return ("--compile on the CPU needs a C++ compiler (g++ or $CXX), and none was found: "
+                "install one or drop --compile")
+    return None
 
 
 def setup_model(run, data, device, world_size):
@@ -805,6 +897,7 @@ def final_evaluation(run, out, data, net, ckpt, rank, world_size, say):
                    classes=data["classes"], epochs=run.epochs, seed=run.seed,
                    train_size=len(data["train"][0]), test_size=len(x_test),
                    train_seconds=ckpt["train_seconds"], attack=run.attack,
+                   **ran_on(next(net.parameters()).device, trained=True),
                    provenance=ckpt["provenance"])
     if ckpt["guard"] is not None:
         metrics["guard"] = {k: v for k, v in ckpt["guard"].items() if k != "best_model"}
@@ -829,7 +922,12 @@ def main(args):
         raise UserError("--sync-bn needs torchrun with CUDA (SyncBatchNorm does not run on the "
                         "CPU)")
     say = Clock().log if rank == 0 else (lambda text: None)  # process 0 alone speaks and writes
+    problem = width_problem(run.arch, run.width, device) or (
+        compile_problem(device) if run.compile else None)
+    if problem:
+        raise UserError(problem)
     out = writable_dir(run.out or "runs/default")
+    check_not_overwriting(out, settings_of(run), run.resume)
     data = load_data(run, device)
     say(f"data {run.dataset} classes {run.classes or 'all'}: train {len(data['train'][0])} test "
         f"{len(data['test'][0])} on {device}"

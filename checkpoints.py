@@ -4,12 +4,16 @@
     model, ckpt = load_checkpoint("runs/eps0.5/model.pt")        # ours (advtrain.py)
     model, ckpt = load_checkpoint("resnet50_l2_eps3.ckpt", unsafe=True)  # robustness/RMT
     model, ckpt = load_checkpoint("resnet18.pth", dataset="imagenet")    # torchvision
+    model, ckpt = load_checkpoint("cnx.pth", arch="torchvision:convnext_tiny")  # any classifier
+    model, ckpt = load_checkpoint(None, model="mypackage.nets:build")    # the user's own code
 
 Ours (new_checkpoint) hold tensors and plain types only and load with
 torch.load(path, weights_only=True); build_model(**ckpt["model_args"]) rebuilds the network.
 Published ResNets: torchvision state dicts and the robustness library's checkpoints (ImageNet
 and CIFAR layouts, e.g. Salman et al. 2020), their architecture detected from the keys and
-shapes of the weights (published.detect_arch). This module imports models.py and
+shapes of the weights (published.detect_arch). Any other image classifier, a torchvision
+architecture or a module the user's function builds, with its state dict (load_classifier),
+through models.adapt_classifier. This module imports models.py and
 published.py; neither imports it. Errors are standard exceptions (FileNotFoundError,
 ValueError) with one-line messages; the scripts' main turns them into one line and exit 2.
 """
@@ -21,7 +25,8 @@ import torch
 import torch.nn as nn
 
 from data import get_dataset
-from models import Net, build_model
+from models import (adapt_classifier, build_model, find_head, inner_normalizer,
+                    torchvision_classifier, torchvision_preprocessing, user_classifier)
 from published import FOREIGN_ARCHS, build_foreign, detect_arch, head_name
 
 # What every checkpoint of advtrain.py holds; model_args rebuilds the network:
@@ -146,17 +151,6 @@ def _network_state(obj):
     return state, normalizer, "robustness"
 
 
-def _wrap(net, head, mean, std):
-    """A Net around a foreign network: its last linear layer (attribute `head`) becomes
-    `head`, what that layer saw ([N, d], after the global pool) becomes `features`, and
-    normalisation moves inside, so model(x) on [0, 1] images equals net((x - mean) / std)."""
-    last = getattr(net, head)
-    setattr(net, head, nn.Identity())
-    model = Net(net, last.in_features, last.out_features, mean, std)
-    model.head = last
-    return model
-
-
 def load_published(path, obj, arch=None, dataset=None):
     """(Net around the network of a published checkpoint, its checkpoint dict), from obj, the
     object read from the file at path (a dict). arch: a published.FOREIGN_ARCHS name, or None
@@ -191,10 +185,116 @@ def load_published(path, obj, arch=None, dataset=None):
             "image_size": 32 if cifar else 224, "dataset": dataset,
             "classes": list(range(num_classes)), "norm": None, "eps": None, "format": fmt,
             "model_args": None}
-    return _wrap(net, head, mean, std), ckpt
+    # its last linear layer (`head`) becomes head, what that layer saw ([N, d], after the
+    # global pool) features; model(x) on [0, 1] images equals net((x - mean) / std)
+    return adapt_classifier(net, mean, std, head=head), ckpt
 
 
-def load_checkpoint(path, device="cpu", arch=None, dataset=None, unsafe=False):
+# Prefixes that wrappers put before every key of a state dict: DataParallel and
+# DistributedDataParallel (module.), a model held as attribute `model` (model.), torch.compile
+# (_orig_mod.).
+KEY_PREFIXES = ("module.", "model.", "_orig_mod.")
+
+
+def strip_prefixes(state, expected):
+    """(state, the prefixes removed): while the keys of state are not the `expected` keys and
+    all start with one of KEY_PREFIXES, that prefix is removed from every key."""
+    removed, expected = [], set(expected)
+    while set(state) != expected:
+        prefix = next((p for p in KEY_PREFIXES if state and all(k.startswith(p) for k in state)),
+                      None)
+        if prefix is None:
+            break
+        state = {k[len(prefix):]: v for k, v in state.items()}
+        removed.append(prefix)
+    return state, removed
+
+
+def _normalisation(path, net, normalizer, mean, std, dataset, declared, channels):
+    """(mean, std) lists that normalise inside, or (None, None) when net normalises its
+    input itself: given ones, else the file's normalizer, else none (net's own), else the
+    dataset's when named, else those the torchvision weights declare, else ImageNet's. Given
+    ones with a normalizer in the file, or of the wrong length, are a ValueError."""
+    if mean is not None and normalizer is not None:
+        raise ValueError(f"{path} carries its own normalizer: a --mean and --std given too "
+                         f"would normalise twice")
+    if mean is None:
+        if normalizer is not None:
+            mean, std = normalizer
+        elif inner_normalizer(net) is not None:
+            return None, None
+        elif dataset is None and declared is not None:
+            mean, std = declared[:2]
+        else:
+            ds = get_dataset(dataset or "imagenet")
+            mean, std = ds.mean, ds.std
+    mean, std = [float(v) for v in mean], [float(v) for v in std]
+    if len(mean) != len(std) or len(mean) not in (1, channels):
+        raise ValueError(f"mean {mean} and std {std} must each hold 1 or {channels} values "
+                         f"(one per channel)")
+    return mean, std
+
+
+def load_classifier(path, obj, arch=None, model=None, dataset=None, head=None, mean=None,
+                    std=None, image_size=None):
+    """(Net around any image classifier, its checkpoint dict): torchvision's architecture
+    arch = "torchvision:NAME" (random weights, then obj's) or the nn.Module that the user's
+    function model = "package.module:function" returns (models.user_classifier: its code
+    runs here), with the weights of obj (the object read from the file at path; None: the
+    module's own), adapted by models.adapt_classifier (head: its last linear layer's name,
+    else found on a batch of image_size). A state dict under "model" or "state_dict", or with
+    module./model. prefixes (stripped, said in one line on stderr), loads; a torchvision
+    head with another number of classes than the file's is resized to the file's.
+    dataset: what it was trained on (default imagenet): its channels, classes, its
+    normalisation when none is given or found (_normalisation), its image size (else the
+    weights' declared one, else 224). Every mismatch is a one-line ValueError."""
+    if (arch is None) == (model is None):
+        raise ValueError("give a classifier as either --arch torchvision:NAME or --model, "
+                         "not both")
+    if (mean is None) != (std is None):
+        raise ValueError("give both --mean and --std, or neither")
+    ds = get_dataset(dataset or "imagenet")
+    name = arch.partition(":")[2] if arch else None
+    declared = torchvision_preprocessing(name) if name else None
+    size = image_size or (declared[2] if dataset is None and declared else ds.size)
+    net = torchvision_classifier(name, image_size=size) if name else user_classifier(model)
+    what = arch or f"--model {model}"
+    example = torch.rand(2, ds.channels, size, size, generator=torch.Generator().manual_seed(0))
+    try:
+        head = head or find_head(net, example)
+    except (RuntimeError, AssertionError) as e:  # the net cannot take [2, channels, size, size]
+        raise ValueError(f"{what} cannot run on images [{ds.channels}, {size}, {size}] "
+                         f"(--image-size, --trained-on): {first_line(e)}") from None
+    normalizer = None
+    if obj is not None:
+        if not isinstance(obj, dict):
+            raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict")
+        state, normalizer, _ = _network_state(obj)
+        state, removed = strip_prefixes(state, net.state_dict())
+        stripped = f"the key prefix {' '.join(removed)} removed" if removed else ""
+        weight = state.get(f"{head}.weight")
+        last = dict(net.named_modules()).get(head) if torch.is_tensor(weight) else None
+        if name and isinstance(last, nn.Linear) and weight.dim() == 2 \
+                and weight.shape[0] != last.out_features:  # the file's classes
+            parent, _, attr = head.rpartition(".")
+            setattr(net.get_submodule(parent), attr, nn.Linear(last.in_features, weight.shape[0]))
+        load_state(net, state, f"{path}{f' ({stripped})' if stripped else ''}: weights do "
+                               f"not fit {what}")
+        if stripped:  # said once it loaded: an error stays one line
+            print(f"note: {path}: {stripped}", file=sys.stderr, flush=True)
+    mean, std = _normalisation(path, net, normalizer, mean, std, dataset, declared, ds.channels)
+    adapted = adapt_classifier(net, mean, std, head=head)
+    num_classes = adapted.head.out_features
+    ckpt = {"arch": arch or f"model:{model}", "num_classes": num_classes,
+            "in_channels": ds.channels, "image_size": size, "dataset": ds.name,
+            "classes": list(range(num_classes)), "norm": None, "eps": None,
+            "format": "state dict" if obj is not None else "module", "model_args": None,
+            "head": head, "mean": mean, "std": std}
+    return adapted, ckpt
+
+
+def load_checkpoint(path, device="cpu", arch=None, dataset=None, unsafe=False, model=None,
+                    head=None, mean=None, std=None, image_size=None):
     """(model in eval mode on device, checkpoint dict). The one loader every script uses.
 
     Reads checkpoints of advtrain.py (`arch` None or theirs; `dataset` is ignored: they
@@ -206,8 +306,27 @@ def load_checkpoint(path, device="cpu", arch=None, dataset=None, unsafe=False):
     the scripts read (arch, num_classes, in_channels, image_size, dataset, classes; norm and
     eps None, model_args None) plus format ("robustness" or "torchvision"). unsafe: unpickle
     files that need it (--unsafe-load); without it they are a ValueError (PickledObjects).
+    Any other image classifier (load_classifier): arch "torchvision:NAME" or model
+    "package.module:function" (the user's code, run only then), path its state dict (None:
+    the module's own weights), with head, mean, std and image_size for it alone.
     A missing file is a FileNotFoundError, every other problem a one-line ValueError.
     """
+    if model is not None or str(arch).startswith("torchvision:"):
+        obj = None if path is None else read_torch_file(path, unsafe)
+        if is_own(obj):
+            raise ValueError(f"{path} is a checkpoint of advtrain.py: load it without --arch "
+                             f"torchvision:NAME or --model")
+        model, ckpt = load_classifier(path, obj, arch, model, dataset, head, mean, std,
+                                      image_size)
+        return model.to(device).eval(), ckpt
+    if path is None:
+        raise ValueError("no checkpoint given: --ckpt is needed, unless --model builds the "
+                         "model with its weights")
+    given = [flag for flag, value in (("--head", head), ("--mean", mean), ("--std", std),
+                                      ("--image-size", image_size)) if value is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)} apply to a classifier given by --arch "
+                         f"torchvision:NAME or --model only")
     obj = read_torch_file(path, unsafe)
     if is_own(obj):
         model, ckpt = _load_own(path, obj, arch), obj

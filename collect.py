@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from claims import DECLARATIONS, declaration_problem, number
-from common import UserError
+from common import RENAMED_METHODS, UserError
 
 FISHER_KEYS = ("weights_trace", "weights_trace_empirical", "input_trace", "input_lambda_max",
                "repr_trace", "repr_lambda_max", "repr_trace_normalized")
@@ -100,14 +100,17 @@ def collect_run(run):
            "norm": m["norm"], "eps": float(m["eps"]), "seed": m["seed"],
            "clean_acc": float(m["clean_acc"]), "robust_acc": robust_records(path, m["robust_acc"])}
     row.update({k: m[k] for k in ("arch", "dataset", "classes", "epochs", "train_seconds",
-                                  "test_size") if k in m})
+                                  "test_size", "device", "precision") if k in m})
     fisher = read_json(run / "fisher.json") or {}
     row["fisher"] = {k: number(fisher[k]) for k in FISHER_KEYS if number(fisher.get(k)) is not None}
     transfer = read_json(run / "transfer.json") or {}
     row["transfer"], row["correct"] = transfer_measures(transfer), per_example(run, transfer)
     invert = read_json(run / "invert.json") or {}
-    row["invert"] = {meth: inversion(v) for meth, v in invert.items()
+    row["invert"] = {RENAMED_METHODS.get(meth, meth): inversion(v) for meth, v in invert.items()
                      if isinstance(v, dict) and "ssim" in v}
+    if len(row["invert"]) < sum(isinstance(v, dict) and "ssim" in v for v in invert.values()):
+        raise UserError(f"{run / 'invert.json'} holds one method under two names "
+                        f"({', '.join(f'{a} = {b}' for a, b in RENAMED_METHODS.items())})")
     disjoint = invert.get("disjoint")
     row["invert_disjoint"] = disjoint if isinstance(disjoint, bool) else None
     return row
@@ -131,4 +134,23 @@ def read_declaration(results):
     problem = declaration_problem(study.get("decisions"))
     if problem:
         raise UserError(f"{path}: {problem}")
-    return {"preset": study.get("preset"), "decisions": study["decisions"], "source": "study.json"}
+    return {"preset": study.get("preset"), "decisions": study["decisions"], "source": "study.json",
+            "redeclared": study.get("redeclared", [])}
+
+
+def read_incomplete(results):
+    """The steps run_all.sh found not finished (DIR/incomplete.tsv: cell, step, log relative to
+    DIR; failed, stopped or never run), each with its log's last line: [{cell, step, log,
+    last}]; [] without the file."""
+    path = Path(results) / "incomplete.tsv"
+    if not path.is_file():
+        return []
+    steps = []
+    for line in path.read_text().splitlines():
+        cell, step, log = (line.split("\t") + ["", ""])[:3]
+        path = Path(results) / log
+        lines = path.read_text(errors="replace").strip().splitlines() if path.is_file() else []
+        last = lines[-1][:200] if lines else "empty log: stopped at its start" \
+            if path.is_file() else "never ran"
+        steps.append({"cell": cell, "step": step, "log": log, "last": last})
+    return steps

@@ -164,19 +164,71 @@ UNSAFE_LOAD_HELP = ("allow a checkpoint that needs unpickling of Python objects 
                     "source you trust")
 
 
+# Inversion methods' former names (invert.py, collect.py): older invert.json files and
+# commands spell noise-tv `improved`.
+RENAMED_METHODS = {"improved": "noise-tv"}
+
+
+def add_classifier_args(p, when="with --arch torchvision:NAME or --model: "):
+    """--model, --head, --mean, --std and --image-size: any classifier, beside a checkpoint
+    (add_checkpoint_args; advtrain.py's --eval-only)."""
+    p.add_argument("--model", default=None, metavar="MODULE:FUNCTION",
+                   help="your own classifier: package.module:function, imported (its code run) "
+                        "only when given; the function, called without arguments, returns the "
+                        "nn.Module (normalised images -> logits)")
+    p.add_argument("--head", default=None,
+                   help=when + "the name of the last linear layer (default: found, the last "
+                        "nn.Linear whose output is the output)")
+    for name in ("mean", "std"):
+        p.add_argument(f"--{name}", type=float, nargs="+", default=None,
+                       help=f"{when}the per-channel {name} of the normalisation it was trained "
+                            f"with (default: the file's normaliser; none if the model "
+                            f"normalises inside; else its dataset's, when named; else the "
+                            f"torchvision weights'; else ImageNet's)")
+    p.add_argument("--image-size", type=positive_int, default=None,
+                   help=when + "the model's input size in pixels (default: its dataset's, "
+                        "when named; else the torchvision weights' crop size; else 224)")
+
+
 def add_checkpoint_args(p):
-    """The --ckpt, --arch and --unsafe-load options of every script that reads a checkpoint."""
-    p.add_argument("--ckpt", required=True, help=CKPT_HELP)
+    """The options of every script that reads a model: --ckpt, --arch, --unsafe-load, and for
+    any other classifier --model, --head, --mean, --std, --image-size, --trained-on
+    (checkpoint_options turns them into checkpoints.load_checkpoint's arguments)."""
+    p.add_argument("--ckpt", default=None, help=CKPT_HELP + "; with --arch torchvision:NAME or "
+                   "--model, a state dict of that network (required, unless --model builds "
+                   "the model with its weights)")
     p.add_argument("--arch", default=None,
                    help="architecture of a foreign checkpoint, e.g. resnet50, wide_resnet50_2, "
-                        "cifar_resnet18 (default: detected from its keys and shapes)")
+                        "cifar_resnet18 (default: detected from its keys and shapes), or "
+                        "torchvision:NAME, any classifier of torchvision.models (e.g. "
+                        "torchvision:convnext_tiny), whose state dict --ckpt is")
+    add_classifier_args(p)
+    p.add_argument("--trained-on", default=None,
+                   help="the dataset a published or --arch torchvision:NAME / --model "
+                        "classifier was trained on: its classes, test images, channels and "
+                        "default normalisation (default imagenet; cifar10 for cifar_*)")
     p.add_argument("--unsafe-load", action="store_true", help=UNSAFE_LOAD_HELP)
+
+
+def ckpt_folder(args):
+    """--out's default: the folder of --ckpt, or the current one without it (--model)."""
+    return Path(args.ckpt).parent if args.ckpt else Path(".")
+
+
+def checkpoint_options(args):
+    """checkpoints.load_checkpoint's keyword arguments from add_checkpoint_args' options."""
+    return dict(arch=args.arch, dataset=args.trained_on, unsafe=args.unsafe_load,
+                model=args.model, head=args.head, mean=args.mean, std=args.std,
+                image_size=args.image_size)
 
 
 def mean_se(values):
     """(mean, standard error of the mean) of the finite values of a 1-d array or tensor;
-    SE = 0.0 (no noise estimate) for a single value. Used for every reported number."""
+    SE = 0.0 (no noise estimate) for a single value, (nan, 0.0) when none is finite. No values
+    at all is a ValueError. Used for every reported number."""
     v = np.asarray(values, dtype=np.float64).ravel()
+    if v.size == 0:
+        raise ValueError("values must hold at least one value, got none")
     v = v[np.isfinite(v)]
     se = float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else 0.0
     return float(v.mean()), se
@@ -248,13 +300,17 @@ def code_revision():
 
 # Options that change where or how fast a script runs, never what it computes.
 NOT_SETTINGS = ("device", "data_dir", "no_download", "out", "resume", "ckpt", "judge")
+# Options of any other classifier (add_classifier_args, --trained-on): settings only when
+# given, so the settings of our own checkpoints' runs stay as they were.
+CLASSIFIER_OPTIONS = ("model", "head", "mean", "std", "image_size", "trained_on")
 
 
 def provenance(settings):
     """{settings, settings_hash, code_revision} for an output file. settings: a dict (vars of
     the parsed arguments); options in NOT_SETTINGS are left out, so moving a run elsewhere
-    does not change its hash."""
-    kept = {k: v for k, v in sorted(settings.items()) if k not in NOT_SETTINGS}
+    does not change its hash; CLASSIFIER_OPTIONS not given (None) are left out too."""
+    kept = {k: v for k, v in sorted(settings.items()) if k not in NOT_SETTINGS
+            and not (k in CLASSIFIER_OPTIONS and v is None)}
     digest = hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
     return {"settings": kept, "settings_hash": digest[:16], "code_revision": code_revision()}
 

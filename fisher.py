@@ -30,7 +30,6 @@ after its semicolon, beside it, and this file's imports of other libraries.
 """
 import contextlib
 import warnings
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -38,8 +37,8 @@ from torch.func import functional_call, jacrev, jvp, vjp, vmap
 
 from checkpoints import load_checkpoint
 from common import (ArgumentParser, Clock, add_checkpoint_args, add_common_args, atomic_save,
-                    check_number, mean_se, nonnegative_int, parse_classes, positive_int,
-                    provenance, user_errors, writable_dir)
+                    check_number, checkpoint_options, ckpt_folder, mean_se, nonnegative_int,
+                    parse_classes, positive_int, provenance, user_errors, writable_dir)
 from data import DATASETS, STREAM_RULE, iterate_batches, open_split
 from models import check_images, check_labels, eval_mode, get_device
 
@@ -411,8 +410,8 @@ def measure(model, x, y, args, exact, clock):
 def main(args):
     clock = Clock()
     device = get_device(args.device)
-    model, ckpt = load_checkpoint(args.ckpt, device, arch=args.arch, unsafe=args.unsafe_load)
-    out = writable_dir(args.out if args.out is not None else Path(args.ckpt).parent)
+    model, ckpt = load_checkpoint(args.ckpt, device, **checkpoint_options(args))
+    out = writable_dir(args.out if args.out is not None else ckpt_folder(args))
     x, y, dataset, classes, own_labels = load_examples(args, ckpt, device)
     num_classes, num_params = ckpt["num_classes"], sum(p.numel() for p in model.parameters())
     exact = num_classes <= EXACT_MAX_CLASSES

@@ -1,6 +1,7 @@
 """Models: the small `cnn` and the CIFAR `resnet18`, each with the interface every script
 relies on (`features(x)` -> [N, d] penultimate representation, `head` the last linear layer,
-inputs in [0, 1] normalised inside), the optimizer and the one training loop (`sgd_epoch`)
+inputs in [0, 1] normalised inside), the adapter that gives any other image classifier that
+interface (`adapt_classifier`), the optimizer and the one training loop (`sgd_epoch`)
 of training and fine-tuning, the mode context managers `eval_mode` and `train_mode`,
 and the few tensor helpers the core functions share: their input checks and the per-example
 L2 norm of the normalised (L2) steps. Checkpoints are read and written by checkpoints.py,
@@ -12,6 +13,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 ARCHS = ("cnn", "resnet18")
 
@@ -42,13 +44,15 @@ class Normalize(nn.Module):
 
 
 class Net(nn.Module):
-    """normalise -> body -> features [N, d] -> head (linear) -> logits [N, k]."""
+    """normalise -> body -> features [N, d] -> head (linear) -> logits [N, k]. head: an
+    existing nn.Linear(feature_dim, num_classes) to use as it is (adapt_classifier), else a
+    new one."""
 
-    def __init__(self, body, feature_dim, num_classes, mean, std):
+    def __init__(self, body, feature_dim, num_classes, mean, std, head=None):
         super().__init__()
         self.normalize = Normalize(mean, std)
         self.body = body
-        self.head = nn.Linear(feature_dim, num_classes)
+        self.head = nn.Linear(feature_dim, num_classes) if head is None else head
 
     def features(self, x):
         return self.body(self.normalize(x))
@@ -112,6 +116,163 @@ def build_model(arch, num_classes, in_channels, image_size, mean, std, width=64)
     else:
         raise ValueError(f"unknown arch {arch!r}; choose from {', '.join(ARCHS)}")
     return Net(body, dim, num_classes, mean, std)
+
+
+# ----------------------------------------------------------------------------- any classifier
+
+# The last name of a buffer by which a network shows that it normalises its own input: ours
+# (Normalize: mean, std), the robustness library's normalizer (new_mean, new_std) and the
+# mu, sigma of RobustBench-style models. BatchNorm's running_mean is not one of them.
+NORMALIZER_BUFFERS = ("mean", "std", "new_mean", "new_std", "mu", "sigma")
+
+
+def inner_normalizer(net):
+    """The name of the first buffer of net that says it normalises its own input (its last
+    part in NORMALIZER_BUFFERS), or None."""
+    for name, _ in net.named_buffers():
+        if name.rsplit(".", 1)[-1] in NORMALIZER_BUFFERS:
+            return name
+    return None
+
+
+def find_head(net, example):
+    """The dotted name of net's head: the last nn.Linear called in net(example) whose output
+    is net's output (logits [N, k]), found by forward hooks in one pass, in eval mode and
+    without gradients (every module's mode given back). example: a batch net takes. A net
+    without such a layer, or whose head is called more than once, is a ValueError naming
+    net's class."""
+    calls = []  # (name, output) of every nn.Linear call, in call order
+    hooks = [module.register_forward_hook(
+        lambda module, inputs, output, name=name: calls.append((name, output)))
+        for name, module in net.named_modules() if isinstance(module, nn.Linear)]
+    try:
+        with eval_mode(net), torch.no_grad():
+            out = net(example)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    what = type(net).__name__
+    if not torch.is_tensor(out) or out.dim() != 2:
+        raise ValueError(f"{what} returns a {_describe(out)}, not logits [N, k]")
+    heads = [name for name, output in calls if output is out or (
+        torch.is_tensor(output) and output.shape == out.shape and torch.equal(output, out))]
+    if not heads or heads[-1] == "":
+        found = f"its last nn.Linear, {calls[-1][0]}, is followed by other layers" if calls \
+            else "it has no nn.Linear"
+        raise ValueError(f"{what} has no linear head whose output is its output ({found}): "
+                         f"name its last linear layer (head)")
+    if sum(name == heads[-1] for name, _ in calls) > 1:
+        raise ValueError(f"{what}'s last linear layer {heads[-1]} is called more than once "
+                         f"in a forward pass: not a head")
+    return heads[-1]
+
+
+class AdaptedNet(Net):
+    """A Net around a classifier of other code (adapt_classifier). Its attention layers, if
+    any, run in PyTorch's math kernel of scaled_dot_product_attention: the fused CPU kernel
+    has no forward-mode derivative, which the lambda_max estimators (jvp) need."""
+
+    def features(self, x):
+        with sdpa_kernel(SDPBackend.MATH):
+            return super().features(x)
+
+
+def adapt_classifier(net, mean=None, std=None, head=None, example=None):
+    """Any image classifier as a Net with the interface of ours: `features(x)` -> [N, d] (what
+    its last linear layer sees), `head` that layer, model(x) == head(features(x)), inputs in
+    [0, 1] with the normalisation inside.
+
+    net: a module from normalised images [N, C, H, W] to logits [N, k]. mean, std: the
+    per-channel normalisation it was trained with, or both None when net normalises its
+    input itself (or takes [0, 1] images); given for a net that normalises inside
+    (inner_normalizer) they are a ValueError: twice normalised. head: the dotted name of its
+    last nn.Linear, or None to find it (find_head, which needs `example`, a batch net takes).
+    No weight is copied: net becomes the Net's body, with nn.Identity in its head's place,
+    and the head moves to the Net; net's mode is left as it is. Bad values are ValueErrors
+    naming net's class."""
+    what = type(net).__name__
+    if (mean is None) != (std is None):
+        raise ValueError(f"give both mean and std for {what}, or neither")
+    inner = inner_normalizer(net)
+    if mean is not None and inner is not None:
+        raise ValueError(f"{what} normalises its input itself (buffer {inner}): a mean and std "
+                         f"given too would normalise twice")
+    if head is None:
+        if example is None:
+            raise ValueError(f"finding the head of {what} needs an example batch")
+        head = find_head(net, example)
+    try:
+        last = net.get_submodule(head) if head else None
+    except AttributeError:
+        raise ValueError(f"{what} has no module {head!r}") from None
+    if not isinstance(last, nn.Linear):
+        raise ValueError(f"{what}'s module {head!r} is a {type(last).__name__}, not nn.Linear")
+    parent, _, attr = head.rpartition(".")
+    identity = nn.Identity()
+    identity.training = last.training  # every module of net keeps its mode
+    setattr(net.get_submodule(parent), attr, identity)
+    if mean is None:  # (x - 0) / 1 is x exactly; [1, 1, 1, 1] broadcasts over any channels
+        mean, std = (0.0,), (1.0,)
+    model = AdaptedNet(net, last.in_features, last.out_features, mean, std, head=last)
+    model.training = model.normalize.training = net.training  # net's mode, not a new one
+    return model
+
+
+def torchvision_classifier(name, num_classes=1000, image_size=224):
+    """torchvision.models' classifier `name` (one of list_models(module=torchvision.models))
+    with random weights (weights=None: nothing is downloaded); a ViT built for image_size.
+    An unknown name is a ValueError."""
+    import torchvision
+    names = torchvision.models.list_models(module=torchvision.models)
+    if name not in names:
+        raise ValueError(f"unknown torchvision classifier {name!r}; torchvision "
+                         f"{torchvision.__version__} has {', '.join(names[:4])}, ... (see "
+                         f"torchvision.models.list_models())")
+    extra = {"image_size": image_size} if name.startswith("vit_") else {}
+    return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **extra)
+
+
+def torchvision_preprocessing(name):
+    """(mean, std, crop size) that the default weights torchvision publishes for classifier
+    `name` declare (read from the weights' description: nothing is downloaded), or None."""
+    import torchvision
+    try:
+        weights = torchvision.models.get_model_weights(name)
+    except (ValueError, KeyError):
+        return None
+    default = getattr(weights, "DEFAULT", None) or next(iter(weights), None)
+    transform = default.transforms() if default is not None else None
+    if transform is None or not hasattr(transform, "mean"):
+        return None
+    return list(transform.mean), list(transform.std), transform.crop_size[0]
+
+
+def user_classifier(spec):
+    """The nn.Module that the function named by spec, "package.module:function", returns when
+    called without arguments. The module is imported (its code runs) here and only here; it
+    is looked up on sys.path and in the current folder. A malformed spec, a module that cannot
+    be imported, a missing function or a return value that is not an nn.Module is a
+    ValueError naming it; errors inside the user's function keep their traceback."""
+    import importlib
+    import os
+    import sys
+    module_name, _, function = str(spec).partition(":")
+    if not module_name or not function or ":" in function:
+        raise ValueError(f"--model must look like package.module:function, got {spec!r}")
+    if os.getcwd() not in sys.path:  # a script's sys.path[0] is its own folder, not the cwd
+        sys.path.append(os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(f"--model {spec}: cannot import {module_name} ({e})") from None
+    build = getattr(module, function, None)
+    if not callable(build):
+        raise ValueError(f"--model {spec}: module {module_name} has no function {function}")
+    net = build()
+    if not isinstance(net, nn.Module):
+        raise ValueError(f"--model {spec}: {function}() returned a {type(net).__name__}, "
+                         f"not an nn.Module")
+    return net
 
 
 # ----------------------------------------------------------------------------- training

@@ -1,6 +1,7 @@
 """Judge the paper's claims C1-C6 on one results folder: report.md, summary.json, plots.
 
     python report.py --declare quick results/quick   # study.json: the preset's decisions
+    python report.py --declare quick results/quick --redeclare  # replace them (recorded)
     python report.py results/quick                   # report.md, summary.json, *.png
     python report.py --rules                         # the rules block of docs/PROTOCOL.md
 
@@ -12,7 +13,9 @@ here judges them all at one of two levels (seeds, models) with the tests of stat
 one of four verdicts (claims.VERDICTS); plots.py draws the figures. numpy and the standard
 library only (matplotlib, if present, for the plots).
 """
+import json
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +23,7 @@ import numpy as np
 from claims import (CLAIMS, DECLARATIONS, HOLDS, METRICS, MIN_MODEL_EPS, MIN_SEEDS,
                     MODELS_SENTENCE, RULES_BEGIN, RULES_END, ci_text, eps_list, fmt, number,
                     rule_text, rules_markdown)
-from collect import FISHER_KEYS, collect_rows, read_declaration
+from collect import FISHER_KEYS, collect_rows, read_declaration, read_incomplete, read_json
 from common import ArgumentParser, UserError, atomic_save, mean_se, provenance, user_errors
 import plots
 from stats import (ALPHA, example_test, holm, kendall_margin_p, kendall_mde, kendall_test,
@@ -534,7 +537,65 @@ def count_text(c):
     return ", ".join(counts) or "n/a"
 
 
-def markdown(rows, claims, declaration, figures):
+def study_notes(rows, declaration, incomplete):
+    """report.md's lines under the declaration: the steps that did not finish (their cells are
+    judged on what they hold), where and in what precision the runs ran, and every
+    re-declaration of the folder."""
+    lines = []
+    if incomplete:
+        cells = sorted({s["cell"] for s in incomplete})
+        lines += ["", f"**Did not finish: {len(incomplete)} steps of {len(cells)} cells "
+                  f"({', '.join(cells)})**; the verdicts judge the runs present. Rerun (or "
+                  "resubmit) the study to finish them:", ""]
+        lines += [f"- {s['cell']}: {s['step']} ({s['log'] or 'no log'}: {s['last']})"
+                  for s in incomplete]
+    ran = {}
+    for r in rows:
+        key = (r.get("device", "not recorded"), r.get("precision", "not recorded"))
+        ran[key] = ran.get(key, 0) + 1
+    lines += ["", "Ran on: " + "; ".join(f"{device}, {precision} ({n} runs)"
+                                         for (device, precision), n in sorted(ran.items())) + "."]
+    for r in declaration.get("redeclared", []):
+        lines += ["", f"**Re-declared {r['when']}**: {', '.join(r['changed'])} changed after "
+                  "the folder was first declared (study.json keeps the old and new decisions)."]
+    return lines
+
+
+def part_unit(part, claim, decisions):
+    """The unit of a part's effect, smallest effect and MDE in the claims table; for a trend,
+    its smallest effect per unit eps read back as the declared change over the grid."""
+    name = METRICS[part["metric"]][0]
+    if part["contrast"] == "versus_eps0":
+        return f"{name} at an eps > 0 minus at eps 0"
+    if part["contrast"] == "mean_gain":
+        return f"{name}, mean over the robust models"
+    unit = f"{'ln ' if part.get('log') else ''}{name} per unit eps"
+    smallest, declared = claim["smallest_effect"], decisions["smallest_effects"][part["metric"]]
+    if smallest is None:
+        return unit
+    way = "fall" if part["direction"] < 0 else "rise"
+    change = (f"a {fmt(100 * abs(1 - math.exp(part['direction'] * declared)))}% {way} (a "
+              f"factor {fmt(math.exp(declared))})" if part.get("log") else
+              f"a {way} of {fmt(declared)}")
+    return (f"{unit} ({fmt(smallest, True)} is {change} over the grid's eps range "
+            f"{fmt(declared / abs(smallest))})")
+
+
+def units_line(claims, decisions):
+    """The line under the claims table: each row's unit (the deciding part's: the part of the
+    claimed direction that the smallest effect's sign names), accuracies as fractions."""
+    texts = []
+    for cid, c in claims.items():
+        parts = CLAIMS[cid]["parts"]
+        if c["smallest_effect"] is not None:
+            parts = [p for p in parts if p["direction"] * c["smallest_effect"] > 0] or parts
+        units = dict.fromkeys(part_unit(p, c, decisions) for p in parts)
+        texts.append(f"{cid} {' or '.join(units)}")
+    return ("Units: a row's effect, smallest effect and MDE share its unit and are signed in the "
+            "claimed direction; accuracies and SSIM as fractions. " + "; ".join(texts) + ".")
+
+
+def markdown(rows, claims, declaration, figures, incomplete=()):
     d = declaration["decisions"]
     radius = ", ".join(f"{k} {fmt(v)}" for k, v in d["reference_radius"].items())
     lines = ["# Results", "", "| claim | verdict | level | effect [90% CI] | smallest effect | "
@@ -545,13 +606,14 @@ def markdown(rows, claims, declaration, figures):
         lines.append(f"| {cid}: {CLAIMS[cid]['claim']} | **{c['verdict']}** | "
                      f"{c['level'] or 'n/a'} | {effect} | {fmt(c['smallest_effect'], True)} | "
                      f"{fmt(c['mde'], True)} | {fmt(c['p'])} | {count_text(c)} |")
-    lines += ["", MODELS_SENTENCE, "",
+    lines += ["", units_line(claims, d), "", MODELS_SENTENCE, "",
               f"Declaration ({declaration['source']}, preset {declaration['preset']}): reference "
               f"radius {radius}; primary transfer `{d['primary_transfer']}` at eps "
               f"{'> 0 (every)' if d['transfer_eps'] is None else eps_list(d['transfer_eps'])}; "
               f"inversion method "
               f"`{d['inversion_method']}`; noise pairs "
               + ", ".join(f"{a} vs {b}" for a, b in d["noise_pairs"]) + "."]
+    lines += study_notes(rows, declaration, incomplete)
     if figures:
         lines += ["", "## Plots", "", "Error bars: ± 1 SE over seeds.", ""]
         lines += [f"![{f}]({f})" for f in figures]
@@ -639,6 +701,49 @@ def make_figures(rows, results, n_images=8):
     return written
 
 
+# ----------------------------------------------------------------------------- declaration
+
+def changed_keys(old, new, prefix=""):
+    """The dotted keys (decisions.C2.shots) whose values differ between two JSON values."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [k for key in sorted(set(old) | set(new))
+                for k in changed_keys(old.get(key), new.get(key), f"{prefix}{key}.")]
+    return [] if old == new else [prefix.rstrip(".")]
+
+
+def declare(results, preset, redeclare=False):
+    """Write results/study.json, the preset's decisions, before the study's numbers exist:
+    once (DESIGN.md, Pre-registration). A later declaration that differs raises ValueError
+    naming what changed, unless redeclare: then the new one replaces it and the change is
+    appended to its `redeclared` list ({when, old, new}; report.md shows it). Returns what was
+    done, a line."""
+    path = Path(results) / "study.json"
+    new = json.loads(json.dumps({"preset": preset, "decisions": DECLARATIONS[preset]}))
+    study = read_json(path)
+    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    if study is None:
+        atomic_save(path, {**new, "declared": when, "provenance": provenance({"preset": preset})})
+        return f"wrote {path} (preset {preset})"
+    old = {"preset": study.get("preset"), "decisions": study.get("decisions")}
+    changed = sorted(changed_keys(old, new), key=lambda k: k != "preset")  # the preset first
+    if not changed:
+        return f"{path}: declared before (preset {preset}), unchanged"
+    if not redeclare:
+        def value(d, key):
+            for part in key.split("."):
+                d = d.get(part) if isinstance(d, dict) else None
+            return json.dumps(d)
+        shown = "; ".join(f"{k} {value(old, k)} -> {value(new, k)}" for k in changed[:3])
+        raise ValueError(f"{path} declares other decisions than preset {preset} now does "
+                         f"({shown}{'; ...' if len(changed) > 3 else ''}): use a new results "
+                         f"folder, or re-declare (run_all.sh --redeclare, recorded)")
+    history = study.get("redeclared", []) + [{"when": when, "changed": changed, "old": old,
+                                              "new": new}]
+    atomic_save(path, {**study, **new, "redeclared": history,
+                       "provenance": provenance({"preset": preset})})
+    return f"re-declared {path} (preset {preset}; changed {', '.join(changed)}; recorded)"
+
+
 # ----------------------------------------------------------------------------- script
 
 def get_args(argv=None):
@@ -648,7 +753,10 @@ def get_args(argv=None):
                    "(and fisher.json, transfer.json, invert.json)")
     p.add_argument("--declare", choices=sorted(DECLARATIONS), metavar="PRESET",
                    help="write RESULTS_DIR/study.json with the decisions of this preset ("
-                   + ", ".join(DECLARATIONS) + ") and judge nothing")
+                   + ", ".join(DECLARATIONS) + ") and judge nothing; once: a folder declared "
+                   "with other decisions is refused")
+    p.add_argument("--redeclare", action="store_true", help="with --declare: replace a "
+                   "declaration of other decisions (recorded in study.json and report.md)")
     p.add_argument("--rules", action="store_true", help="print the rules block of docs/PROTOCOL.md")
     return p.parse_args(argv)
 
@@ -661,10 +769,7 @@ def main(args):
         raise UserError("give a results folder (or --rules)")
     results = Path(args.results_dir)
     if args.declare:
-        decisions = DECLARATIONS[args.declare]
-        atomic_save(results / "study.json", {"preset": args.declare, "decisions": decisions,
-                                             "provenance": provenance({"preset": args.declare})})
-        print(f"wrote {results / 'study.json'} (preset {args.declare})")
+        print(declare(results, args.declare, args.redeclare))
         return
     if not results.is_dir():
         raise UserError(f"results folder not found: {results}")
@@ -675,9 +780,13 @@ def main(args):
     claims = judge_claims(rows, declaration["decisions"])
     figures = make_figures(rows, results)
     kept = [{k: v for k, v in r.items() if k != "correct"} for r in rows]
+    incomplete = read_incomplete(results)
     atomic_save(results / "summary.json", {"declaration": declaration, "rules": rules_markdown(),
-                                           "rows": kept, "claims": claims})
-    atomic_save(results / "report.md", markdown(rows, claims, declaration, figures))
+                                           "rows": kept, "claims": claims,
+                                           "incomplete": incomplete})
+    atomic_save(results / "report.md", markdown(rows, claims, declaration, figures, incomplete))
+    for s in incomplete:
+        print(f"did not finish: {s['cell']} {s['step']} ({s['last']})", flush=True)
     for cid, c in claims.items():
         print(f"{cid} {c['verdict']}" + (f" (p={fmt(c['p'])}, level {c['level']})"
                                          if c["p"] is not None else ""), flush=True)

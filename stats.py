@@ -18,7 +18,8 @@ functools, itertools and statistics.
     sen_slope: ALPHA, inversion_pmf
     example_test: ALPHA, _beta_fraction, betainc, check_direction, draws_test, mcnemar, t_cdf,
         t_quantile, t_test
-    mde_t: ALPHA, POWER, _beta_fraction, betainc, t_cdf, t_power, t_quantile, unit_mde_t
+    mde_t: ALPHA, POWER, _beta_fraction, betainc, t_cdf, t_power, t_quantile, trapezoid,
+        unit_mde_t
     kendall_mde: ALPHA, POWER, inversion_pmf, kendall_s, unit_kendall_mde
 """
 import functools
@@ -162,13 +163,21 @@ def t_power(shift, df, alpha=ALPHA):
     log_density = (df - 1) * np.log(np.maximum(s, 1e-300)) - s * s / 2
     weights = np.exp(log_density - log_density.max())
     tail = 0.5 * np.vectorize(math.erfc)((c * s / math.sqrt(df) - shift) / math.sqrt(2))
-    return float(np.trapezoid(weights * tail, s) / np.trapezoid(weights, s))
+    return float(trapezoid(weights * tail, s) / trapezoid(weights, s))
+
+
+def trapezoid(y, x):
+    """The trapezoidal rule's integral of y over the points x, as numpy >= 2.0's trapezoid
+    computes it (numpy 1.x calls it trapz; requirements.txt admits both)."""
+    return np.add.reduce(np.diff(x) * (y[1:] + y[:-1]) / 2.0)
 
 
 def mde_t(se, df, alpha=ALPHA, power=POWER):
     """Minimum detectable effect of a one-sided t-test at level alpha with the given power:
     the true effect, in units of se, at which the test rejects with probability `power`
     (t_power: the noncentral t), times se. About (t_{1 - alpha, df} + t_{power, df}) se."""
+    if not 0 <= se < math.inf:  # a negative MDE would read as an effect of the other sign
+        raise ValueError(f"se must be a finite number >= 0, got {se!r}")
     return se * unit_mde_t(df, alpha, power)
 
 
@@ -285,6 +294,9 @@ def kendall_mde(x, sigma, alpha=ALPHA, power=POWER):
     increasing) rejects with probability `power`. The rejection depends on b / sigma only, so
     this is sigma times the unit-noise MDE (unit_kendall_mde). None when even a perfect order
     cannot reject (1 / n! >= alpha)."""
+    if len(x) < 2 or not 0 <= sigma < math.inf:
+        raise ValueError(f"need at least 2 x values and a finite sigma >= 0, got {len(x)} and "
+                         f"{sigma!r}")
     unit = unit_kendall_mde(tuple(float(v) for v in x), alpha, power)
     return None if unit is None else sigma * unit
 

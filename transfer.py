@@ -28,11 +28,12 @@ for the same model weights (their digest) and extraction settings).
 Functions to copy: each needs the names after its colon, from this file, the shared modules
 after its semicolon, beside it, and this file's imports of other libraries.
     extract_features: (none); common.py, data.py, models.py
-    linear_probe: check_features, fit_logistic, probe_accuracy, probe_correct; common.py,
+    linear_probe: check_features, check_l2_grid, check_probe_inputs, fit_logistic,
+        probe_accuracy, probe_correct; common.py, models.py
+    few_shot_probe: FEW_SHOT_L2_BY_SHOTS, check_features, check_l2_grid, check_probe_inputs,
+        check_shots, few_shot_l2, fit_logistic, k_shot_indices, probe_correct; common.py,
         models.py
-    few_shot_probe: FEW_SHOT_L2_BY_SHOTS, check_shots, few_shot_l2, fit_logistic,
-        k_shot_indices, probe_correct; common.py
-    finetune: extract_features; common.py, data.py, models.py
+    finetune: FINETUNE_BUDGET, extract_features; common.py, data.py, models.py
 """
 import argparse
 import copy
@@ -47,8 +48,9 @@ import torch.nn.functional as F
 
 from checkpoints import load_checkpoint
 from common import (ArgumentParser, Clock, UserError, add_checkpoint_args, add_common_args,
-                    atomic_save, check_number, lr_at, mean_se, nonnegative_int, parse_classes,
-                    positive_int, provenance, user_errors, writable_dir)
+                    atomic_save, check_number, checkpoint_options, ckpt_folder, lr_at, mean_se,
+                    nonnegative_int, parse_classes, positive_int, provenance, user_errors,
+                    writable_dir)
 from data import (DATASETS, STREAM_RULE, adapt_images, iterate_batches, load_split, open_split,
                   split_labels)
 from models import check_images, check_labels, eval_mode, get_device, make_optimizer, sgd_epoch
@@ -195,6 +197,29 @@ def check_features(feats, labels, name):
         raise ValueError(f"{name}_labels must be class labels >= 0, got {int(labels.min())}")
 
 
+def check_probe_inputs(train_feats, train_labels, test_feats, test_labels):
+    """ValueError naming the bad value unless the train and test features are float [N, d] of
+    one width d with their class labels (check_features), every test label a class of the
+    training labels: a probe never predicts a class it was not fitted on, so its accuracy on
+    such labels would be nonsense."""
+    check_features(train_feats, train_labels, "train")
+    check_features(test_feats, test_labels, "test")
+    if train_feats.shape[1] != test_feats.shape[1]:
+        raise ValueError(f"train_feats and test_feats must have the same width d, got "
+                         f"{train_feats.shape[1]} and {test_feats.shape[1]}")
+    if int(test_labels.max()) > int(train_labels.max()):
+        raise ValueError(f"test_labels must be classes of the training labels (0-"
+                         f"{int(train_labels.max())}), got {int(test_labels.max())}")
+
+
+def check_l2_grid(l2_grid):
+    """ValueError unless l2_grid holds at least one penalty, each a finite number >= 0."""
+    if not len(l2_grid):
+        raise ValueError("l2_grid must hold at least one penalty, got none")
+    for l2 in l2_grid:
+        check_number("each l2_grid value", l2, at_least=0)
+
+
 def linear_probe(train_feats, train_labels, test_feats, test_labels,
                  l2_grid=(1e-4, 1e-3, 1e-2, 1e-1), val_fraction=0.2, seed=0,
                  max_iter=1000, tol=1e-4, select_tol=1e-3, dtype=torch.float32):
@@ -210,17 +235,11 @@ def linear_probe(train_feats, train_labels, test_feats, test_labels,
     {l2: accuracy}, and fit_logistic's weight, bias, mean, std, grad_max (largest |gradient|
     of the objective at the returned weights), iterations. Bad input is a ValueError naming
     the value (features and labels, train and test of different widths, an empty or negative
-    grid, val_fraction outside (0, 1), tolerances <= 0).
+    grid, val_fraction outside (0, 1), tolerances <= 0, test labels of classes the training
+    labels lack).
     """
-    check_features(train_feats, train_labels, "train")
-    check_features(test_feats, test_labels, "test")
-    if train_feats.shape[1] != test_feats.shape[1]:
-        raise ValueError(f"train_feats and test_feats must have the same width d, got "
-                         f"{train_feats.shape[1]} and {test_feats.shape[1]}")
-    if not len(l2_grid):
-        raise ValueError("l2_grid must hold at least one penalty, got none")
-    for l2 in l2_grid:
-        check_number("each l2_grid value", l2, at_least=0)
+    check_probe_inputs(train_feats, train_labels, test_feats, test_labels)
+    check_l2_grid(l2_grid)
     if len(l2_grid) > 1:
         check_number("val_fraction", val_fraction, above=0)
         if val_fraction >= 1 or len(train_feats) < 2:
@@ -309,8 +328,15 @@ def few_shot_probe(train_feats, train_labels, test_feats, test_labels, shots, dr
     (over draws), draws, l2 (the penalty of each draw), criterion ("fixed" or "cv-correct":
     how the penalties were chosen), at_edge (cv-correct: draws whose penalty is the grid's
     smallest or largest; else None), correct (bool [draws, N_test] on the CPU: whether draw
-    d's probe classifies test example i right)}.
+    d's probe classifies test example i right)}. Bad input is a ValueError naming the value
+    (as linear_probe's; shots and draws < 1, folds < 2).
     """
+    check_probe_inputs(train_feats, train_labels, test_feats, test_labels)
+    check_number("shots", shots, at_least=1, integer=True)
+    check_number("draws", draws, at_least=1, integer=True)
+    check_number("folds", folds, at_least=2, integer=True)
+    if l2_grid is not None:
+        check_l2_grid(l2_grid)
     train_feats, test_feats = train_feats.to(dtype), test_feats.to(dtype)
     num_classes = int(train_labels.max()) + 1
     grid = [few_shot_l2(shots)] if l2_grid is None else sorted(l2_grid, reverse=True)
@@ -343,8 +369,13 @@ def few_shot_probe(train_feats, train_labels, test_feats, test_labels, shots, dr
             "correct": correct}
 
 
-def finetune(model, x, y, test_split, channels, size, epochs=2, lr=0.01, batch_size=128, seed=0,
-             weight_decay=5e-4, transform=None):
+# The fine-tuning budget chosen on held-out settings (docs/FINETUNE.md): the fewest epochs, then
+# the lowest peak lr, at which fine-tuning at eps 0 is level with the same-data linear probe.
+FINETUNE_BUDGET = {"epochs": 20, "lr": 0.01}
+
+
+def finetune(model, x, y, test_split, channels, size, epochs=FINETUNE_BUDGET["epochs"],
+             lr=FINETUNE_BUDGET["lr"], batch_size=128, seed=0, weight_decay=5e-4, transform=None):
     """Fine-tune a copy of model, every weight, with a new zero-initialised linear head for
     the target's classes, and test it. SGD with Nesterov momentum 0.9 (models.make_optimizer),
     one-cycle learning rate peaking at lr (common.lr_at), batches in a random order from a
@@ -359,6 +390,11 @@ def finetune(model, x, y, test_split, channels, size, epochs=2, lr=0.01, batch_s
     whether each test example is classified right}."""
     check_images(x, "x")
     check_labels(y, len(x), "y")
+    test_labels = split_labels(test_split)
+    if int(y.min()) < 0 or int(test_labels.max()) > int(y.max()):
+        raise ValueError(f"y must be class labels >= 0 and test_split's labels classes of y "
+                         f"(0-{int(y.max())}), got y from {int(y.min())} and test labels up "
+                         f"to {int(test_labels.max())}")
     if not (epochs >= 1 and lr > 0 and batch_size >= 1):
         raise ValueError(f"need epochs >= 1, lr > 0 and batch_size >= 1, got {epochs}, {lr}, "
                          f"{batch_size}")
@@ -469,8 +505,10 @@ def get_args(argv=None):
     p.add_argument("--finetune", action="store_true",
                    help="also fine-tune the whole network with a new head on each target (SGD, "
                         "--finetune-lr, --finetune-epochs) and report its test accuracy")
-    p.add_argument("--finetune-epochs", type=positive_int, default=2, help="fine-tuning epochs")
-    p.add_argument("--finetune-lr", type=float, default=0.01,
+    p.add_argument("--finetune-epochs", type=positive_int, default=FINETUNE_BUDGET["epochs"],
+                   help="fine-tuning epochs (the default: the budget chosen on held-out "
+                        "settings, docs/FINETUNE.md)")
+    p.add_argument("--finetune-lr", type=float, default=FINETUNE_BUDGET["lr"],
                    help="fine-tuning peak learning rate (one-cycle)")
     p.add_argument("--finetune-size", type=positive_int, default=None,
                    help="fine-tune on the first N target training images (default all)")
@@ -576,8 +614,8 @@ def main(args):
     clock = Clock()
     targets = {text: parse_target(text) for text in args.target}  # all, before any work
     device = get_device(args.device)
-    model, ckpt = load_checkpoint(args.ckpt, device, arch=args.arch, unsafe=args.unsafe_load)
-    out = writable_dir(args.out or Path(args.ckpt).parent)
+    model, ckpt = load_checkpoint(args.ckpt, device, **checkpoint_options(args))
+    out = writable_dir(args.out or ckpt_folder(args))
     clock.log(f"model {args.ckpt}: {ckpt['arch']} on {ckpt['dataset']} classes "
               f"{ckpt['classes']} eps {ckpt['eps']} on {device}")
     results = {}

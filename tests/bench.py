@@ -205,8 +205,8 @@ def bench_transfer(model, n_train, sgd_epochs):
 
 def bench_few_shot_and_finetune(model, shots, n_finetune, repeats):
     """Seconds of one few-shot probe draw (rule 4: the penalty fixed per K) on
-    the cnn's 784-d features, and of transfer.finetune on n_finetune images (2 epochs; the
-    quick preset's setting), evaluated on 1000 test images."""
+    the cnn's 784-d features, and of transfer.finetune on n_finetune images (2 epochs, as
+    docs/PERFORMANCE.md records), evaluated on 1000 test images."""
     x, y = fashion_mnist(5000, classes=(5, 6, 7, 8, 9))
     x_test, y_test = fashion_mnist(1000, train=False, classes=(5, 6, 7, 8, 9))
     with torch.no_grad():
@@ -215,7 +215,7 @@ def bench_few_shot_and_finetune(model, shots, n_finetune, repeats):
                           repeats)
            for k in shots}
     finetune = median_time(lambda: transfer.finetune(model, x[:n_finetune], y[:n_finetune],
-                                                     (x_test, y_test), 1, 28),
+                                                     (x_test, y_test), 1, 28, epochs=2),
                            repeats)
     return few, finetune
 
@@ -227,7 +227,7 @@ def bench_inversion(model, n, steps, repeats):
         z0 = model.features(x0)
     start = invert.grey_start(x0.shape, 0)
     rates = {}
-    for method, kwargs in (("baseline", {}), ("improved", dict(noise_std=0.05, tv_weight=0.1))):
+    for method, kwargs in (("baseline", {}), ("noise-tv", dict(noise_std=0.05, tv_weight=0.1))):
         seconds = median_time(lambda: invert.invert_features(model, z0, start, steps, **kwargs),
                               repeats)
         rates[method] = n * steps / seconds
@@ -262,7 +262,7 @@ def paper_preset(run_all=HERE.parent / "run_all.sh"):
     block = text[text.index("\n  paper)\n"):]
     block = block[:block.index("\n    if [[")]  # the smoke's settings follow
     arrays = {name: shlex.split(body) for name, body in re.findall(r"(\w+)=\(([^)]*)\)", block)}
-    seeds = re.search(r'SEEDS=\$\{SEEDS:-([^}]*)\}', block).group(1).split()
+    seeds = re.search(r'PRESET_SEEDS="([^"]*)"', block).group(1).split()
     ckpt = ["--ckpt", "model.pt"]
     train = advtrain.get_args(arrays["TRAIN"])
     judge = advtrain.get_args(arrays["TRAIN"] + arrays["JUDGE"])

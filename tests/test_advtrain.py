@@ -1,6 +1,9 @@
 """advtrain.py: attack, data, models, training, checkpoints, resume and user errors."""
 import copy
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -12,7 +15,7 @@ import common
 import data
 import models
 import published
-from conftest import assert_user_error, run_main
+from conftest import ROOT, assert_user_error, run_main
 
 
 @pytest.fixture(scope="module")
@@ -273,6 +276,9 @@ def test_corrupt_and_foreign_checkpoints_are_library_errors(tiny_ckpt, tmp_path)
     (["--trained-eps", "1"], "--trained-eps applies to --eval-only only"),
     (["--eval-only", "--ckpt", "x.pt", "--eps", "1"], "--trained-eps"),
     (["--eval-only", "--eps", "1"], "needs --ckpt"),
+    # the channels_last fault of docs/PERFORMANCE.md: a strided 1x1 convolution of 4 channels
+    (["--arch", "resnet18", "--width", "4", "--device", "cpu"], "--width 4 on the CPU"),
+    (["--arch", "resnet18", "--width", "2", "--device", "cpu"], "--width 2 on the CPU"),
 ])
 def test_user_errors_exit_with_one_line(argv, expect, tmp_path):
     """`python advtrain.py ...` (its __main__ block, in this process): one line and exit 2,
@@ -296,6 +302,48 @@ def test_resume_refuses_other_settings_and_names_them(tmp_path):
             advtrain.main(advtrain.get_args(common_args + changed + ["--resume"]))
     # the same settings (another device or data folder does not count) resume: nothing to redo
     advtrain.main(advtrain.get_args(common_args + ["--eps", "0.5", "--resume", "--device", "cpu"]))
+
+
+def test_a_model_of_other_settings_is_never_overwritten_unasked(tmp_path):
+    """Without --resume, a finished model.pt of other settings in --out is one line and exit
+    2, left as it was; the same settings may train again in place."""
+    common_args = ["--classes", "0-4", "--train-size", "64", "--test-size", "32", "--epochs", "1",
+                   "--steps", "1", "--eval-steps", "1", "--out", tmp_path]
+    assert run_main("advtrain.py", *common_args, "--eps", "0.5").returncode == 0
+    before = (tmp_path / "model.pt").read_bytes()
+    proc = run_main("advtrain.py", *common_args, "--eps", "0.25")
+    assert proc.returncode == 2 and "epoch" not in proc.stdout
+    assert_user_error(proc, str(tmp_path / "model.pt"), "eps=0.5", "--out")
+    assert (tmp_path / "model.pt").read_bytes() == before
+    assert run_main("advtrain.py", *common_args, "--eps", "0.5").returncode == 0
+
+
+@pytest.mark.parametrize("labels,names", [(lambda y: y + 5, "labels from 5 to"),
+                                          (lambda y: y - 1, "labels from -1"),
+                                          (lambda y: y.float(), "y must")])
+def test_accuracy_refuses_labels_the_model_cannot_predict(labels, names, fmnist_test, tiny_ckpt):
+    """A label past the model's classes would count as a wrong prediction: a ValueError naming
+    the labels, at eps 0 as under attack."""
+    model, _ = checkpoints.load_checkpoint(tiny_ckpt)
+    x, y = fmnist_test
+    for eps, steps in ((0.0, None), (0.5, 1)):
+        with pytest.raises(ValueError, match=names):
+            advtrain.accuracy(model, x, labels(y), eps=eps, steps=steps)
+
+
+def test_compile_without_a_cpp_compiler_is_one_line_before_any_training(tmp_path):
+    """On a machine whose PATH has no C++ compiler, --compile on the CPU cannot compile
+    (inductor): one line naming the remedy and exit 2, before any data or output folder."""
+    empty = tmp_path / "bin"  # python runs by its full path; nothing else is on PATH
+    empty.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("CXX", "CC")}
+    env["PATH"] = str(empty)
+    proc = subprocess.run([sys.executable, "advtrain.py", "--compile", "--device", "cpu",
+                           "--train-size", "64", "--epochs", "1", "--out", str(tmp_path / "run")],
+                          cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert_user_error(proc, "--compile", "C++ compiler")
+    assert proc.stdout == "" and not (tmp_path / "run").exists()
 
 
 def test_absent_fashion_mnist_names_both_remedies(tmp_path, monkeypatch):

@@ -498,6 +498,8 @@ def bad_inputs():
         ("psnr", lambda m, x, y: invert.psnr(x, x, data_range=0), "data_range"),
         ("build_model", lambda m, x, y: models.build_model("vgg", 5, 1, 8, (0.5,), (0.2,)),
          "unknown arch"),
+        ("adapt_classifier", lambda m, x, y: models.adapt_classifier(m.body, head="nope"),
+         "no module 'nope'"),
         ("load_split", lambda m, x, y: data.load_split("fashion-mnist", False, classes=[3, 12],
                                                        download=False), "out of range"),
         ("load_split", lambda m, x, y: data.load_split("nope", False), "unknown dataset"),

@@ -40,16 +40,19 @@ FAKE_PYTHON = textwrap.dedent("""\
 """)
 
 
-def pool(tmp_path, gpus, judge_sleep="0", **env):
-    """run_all.sh quick (seeds 0 1: the judge and 10 cells) with `gpus` stand-in GPUs:
-    (its stdout, the most steps that ran at once on each GPU name, the GPU names of steps)."""
+def pool(tmp_path, gpus, judge_sleep="0", device="auto", **env):
+    """run_all.sh quick (seeds 0 1: the judge and 10 cells) with `gpus` stand-in GPUs and
+    DEVICE=device (None: unset, the preset's CPU): (its stdout, the most steps that ran at once
+    on each GPU name, the GPU names of steps)."""
     fake = tmp_path / "fake_python"
     fake.write_text(FAKE_PYTHON)
     fake.chmod(0o755)
     log = tmp_path / "steps.log"
     log.write_text("")
     environ = {k: v for k, v in os.environ.items()
-               if k not in ("CUDA_VISIBLE_DEVICES", "JOBS", "JOBS_PER_GPU")}
+               if k not in ("CUDA_VISIBLE_DEVICES", "JOBS", "JOBS_PER_GPU", "DEVICE")}
+    if device is not None:
+        environ["DEVICE"] = device
     environ.update(PATH=f"{FAKE_SMI}:{os.environ['PATH']}", FAKE_GPUS=str(gpus),
                    PYTHON=str(fake), LOG=str(log), OUT=str(tmp_path / "res"), SEEDS="0 1",
                    JUDGE_SLEEP=judge_sleep, **env)
@@ -97,6 +100,21 @@ def test_run_all_uses_the_visible_gpus_and_none_when_none_are_visible(tmp_path):
     (tmp_path / "cpu").mkdir()
     out, _, seen = pool(tmp_path / "cpu", 4, CUDA_VISIBLE_DEVICES="")
     assert f"{len(os.sched_getaffinity(0))} jobs at once," in out and seen == {""}, (out, seen)
+
+
+def test_the_quick_preset_runs_on_the_cpu_unless_a_device_is_asked_for(tmp_path):
+    """Its numbers (the README's) were made on the CPU in float32: with GPUs present, every step
+    still runs with --device cpu, one job per core, and sees no GPU; DEVICE=cuda moves it."""
+    out, _, seen = pool(tmp_path, 2, device=None)
+    assert " on cpu;" in out and f"{len(os.sched_getaffinity(0))} jobs at once," in out, out
+    assert seen == {"none"}, seen
+    calls = (tmp_path / "res" / "plan.tsv").read_text()
+    assert "DEVICE=cpu" in calls, calls
+    stamps = list((tmp_path / "res").glob("*/.*.cmd"))
+    assert len(stamps) == 41 and all("--device cpu" in p.read_text() for p in stamps)
+    (tmp_path / "gpu").mkdir()
+    out, _, seen = pool(tmp_path / "gpu", 2, device="cuda")
+    assert seen == {"0", "1"} and " on cuda;" in out, (out, seen)
 
 
 def test_run_all_refuses_a_job_count_that_is_not_a_positive_integer(tmp_path):

@@ -132,12 +132,12 @@ def test_noise_average_adds_the_jacobian_penalty():
 
 def test_cli_writes_grid_arrays_and_json(tiny_ckpt, tmp_path):
     proc = run_main("invert.py", "--ckpt", tiny_ckpt, "--judge", tiny_ckpt, "--start", 62,
-                      "--n-images", 5, "--method", "baseline,improved", "--steps", 4,
+                      "--n-images", 5, "--method", "baseline,noise-tv", "--steps", 4,
                       "--out", tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert "baseline:" in proc.stdout and "improved:" in proc.stdout
+    assert "baseline:" in proc.stdout and "noise-tv:" in proc.stdout
     result = json.loads((tmp_path / "invert.json").read_text())
-    assert set(result) == {"baseline", "improved", "images", "tuned_on", "disjoint", "provenance"}
+    assert set(result) == {"baseline", "noise-tv", "images", "tuned_on", "disjoint", "provenance"}
     assert result["images"] == {"split": "test", "start": 62, "n": 5}
     # 4 steps are not the tuned defaults: where they were chosen is the user's to say
     assert result["tuned_on"] == "user" and result["disjoint"] is None
@@ -148,7 +148,7 @@ def test_cli_writes_grid_arrays_and_json(tiny_ckpt, tmp_path):
     expected, _ = data.load_split("fashion-mnist", False, classes=[0, 1, 2, 3, 4], size=67,
                                   download=False)
     assert originals.dtype == np.float32 and np.array_equal(originals, expected[62:].numpy())
-    for method in ("baseline", "improved"):
+    for method in ("baseline", "noise-tv"):
         entry = result[method]
         for key in ("psnr", "ssim", "feature_rel_err", "judge_acc", "psnr_se"):
             assert math.isfinite(entry[key]), (method, key)
@@ -178,6 +178,7 @@ def test_cli_writes_grid_arrays_and_json(tiny_ckpt, tmp_path):
     (["--ckpt", "{tmp}/bad.pt"], ["cannot read checkpoint", "bad.pt"]),
     (["--ckpt", "x.pt", "--method", "baseline,magic"], ["magic"]),
     (["--ckpt", "x.pt", "--method", "magic"], ["magic"]),
+    (["--ckpt", "x.pt", "--method", "baseline,improved"], ["improved", "now called noise-tv"]),
     (["--ckpt", "x.pt", "--n-images", "0"], ["--n-images", "0"]),
     (["--start", "4990", "--n-images", "20"], ["asked for", "has 5000"]),
     (["--n-images", "100000"], ["asked for 100000 test examples", "has 5000"]),
@@ -186,6 +187,17 @@ def test_user_errors_are_one_line(argv, expect, tiny_ckpt, tmp_path):
     """`python invert.py ...` (its __main__ block, in this process): one line naming the bad
     flag, value or file, and exit 2."""
     cli_user_error("invert.py", argv, expect, tiny_ckpt, tmp_path)
+
+
+def test_one_name_per_method_and_the_default_runs_every_method_c6_compares():
+    """C6 compares noise with baseline and noise-tv with tv: a run with the default --method
+    has all four, each under the one name report.py reads."""
+    from claims import DECLARATIONS
+    assert invert.get_args(["--ckpt", "x.pt"]).method == list(invert.METHODS)
+    pairs = DECLARATIONS["quick"]["noise_pairs"]
+    assert {m for pair in pairs for m in pair} | {DECLARATIONS["quick"]["inversion_method"]} \
+        == set(invert.METHODS)
+    assert "improved" not in invert.METHODS
 
 
 def test_default_step_size_scales_with_the_square_root_of_the_image_values():

@@ -54,7 +54,7 @@ def declared_draws():
 
 def declared_seeds():
     """How many seeds run_all.sh's quick preset trains by default."""
-    return len(re.search(r"SEEDS=\$\{SEEDS:-([^}]*)\}", quick_preset()).group(1).split())
+    return len(re.search(r'PRESET_SEEDS="([^"]*)"', quick_preset()).group(1).split())
 
 
 def draw_effects(rng, shape, sd, skewed):

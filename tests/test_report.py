@@ -529,8 +529,9 @@ def test_cli_end_to_end_seeds_level(tmp_path):
     assert [line.split()[0] for line in out[1:7]] == CLAIMS and out[-1].startswith("wrote")
     assert out[1].startswith("C1 holds (p=") and "level seeds" in out[1]
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert set(summary) == {"declaration", "rules", "rows", "claims"}
+    assert set(summary) == {"declaration", "rules", "rows", "claims", "incomplete"}
     assert summary["declaration"] == {"preset": "quick", "decisions": QUICK, "source": "defaults"}
+    assert summary["incomplete"] == []  # no incomplete.tsv: nothing run_all.sh found unfinished
     keys = {"verdict", "holds", "level", "evidence", "test", "p", "effect", "ci", "n_seeds",
             "by_norm"}
     for c in CLAIMS:
@@ -552,6 +553,19 @@ def test_cli_end_to_end_seeds_level(tmp_path):
     assert text.index("## Plots") < text.index("## Tables") < text.index("## Rules")
     assert "| standard (all norms) | 0 | 3 |" in text and "| l2 | 0.5 | 3 |" in text
     assert report.rules_markdown() in text and report.MODELS_SENTENCE in text
+    # one line under the table gives each row's unit; a trend's smallest effect per unit eps
+    # is read back as the declared change over the grid (eps 0-1 here); signs agree per row
+    units = text.split("\n\n")[2]
+    assert units.startswith("Units: ") and "\n" not in units
+    assert "C3 ln tr F_w per unit eps (-0.223 is a 20% fall (a factor 1.25) over the grid's eps " \
+        "range 1)" in units
+    assert "C4 ln tr F_x per unit eps (-0.223" in units and "or ln lambda_max F_x" in units
+    assert "C1 clean source test accuracy per unit eps (-0.01 is a fall of 0.01" in units
+    assert "C2 accuracy on the declared primary transfer measure at an eps > 0 minus" in units
+    for c in summary["claims"].values():
+        signs = {math.copysign(1, c[k]) for k in ("effect", "smallest_effect", "mde")
+                 if c[k] is not None and c["verdict"] == "holds"}
+        assert len(signs) <= 1, c
     decimals = re.findall(r"\d+\.\d+", text.partition("## Rules")[0])
     assert decimals and all(len(d.replace(".", "").lstrip("0")) <= 3 for d in decimals)
 
@@ -576,6 +590,24 @@ def test_cli_end_to_end_models_level(tmp_path):
     pytest.importorskip("matplotlib")
     assert {"inversions.png", "transfer_vs_eps.png", "accuracy_vs_eps.png"} <= {
         p.name for p in tmp_path.glob("*.png")}
+
+
+def test_an_old_invert_json_is_read_under_the_methods_one_name(tmp_path):
+    """invert.json files written before noise-tv had one name hold it as `improved`: C6 reads
+    it as noise-tv; a file with both names for one method is refused in one line."""
+    import collect
+    write_run(tmp_path / "l2_eps0.5_seed0", 0.5, 0, 0.85, examples=True,
+              rng=np.random.default_rng(0))
+    run = tmp_path / "l2_eps0.5_seed0"
+    new = collect.collect_run(run)["invert"]
+    invert = json.loads((run / "invert.json").read_text())
+    invert["improved"] = invert.pop("noise-tv")
+    (run / "invert.json").write_text(json.dumps(invert))
+    assert collect.collect_run(run)["invert"] == new
+    invert["noise-tv"] = invert["improved"]
+    (run / "invert.json").write_text(json.dumps(invert))
+    with pytest.raises(report.UserError, match="improved = noise-tv"):
+        collect.collect_run(run)
 
 
 def test_declared_measure_removed_gives_undetermined(tmp_path):
@@ -774,3 +806,84 @@ def test_statistics_at_their_edges():
     assert res["se"] == pytest.approx(math.sqrt(2) / 4) and res["test"] == "McNemar"
     with pytest.raises(ValueError, match="0/1"):
         stats.mcnemar([0.5, 1], [0, 1], +1)
+
+
+@pytest.mark.parametrize("call,names", [
+    (lambda: stats.mde_t(-0.1, 3), "se must be a finite number >= 0, got -0.1"),
+    (lambda: stats.mde_t(float("nan"), 3), "se must"),
+    (lambda: stats.mde_t(0.1, 0), "degrees of freedom"),
+    (lambda: stats.kendall_mde([], 1.0), "at least 2 x values"),
+    (lambda: stats.kendall_mde([0.0, 1.0, 2.0], -1.0), "sigma >= 0"),
+    (lambda: stats.one_sided_t([], 1), "at least 2"),
+    (lambda: stats.slope([0, 1, 2], [1, 2]), "one shape"),
+    (lambda: stats.example_test(np.ones(5), np.ones(4), 1), "one shape"),
+])
+def test_power_and_tests_refuse_bad_input_with_a_value_error_naming_it(call, names):
+    """A negative MDE would read as an effect of the other sign; no values, no MDE."""
+    with pytest.raises(ValueError, match=re.escape(names)):
+        call()
+
+
+def test_a_declaration_is_fixed_once_and_a_redeclaration_is_recorded(tmp_path, monkeypatch):
+    """DESIGN.md, Pre-registration: study.json is written by the first declaration; the same
+    one again changes nothing; one that differs (claims.py edited after the numbers) is refused
+    in one line naming what changed; --redeclare replaces it, recording old, new and when,
+    and report.md says so."""
+    write_study(tmp_path)
+    assert run_main("report.py", "--declare", "quick", tmp_path).returncode == 0
+    path = tmp_path / "study.json"
+    first = path.read_text()
+    proc = run_main("report.py", "--declare", "quick", tmp_path)
+    assert proc.returncode == 0 and "unchanged" in proc.stdout and path.read_text() == first
+    edited = copy.deepcopy(claims.DECLARATIONS["quick"])
+    edited["transfer_eps"] = [1.0]
+    monkeypatch.setitem(claims.DECLARATIONS, "quick", edited)
+    assert_user_error(run_main("report.py", "--declare", "quick", tmp_path),
+                      "declares other decisions", "decisions.transfer_eps [0.5] -> [1.0]",
+                      "--redeclare")
+    assert path.read_text() == first
+    assert_user_error(run_main("report.py", "--declare", "paper", tmp_path), "decisions.",
+                      "preset \"quick\" -> \"paper\"")
+    proc = run_main("report.py", "--declare", "quick", tmp_path, "--redeclare")
+    assert proc.returncode == 0 and "decisions.transfer_eps" in proc.stdout, proc.stderr
+    study = json.loads(path.read_text())
+    assert study["decisions"]["transfer_eps"] == [1.0] and study["declared"]
+    [change] = study["redeclared"]
+    assert change["changed"] == ["decisions.transfer_eps"] and change["when"]
+    assert change["old"]["decisions"]["transfer_eps"] == [0.5]
+    assert change["new"]["decisions"]["transfer_eps"] == [1.0]
+    assert run_main("report.py", tmp_path).returncode == 0
+    text = (tmp_path / "report.md").read_text()
+    assert f"**Re-declared {change['when']}**: decisions.transfer_eps changed" in text
+
+
+def test_the_report_names_unfinished_steps_and_where_the_runs_ran(tmp_path):
+    """run_all.sh's incomplete.tsv (cell, step, log) in report.md and summary.json, with the
+    log's last line; the device and precision of every run, counted."""
+    write_study(tmp_path)
+    for run in ("l2_eps0.5_seed0", "l2_eps1.0_seed0"):
+        path = tmp_path / run / "metrics.json"
+        metrics = json.loads(path.read_text())
+        metrics.update(device="cpu", precision="float32")
+        path.write_text(json.dumps(metrics))
+    (tmp_path / "l2_eps0.5_seed1" / "fisher.log").write_text("loading\nValueError: boom\n")
+    (tmp_path / "l2_eps1.0_seed2" / "train.log").write_text("")
+    (tmp_path / "incomplete.tsv").write_text(
+        "l2_eps0.5_seed1\tfisher\tl2_eps0.5_seed1/fisher.log\n"
+        "l2_eps1.0_seed2\tmetrics\tl2_eps1.0_seed2/train.log\n"
+        "l2_eps2.0_seed0\tmetrics\tl2_eps2.0_seed0/train.log\n")
+    proc = run_main("report.py", tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "did not finish: l2_eps0.5_seed1 fisher (ValueError: boom)" in proc.stdout
+    text = (tmp_path / "report.md").read_text()
+    assert "**Did not finish: 3 steps of 3 cells (l2_eps0.5_seed1, l2_eps1.0_seed2, " \
+        "l2_eps2.0_seed0)**" in text
+    assert "- l2_eps1.0_seed2: metrics (l2_eps1.0_seed2/train.log: empty log: stopped at its " \
+        "start)" in text and "l2_eps2.0_seed0/train.log: never ran)" in text
+    assert "Ran on: cpu, float32 (2 runs); not recorded, not recorded (8 runs)." in text
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [s["cell"] for s in summary["incomplete"]] == \
+        ["l2_eps0.5_seed1", "l2_eps1.0_seed2", "l2_eps2.0_seed0"]
+    (tmp_path / "incomplete.tsv").write_text("")
+    assert run_main("report.py", tmp_path).returncode == 0
+    assert "Did not finish" not in (tmp_path / "report.md").read_text()

@@ -6,6 +6,8 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
+from pathlib import Path
 
 import pytest
 
@@ -25,8 +27,12 @@ FAKE_PYTHON = textwrap.dedent("""\
     while [ $# -gt 0 ]; do [ "$1" = --out ] && out=$2; shift; done
     [ "$script" = report.py ] && out=$(cat "$CALLS.out")
     echo "start $script $(basename "$out")" >> "$CALLS.order"
-    [ "$script" = "$FAIL" ] && { echo "boom from $script" >&2; exit 3; }
+    if [ "$script" = "$FAIL" ] && [ -z "$FAIL_CELL" -o "$(basename "$out")" = "$FAIL_CELL" ]; then
+      echo "boom from $script" >&2; exit 3
+    fi
+    echo $$ >> "$CALLS.pids"
     [ "$(basename "$out")" = judge ] && sleep "${JUDGE_SLEEP:-0}"
+    sleep "${STEP_SLEEP:-0}"
     case $script in
       advtrain.py) echo "$(dirname "$out")" > "$CALLS.out"; echo {} > "$out/metrics.json" ;;
       fisher.py) echo {} > "$out/fisher.json" ;;
@@ -39,10 +45,10 @@ FAKE_PYTHON = textwrap.dedent("""\
 
 
 def run_all(tmp_path, fail="", force="0", script=ROOT / "run_all.sh", jobs="1", judge_sleep="0",
-            seeds="0 1", **extra_env):
+            seeds="0 1", out="res", args=(), **extra_env):
     """The quick preset (default seeds 0 1) with the stand-in interpreter: (process, the
     scripts called after the declaration, which must come first and once). jobs None: JOBS
-    unset."""
+    unset; out None: OUT unset (the default folder, under the script's folder)."""
     fake = tmp_path / "fake_python"
     fake.write_text(FAKE_PYTHON)
     fake.chmod(0o755)
@@ -53,11 +59,17 @@ def run_all(tmp_path, fail="", force="0", script=ROOT / "run_all.sh", jobs="1", 
     # CUDA_VISIBLE_DEVICES empty: no GPU, whatever the machine has (tests/test_gpu_scripts.py
     # tests the pool on GPUs)
     env = dict(os.environ, PYTHON=str(fake), CALLS=str(calls), FAIL=fail, FORCE=force,
-               OUT=str(tmp_path / "res"), SEEDS=seeds, JOBS=jobs, JUDGE_SLEEP=judge_sleep,
+               OUT=str(tmp_path / (out or "")), SEEDS=seeds, JOBS=jobs, JUDGE_SLEEP=judge_sleep,
                CUDA_VISIBLE_DEVICES="", **extra_env)
-    if jobs is None:
-        del env["JOBS"]
-    proc = subprocess.run(["bash", str(script)], cwd=ROOT, env=env, capture_output=True, text=True)
+    for name, value in (("JOBS", jobs), ("OUT", out)):
+        if value is None:
+            del env[name]
+    # output to files, not pipes: a process the study leaves behind cannot hold the call open
+    with open(tmp_path / "stdout", "w+") as out_file, open(tmp_path / "stderr", "w+") as err_file:
+        proc = subprocess.run(["bash", str(script), *args], cwd=ROOT, env=env, stdout=out_file,
+                              stderr=err_file, text=True, timeout=300)
+        out_file.seek(0), err_file.seek(0)
+        proc.stdout, proc.stderr = out_file.read(), err_file.read()
     calls = calls.read_text().split()
     assert calls[:1] == ["declare:quick"] and calls.count("declare:quick") == 1, calls
     return proc, calls[1:]
@@ -168,6 +180,70 @@ def test_run_all_in_parallel_runs_every_step_once_and_stops_at_a_failure(tmp_pat
     (tmp_path / "again").mkdir()
     proc, calls = run_all(tmp_path / "again", fail="transfer.py", jobs="3")
     assert proc.returncode != 0 and "study stopped" in proc.stderr and "report.py" not in calls
+
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"  # (a zombie has ended)
+
+
+def test_a_failing_step_stops_every_job_with_all_its_processes_and_a_rerun_finishes(tmp_path):
+    """Three jobs at once, each step 1.5 s: the first cell's Fisher fails while the other jobs
+    are inside their steps. The study stops, and with it every process it started: none is
+    alive when it returns, and none goes on to its next step (each job is a process group of
+    its own, stopped whole). Run again, the study finishes."""
+    proc, calls = run_all(tmp_path, fail="fisher.py", jobs="3", STEP_SLEEP="1.5",
+                          FAIL_CELL="l2_eps2.0_seed0")
+    assert proc.returncode == 1 and "study stopped: a step failed" in proc.stderr, proc.stderr
+    pids = [int(p) for p in (tmp_path / "calls.pids").read_text().split()]
+    assert pids and not [p for p in pids if alive(p)]
+    order = (tmp_path / "calls.order").read_text()
+    time.sleep(2.5)  # an orphan would now start its next step
+    assert (tmp_path / "calls.order").read_text() == order
+    assert (tmp_path / "calls.pids").read_text().split() == [str(p) for p in pids]
+    proc, calls = run_all(tmp_path, jobs="3")
+    assert proc.returncode == 0, proc.stderr
+    assert calls.count("invert.py") == 10 and calls[-1] == "report.py"
+
+
+def test_another_seed_set_is_a_study_of_its_own_folder(tmp_path):
+    """SEEDS=0 (any set but the preset's) writes to results/quick-seeds0, not beside the
+    preset's study (the report judges every run in its folder); the preset's own seeds, given
+    or not, write to results/quick; OUT still decides when given."""
+    script = tmp_path / "run_all.sh"
+    shutil.copy(ROOT / "run_all.sh", script)
+    shutil.copy(ROOT / "setup_python.sh", tmp_path)
+    for seeds, folder in (("0", "quick-seeds0"), ("1  0", "quick-seeds1-0"),
+                          ("0 1 2 3 4 5", "quick")):
+        proc, calls = run_all(tmp_path, script=script, seeds=seeds, out=None, jobs="2")
+        assert proc.returncode == 0, proc.stderr
+        cells = sorted(p.parent.name for p in (tmp_path / "results" / folder).glob(
+            "l2_eps0_seed*/metrics.json"))
+        assert cells == [f"l2_eps0_seed{s}" for s in sorted(seeds.split())], (seeds, cells)
+        assert f" in results/{folder} on cpu;" in proc.stdout
+    assert sorted(p.name for p in (tmp_path / "results").iterdir()) == \
+        ["quick", "quick-seeds0", "quick-seeds1-0"]
+
+
+def test_run_all_passes_a_redeclaration_on_and_a_refused_declaration_stops_it(tmp_path):
+    """--redeclare reaches report.py --declare; a declaration refused (exit 2) stops the study
+    before any step."""
+    proc, _ = run_all(tmp_path, args=("quick", "--redeclare"))
+    assert proc.returncode == 0, proc.stderr
+    assert "--declare quick " + str(tmp_path / "res") + " --redeclare" in \
+        (tmp_path / "calls.full").read_text()
+    fake = tmp_path / "fake_python"
+    fake.write_text(FAKE_PYTHON.replace('echo {} > "$4/study.json"; exit 0;',
+                                        'echo "error: declares other decisions" >&2; exit 2;'))
+    proc = subprocess.run(["bash", str(ROOT / "run_all.sh")], cwd=ROOT, capture_output=True,
+                          text=True, env=dict(os.environ, PYTHON=str(fake),
+                                              CALLS=str(tmp_path / "calls"),
+                                              OUT=str(tmp_path / "other"), SEEDS="0"))
+    assert proc.returncode == 2 and "declares other decisions" in proc.stderr
+    assert not list((tmp_path / "other").glob("*/.*.cmd"))
 
 
 def test_run_all_gives_each_step_the_same_command_whatever_jobs(tmp_path):

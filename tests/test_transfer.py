@@ -324,6 +324,27 @@ def test_finetune_moves_every_weight_of_a_copy_and_beats_chance(tiny_ckpt, tmp_p
             assert correct[key].mean() == pytest.approx(acc, abs=1e-12), key
 
 
+@pytest.mark.slow
+def test_finetune_by_default_is_level_with_the_linear_probe_at_eps_0(tmp_path):
+    """`transfer.py --finetune` with its default budget (docs/FINETUNE.md), by hand, at eps 0:
+    fine-tuning every weight is at least as good as the frozen linear probe on the same 1000
+    target images, within one standard error of their paired difference on the same 1000
+    test images (the budget brings it level with the probe, not past it)."""
+    import advtrain
+    advtrain.main(advtrain.get_args(["--classes", "0-4", "--train-size", "2048", "--test-size",
+                                     "64", "--epochs", "2", "--eps", "0", "--eval-steps", "1",
+                                     "--device", "cpu", "--out", str(tmp_path / "source")]))
+    proc = run_main("transfer.py", "--ckpt", tmp_path / "source" / "model.pt", "--target",
+                    "fashion-mnist:5-9", "--train-size", "1000", "--test-size", "1000",
+                    "--finetune", "--no-download", "--device", "cpu", "--out", tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((tmp_path / "transfer.json").read_text())["fashion-mnist:5-9"]
+    assert result["finetune"]["n_train"] == result["n_train"] == 1000
+    with np.load(tmp_path / result["correct"]) as correct:
+        d = correct["fine-tuned"].astype(float) - correct["probe"].astype(float)
+    assert d.mean() >= -d.std(ddof=1) / np.sqrt(len(d)), (result["acc"], result["finetune"])
+
+
 def test_few_shot_probe_within_a_point_of_scikit_learns_best_fixed_penalty(tiny_ckpt):
     """Rule 4 on a setting the claims are not judged on (a cnn trained briefly on Fashion-MNIST
     0-4; target 5-9, 3000 training and 1000 test images): over 20 draws of 10 shots, the
@@ -352,3 +373,74 @@ def test_few_shot_probe_within_a_point_of_scikit_learns_best_fixed_penalty(tiny_
                 accs.append((fitted.predict(zt) == yt.numpy()).mean())
     best = max(np.mean(accs) for accs in theirs.values())
     assert abs(few["acc"] - best) <= 0.01, (few["acc"], {c: np.mean(a) for c, a in theirs.items()})
+
+
+# ----------------------------------------------------------------------------- bad input
+# Every probe and fine-tuning input that would give nonsense (chance accuracy, an empty
+# result) or a torch error deep inside is a one-line ValueError naming the value.
+
+F3, Y3 = separable_features(24, d=3, k=4)
+EMPTY_F, EMPTY_Y = torch.zeros(0, 3), torch.zeros(0, dtype=torch.long)
+PROBE_DATA_CASES = [  # (train_feats, train_labels, test_feats, test_labels), names
+    ((EMPTY_F, EMPTY_Y, F3, Y3), "train_feats"),
+    ((F3, Y3, EMPTY_F, EMPTY_Y), "test_feats"),
+    ((F3, Y3, F3[:, :2], Y3), "same width"),
+    ((F3, Y3.float(), F3, Y3), "train_labels"),
+    ((F3, Y3, F3, Y3.float()), "test_labels"),
+    ((F3, Y3 - 1, F3, Y3), "train_labels must be class labels >= 0"),
+    ((F3, Y3, F3, Y3 + 1), "test_labels must be classes of the training labels (0-3), got 4"),
+]
+
+
+def one_line_value_error(names, fn, *args, **kwargs):
+    with pytest.raises(ValueError) as info:
+        fn(*args, **kwargs)
+    assert "\n" not in str(info.value) and names in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("args,kwargs,names", [
+    *[(data_, {}, names) for data_, names in PROBE_DATA_CASES],
+    ((F3, Y3, F3, Y3), {"shots": 0}, "shots"),
+    ((F3, Y3, F3, Y3), {"shots": -1}, "shots"),
+    ((F3, Y3, F3, Y3), {"draws": 0}, "draws"),
+    ((F3, Y3, F3, Y3), {"folds": 1, "l2_grid": (0.1, 1.0)}, "folds"),
+    ((F3, Y3, F3, Y3), {"l2_grid": ()}, "l2_grid"),
+    ((F3, Y3, F3, Y3), {"l2_grid": (-1.0,)}, "l2_grid"),
+])
+def test_few_shot_probe_bad_input_is_a_value_error_naming_it(args, kwargs, names):
+    kwargs = {"shots": 2, **kwargs}
+    one_line_value_error(names, transfer.few_shot_probe, *args, **kwargs)
+
+
+@pytest.mark.parametrize("args,kwargs,names", [
+    *[(data_, {}, names) for data_, names in PROBE_DATA_CASES],
+    ((F3, Y3, F3, Y3), {"max_iter": 0}, "max_iter"),
+    ((F3, Y3, F3, Y3), {"l2_grid": ()}, "l2_grid"),
+    ((F3, Y3, F3, Y3), {"val_fraction": 0.0}, "val_fraction"),
+])
+def test_linear_probe_bad_input_is_a_value_error_naming_it(args, kwargs, names):
+    one_line_value_error(names, linear_probe, *args, **kwargs)
+
+
+@pytest.mark.parametrize("change,names", [
+    (lambda m, x, y, test: (m, x[:0], y[:0], test), "x must"),
+    (lambda m, x, y, test: (m, x, y.float(), test), "y must"),
+    (lambda m, x, y, test: (m, x, y - 1, test), "y must be class labels >= 0"),
+    (lambda m, x, y, test: (m, x, y, (test[0], test[1] + 5)), "test labels up to"),
+    (lambda m, x, y, test: (m, x, y[:3], test), "y must"),
+])
+def test_finetune_bad_input_is_a_value_error_naming_it(change, names):
+    torch.manual_seed(0)
+    model = models.build_model("cnn", 5, 1, 8, (0.5,), (0.25,))
+    x, y = torch.rand(8, 1, 8, 8), torch.arange(8) % 4
+    one_line_value_error(names, transfer.finetune, *change(model, x, y, (x, y)), 1, 8)
+    for bad in ({"epochs": 0}, {"batch_size": 0}, {"epochs": -1}):
+        one_line_value_error("epochs >= 1", transfer.finetune, model, x, y, (x, y), 1, 8, **bad)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy's mean of no finite value
+@pytest.mark.parametrize("values,names", [([], "at least one value"), (np.zeros(0), "got none"),
+                                          (["a"], "could not convert")])
+def test_mean_se_bad_input_is_a_value_error_naming_it(values, names):
+    one_line_value_error(names, common.mean_se, values)
+    assert common.mean_se([np.nan]) == (pytest.approx(np.nan, nan_ok=True), 0.0)
