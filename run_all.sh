@@ -33,11 +33,12 @@
 # [-seeds<S>]), PYTHON (default python3; without torch a .venv is made, see setup_python.sh),
 # DATA_DIR (default ./data; imagenet: DATA_DIR/val in ImageFolder layout, beside the transfer
 # targets' torchvision folders). imagenet only: CKPT_DIR (read only) holds the checkpoints and
-# manifest.csv: a header, then one row `file,norm,eps[,seed]` per checkpoint, each a cell
-# (file relative to CKPT_DIR, norm l2 or linf, eps as 0.5 or 4/255, seed default 0), e.g.
-# `resnet50_l2_eps3.ckpt,l2,3`; UNSAFE_LOAD=1 lets every script unpickle them (robustness
-# files need it; only for files you trust); TARGETS_LIST (default: those of cifar10 cifar100
-# svhn fashion-mnist mnist that data.py finds in DATA_DIR; others download).
+# manifest.csv: a header, then one row `file,norm,eps[,seed[,model]]` per checkpoint, each a
+# cell (file relative to CKPT_DIR, norm l2 or linf, eps as 0.5 or 4/255, seed default 0,
+# model for any other classifier: torchvision:NAME or package.module:function, README "Your
+# own model"), e.g. `resnet50_l2_eps3.ckpt,l2,3`; UNSAFE_LOAD=1 lets every script unpickle
+# them (robustness files need it; only for files you trust); TARGETS_LIST (default: those of
+# cifar10 cifar100 svhn fashion-mnist mnist that data.py finds in DATA_DIR; others download).
 # The preset's declared decisions go first to OUT/study.json; report.py judges by them.
 # A step is skipped when its output exists and was made by the same command (recorded in a
 # hidden .<output>.cmd file beside it, with the command of the training it depends on); a
@@ -98,22 +99,26 @@ read_manifest() {
   for ((n = 2; n <= ${#lines[@]}; n++)); do
     line=${lines[n - 1]%$'\r'}
     [[ -n "${line//[[:space:]]/}" ]] || continue
-    IFS=, read -r file norm eps seed extra <<< "$line"
+    IFS=, read -r file norm eps seed model extra <<< "$line"
     norm=${norm//[[:space:]]/} eps=${eps//[[:space:]]/} seed=${seed//[[:space:]]/}
+    model=${model//[[:space:]]/}
     [[ -n "$file" && -n "$norm" && -n "$eps" && -z "$extra" ]] ||
-      bad "expected file,norm,eps[,seed], got '$line'"
+      bad "expected file,norm,eps[,seed[,model]], got '$line'"
     [[ "$norm" == l2 || "$norm" == linf ]] || bad "unknown norm '$norm' (l2 or linf)"
     [[ "$eps" =~ ^([0-9]+\.?[0-9]*|\.[0-9]+)(/[1-9][0-9]*)?$ ]] ||
       bad "eps '$eps' is not a number or a fraction like 4/255"
     seed=${seed:-0}
     [[ "$seed" =~ ^[0-9]+$ ]] || bad "seed '$seed' is not a whole number"
+    [[ -z "$model" || "$model" =~ ^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*$ ]] ||
+      bad "model '$model' is neither torchvision:NAME nor package.module:function"
     [[ "$file" == /* ]] || file=$(dirname "$m")/$file
     [[ -f "$file" ]] || bad "checkpoint not found: $file"
     name=$(cell_name "$seed" "$norm" "$eps")
     [[ "$seen" != *" $name "* ]] || bad "a second checkpoint for cell $name"
-    seen+="$name " ROWS+=("$seed $norm $eps $file")
-    # eps is digits, a point and a slash (checked above): awk reads 4/255 as a division
-    if [[ "$norm" == l2 ]] && awk "BEGIN { exit !($eps > $best) }"; then
+    seen+="$name " ROWS+=("$seed $norm $eps $file $model")
+    # eps is digits, a point and a slash (checked above): awk reads 4/255 as a division; the
+    # judge is one of our or the published layouts (invert.py --judge), never an adapted model
+    if [[ "$norm" == l2 && -z "$model" ]] && awk "BEGIN { exit !($eps > $best) }"; then
       JUDGE_CKPT=$file best=$eps
     fi
   done
@@ -207,7 +212,8 @@ case "$PRESET" in
 esac
 (( PUBLISHED )) || JUDGE_CKPT=$OUT/judge/model.pt
 DEVICE=${DEVICE:-$DEVICE_DEFAULT}
-[[ "$DEVICE" =~ ^(auto|cpu|cuda(:[0-9]+)?)$ ]] || die "DEVICE must be auto, cpu or cuda, got '$DEVICE'"
+[[ "$DEVICE" =~ ^(auto|cpu|cuda(:[0-9]+)?)$ ]] ||
+  die "DEVICE must be auto, cpu, cuda or cuda:N, got '$DEVICE'"
 if (( PUBLISHED )); then SEEDS=""; else SEEDS=$(echo ${SEEDS:-$PRESET_SEEDS}); fi
 # another seed set is another study: its own folder, since the report judges every run in it
 [[ -n "$GIVEN_OUT" || "$SEEDS" == "$PRESET_SEEDS" ]] || OUT+=-seeds${SEEDS// /-}
@@ -217,14 +223,14 @@ export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
 
 # The cells in the order the pool starts them: longest first (robust cells, then eps 0, whose
 # training has no attack), so that every core stays busy until the end. CELL_ROW[name]: "seed
-# norm eps checkpoint".
+# norm eps checkpoint [model]", model a manifest's torchvision:NAME or package.module:function.
 (( PUBLISHED )) || for s in $SEEDS; do for g in "${GRID[@]}"; do ROWS+=("$s $g"); done; done
 CELLS=() PLAIN=()
 declare -A CELL_ROW
 for c in "${ROWS[@]}"; do
-  read -r seed norm eps ckpt <<< "$c"
+  read -r seed norm eps ckpt model <<< "$c"
   name=$(cell_name "$seed" "$norm" "$eps")
-  CELL_ROW[$name]="$seed $norm $eps ${ckpt:-$OUT/$name/model.pt}"
+  CELL_ROW[$name]="$seed $norm $eps ${ckpt:-$OUT/$name/model.pt} $model"
   [[ "$eps" == 0 ]] && PLAIN+=("$name") || CELLS+=("$name")
 done
 CELLS+=("${PLAIN[@]}")
@@ -274,26 +280,38 @@ train() {  # train DIR ARGS...: resumable, so a killed run continues from its la
 # trained here depends; nothing for a published one (its path is in the step's own command)
 made_by() { (( PUBLISHED )) || for dir; do cat "$dir/.metrics.json.cmd" 2> /dev/null || :; done; }
 
-measure() {  # measure DIR CKPT NORM EPS SEED: train (or evaluate CKPT), then Fisher, transfer
+# model_flags MODEL: a manifest's model as the scripts take it (--arch or --model), into MODEL
+model_flags() {
+  MODEL=()
+  case $1 in
+    "") ;;
+    torchvision:*) MODEL=(--arch "$1") ;;
+    *) MODEL=(--model "$1") ;;
+  esac
+}
+
+# measure DIR CKPT NORM EPS SEED: train (or evaluate CKPT, built as MODEL), then Fisher, transfer
+measure() {
   local dir=$1 ckpt=$2 trained
   if (( PUBLISHED )); then  # the --trained-* flags: what the published model was trained with
     step "$dir/metrics.json" "$dir/eval.log" "" "$PY" advtrain.py --eval-only --ckpt "$ckpt" \
-      "${EVAL[@]}" "${DATA[@]}" --trained-norm "$3" --trained-eps "$4" --trained-seed "$5" \
-      "${UNSAFE[@]}" --device "$DEVICE" --out "$dir"
+      "${MODEL[@]}" "${EVAL[@]}" "${DATA[@]}" --trained-norm "$3" --trained-eps "$4" \
+      --trained-seed "$5" "${UNSAFE[@]}" --device "$DEVICE" --out "$dir"
   else
     train "$dir" --norm "$3" --eps "$4" --seed "$5"
   fi
   trained=$(made_by "$dir")
   step "$dir/fisher.json" "$dir/fisher.log" "$trained" "$PY" fisher.py --ckpt "$ckpt" \
-    "${FISHER[@]}" "${DATA[@]}" "${UNSAFE[@]}" --device "$DEVICE" --out "$dir"
+    "${MODEL[@]}" "${FISHER[@]}" "${DATA[@]}" "${UNSAFE[@]}" --device "$DEVICE" --out "$dir"
   step "$dir/transfer.json" "$dir/transfer.log" "$trained" "$PY" transfer.py --ckpt "$ckpt" \
-    "${TARGETS[@]}" "${DATA[@]}" "${UNSAFE[@]}" --seed "$5" --device "$DEVICE" --out "$dir"
+    "${MODEL[@]}" "${TARGETS[@]}" "${DATA[@]}" "${UNSAFE[@]}" --seed "$5" --device "$DEVICE" \
+    --out "$dir"
 }
 
 invert() {  # invert DIR CKPT: inversion of the cell's checkpoint, labelled by the judge (if any)
   step "$1/invert.json" "$1/invert.log" "$(made_by "$1" "$OUT/judge")" \
-    "$PY" invert.py --ckpt "$2" ${JUDGE_CKPT:+--judge "$JUDGE_CKPT"} "${INVERT[@]}" \
-    "${DATA[@]}" "${UNSAFE[@]}" --device "$DEVICE" --out "$1"
+    "$PY" invert.py --ckpt "$2" "${MODEL[@]}" ${JUDGE_CKPT:+--judge "$JUDGE_CKPT"} \
+    "${INVERT[@]}" "${DATA[@]}" "${UNSAFE[@]}" --device "$DEVICE" --out "$1"
 }
 
 report() {  # the steps that did not finish (failed, stopped, never run), then the report
@@ -308,14 +326,15 @@ report() {  # the steps that did not finish (failed, stopped, never run), then t
 }
 
 run_task() {  # run_task NAME: one task of the plan (judge, a cell, invert:CELL or report)
-  local seed norm eps ckpt cell=${1#invert:}
+  local seed norm eps ckpt model MODEL cell=${1#invert:}
   case $1 in
     judge) (( ! PUBLISHED )) || die "no judge is trained in preset $PRESET"
            train "$OUT/judge" "${JUDGE[@]}" --seed 100 ;;
     report) report ;;
     *) [[ -v "CELL_ROW[$cell]" ]] || die "no task '$1' in this study ($PRESET in $OUT," \
                                          "SEEDS '$SEEDS': --plan lists its tasks)"
-       read -r seed norm eps ckpt <<< "${CELL_ROW[$cell]}"
+       read -r seed norm eps ckpt model <<< "${CELL_ROW[$cell]}"
+       model_flags "$model"
        if [[ "$1" == invert:* ]]; then invert "$OUT/$cell" "$ckpt"
        else measure "$OUT/$cell" "$ckpt" "$norm" "$eps" "$seed"; fi ;;
   esac

@@ -113,8 +113,11 @@ HEADER = "file,norm,eps,seed\n"
 
 @pytest.mark.parametrize("manifest,files,expect", [
     (HEADER + "a.pt,l2,0\nb.pt,l2,0.5\n", ["a.pt"], "line 3: checkpoint not found"),
-    (HEADER + "a.pt,l2\n", ["a.pt"], "line 2: expected file,norm,eps[,seed]"),
-    (HEADER + "a.pt,l2,0,0,extra\n", ["a.pt"], "expected file,norm,eps[,seed]"),
+    (HEADER + "a.pt,l2\n", ["a.pt"], "line 2: expected file,norm,eps[,seed[,model]]"),
+    (HEADER + "a.pt,l2,0,0,torchvision:resnet18,x\n", ["a.pt"],
+     "expected file,norm,eps[,seed[,model]]"),
+    (HEADER + "a.pt,l2,0,0,resnet18\n", ["a.pt"],
+     "model 'resnet18' is neither torchvision:NAME nor package.module:function"),
     (HEADER + "a.pt,l1,0.5\n", ["a.pt"], "unknown norm 'l1' (l2 or linf)"),
     (HEADER + "a.pt,linf,half\n", ["a.pt"], "eps 'half' is not a number"),
     (HEADER + "a.pt,linf,4/0\n", ["a.pt"], "eps '4/0' is not a number"),
@@ -124,7 +127,7 @@ HEADER = "file,norm,eps,seed\n"
     ("a.pt,l2,0.5\n", ["a.pt"], "the first line must be the header"),
     (HEADER + "\n", [], "lists no checkpoint"),
     (None, [], "manifest not found"),
-], ids=["missing-file", "missing-column", "extra-column", "unknown-norm", "bad-eps",
+], ids=["missing-file", "missing-column", "extra-column", "bad-model", "unknown-norm", "bad-eps",
         "zero-denominator", "bad-seed", "duplicate-cell", "no-header", "no-rows", "no-manifest"])
 def test_a_bad_manifest_is_one_line_before_any_work(tmp_path, manifest, files, expect):
     proc, calls = fake_run(tmp_path, manifest, files)
@@ -192,6 +195,25 @@ def test_manifest_rows_become_cells_evaluated_never_trained(tmp_path):
     assert proc.returncode == 0 and not any("--unsafe-load" in c for c in calls)
     assert all("--target svhn --target mnist --shots" in c
                for c in calls if c.startswith("transfer.py"))
+
+
+def test_a_manifest_row_may_name_any_classifier(tmp_path):
+    """A fifth column builds the cell's model (README "Your own model"): torchvision:NAME is
+    --arch, package.module:function is --model, for every script of the cell; the judge is
+    the largest L2 eps among the rows of our or the published layouts."""
+    manifest = (HEADER.strip() + ",model\nstd.pth,l2,0\nnext.pth,l2,3,0,torchvision:convnext_tiny\n"
+                "mine.pt,linf,4/255,0, mypkg.nets:build\n")
+    files = ["std.pth", "next.pth", "mine.pt"]
+    proc, calls = fake_run(tmp_path, manifest, files, TARGETS_LIST="cifar10")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    ckpt = tmp_path / "ckpt"
+    for cell, flags in (("l2_eps3_seed0", "--arch torchvision:convnext_tiny"),
+                        ("linf_eps4_255_seed0", "--model mypkg.nets:build")):
+        own = [c for c in calls if c.endswith(f"--out {tmp_path / 'res' / cell}")]
+        assert len(own) == 4 and all(flags in c for c in own), own
+    plain = [c for c in calls if c.endswith(f"--out {tmp_path / 'res' / 'l2_eps0_seed0'}")]
+    assert len(plain) == 4 and not any("--arch" in c or "--model" in c for c in plain)
+    assert all(f"--judge {ckpt / 'std.pth'} " in c for c in calls if c.startswith("invert.py"))
 
 
 def test_without_an_l2_checkpoint_inversion_has_no_judge(tmp_path):
