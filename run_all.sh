@@ -420,8 +420,12 @@ fi
 # holds about 26 GB. JOBS defaults to JOBS_PER_GPU per GPU, and without a GPU to one per core.
 GPU_LIST=()
 if [[ "$DEVICE" != cpu ]] && nvidia-smi -L > /dev/null 2>&1; then
-  if [[ -v CUDA_VISIBLE_DEVICES ]]; then
-    IFS=, read -ra GPU_LIST <<< "$CUDA_VISIBLE_DEVICES"
+  if [[ -v CUDA_VISIBLE_DEVICES ]]; then  # as CUDA reads it: up to the first invalid entry
+    IFS=, read -ra visible <<< "$CUDA_VISIBLE_DEVICES"
+    for gpu in "${visible[@]}"; do
+      [[ "$gpu" =~ ^([0-9]+|GPU-.+|MIG-.+)$ ]] || break  # (-1: none)
+      GPU_LIST+=("$gpu")
+    done
   else
     mapfile -t GPU_LIST < <(seq 0 $(($(nvidia-smi -L | grep -c '^GPU') - 1)))
   fi

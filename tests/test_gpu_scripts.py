@@ -100,6 +100,13 @@ def test_run_all_uses_the_visible_gpus_and_none_when_none_are_visible(tmp_path):
     (tmp_path / "cpu").mkdir()
     out, _, seen = pool(tmp_path / "cpu", 4, CUDA_VISIBLE_DEVICES="")
     assert f"{len(os.sched_getaffinity(0))} jobs at once," in out and seen == {""}, (out, seen)
+    # as CUDA reads the list: up to its first invalid entry, so -1 hides every GPU
+    (tmp_path / "none").mkdir()
+    out, _, seen = pool(tmp_path / "none", 4, CUDA_VISIBLE_DEVICES="-1")
+    assert f"{len(os.sched_getaffinity(0))} jobs at once," in out and seen == {"-1"}, (out, seen)
+    (tmp_path / "first").mkdir()
+    out, _, seen = pool(tmp_path / "first", 4, CUDA_VISIBLE_DEVICES="2,-1,3", JOBS="2")
+    assert "(at most 2 per GPU, 1 GPUs)" in out and seen == {"2"}, (out, seen)
 
 
 def test_the_quick_preset_runs_on_the_cpu_unless_a_device_is_asked_for(tmp_path):
