@@ -71,7 +71,8 @@ def run_all(tmp_path, fail="", force="0", script=ROOT / "run_all.sh", jobs="1", 
         out_file.seek(0), err_file.seek(0)
         proc.stdout, proc.stderr = out_file.read(), err_file.read()
     calls = calls.read_text().split()
-    assert calls[:1] == ["declare:quick"] and calls.count("declare:quick") == 1, calls
+    declare = f"declare:{args[0] if args and not args[0].startswith('-') else 'quick'}"
+    assert calls[:1] == [declare] and calls.count(declare) == 1, calls
     return proc, calls[1:]
 
 
@@ -299,3 +300,41 @@ def test_paper_preset_smoke(tmp_path):
     by_norm = summary["claims"]["C1"]["by_norm"]
     assert set(by_norm) == {"l2", "linf"}, by_norm
     assert all(claim["verdict"] == "undetermined" for claim in summary["claims"].values())
+
+
+FAKE_SBATCH = textwrap.dedent("""\
+    #!/usr/bin/env bash
+    # Stand-in sbatch: records its arguments, a line per call, and answers a job id
+    echo "$*" >> "$SBATCH_CALLS"
+    wc -l < "$SBATCH_CALLS"
+""")
+
+
+@pytest.mark.parametrize("preset,threads,gpu", [("quick", "1", False), ("paper", "4", True)])
+def test_slurm_tasks_ask_the_presets_resources_and_the_users_options(tmp_path, preset, threads,
+                                                                     gpu):
+    """What --slurm asks of sbatch (the real Slurm runs the study in tests/test_slurm.py; a GPU
+    node is not there to ask): THREADS cores a task, one GPU unless the preset runs on the CPU,
+    SBATCH_ARGS on every job; the report, after every task, on one core."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(FAKE_SBATCH)
+    (bin_dir / "sbatch").chmod(0o755)
+    calls = tmp_path / "sbatch.calls"
+    proc, _ = run_all(tmp_path, args=(preset, "--slurm"), THREADS=threads,
+                      PATH=f"{bin_dir}:{os.environ['PATH']}", SBATCH_CALLS=str(calls),
+                      SBATCH_ARGS="--partition=lab --time=01:00:00")
+    assert proc.returncode == 0, proc.stderr
+    judge, cells, inversions, report = calls.read_text().splitlines()
+    n = 2 * (5 if preset == "quick" else 7)  # seeds 0 1 x the grid
+    for job in (judge, cells, inversions):
+        assert f"--cpus-per-task {threads}" in job and ("--gres gpu:1" in job) == gpu, job
+    assert f"--array 1-{n} " in cells and f"--array 1-{n} " in inversions
+    assert "--dependency aftercorr:2,afterok:1" in inversions
+    assert "--kill-on-invalid-dep yes" in inversions
+    assert "--dependency afterany:1:2:3" in report and "--gres" not in report
+    assert "--cpus-per-task 1 " in report
+    assert all("--partition=lab --time=01:00:00" in job for job in (judge, cells, inversions,
+                                                                     report))
+    assert (tmp_path / "res" / "slurm" / "jobs").read_text().split() == ["1", "2", "3", "4"]
+    assert "squeue -j 1,2,3,4" in proc.stdout
