@@ -68,7 +68,8 @@ while (( $# )); do
     --redeclare) REDECLARE=(--redeclare) ;;
     --task) (( $# > 1 )) || die "--task needs a task name (--plan lists them)"
             ACTION=task TASK=$2; shift ;;
-    -*) die "unknown option '$1' (--smoke, --slurm, --plan, --redeclare)" ;;
+    -h | --help) sed -n '2,/^set -euo/{/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;;
+    -*) die "unknown option '$1' (--smoke, --slurm, --plan, --redeclare, --help)" ;;
     *) [[ -z "$PRESET" ]] || die "one preset, got '$PRESET' and '$1'"; PRESET=$1 ;;
   esac
   shift

@@ -338,3 +338,25 @@ def test_slurm_tasks_ask_the_presets_resources_and_the_users_options(tmp_path, p
                                                                      report))
     assert (tmp_path / "res" / "slurm" / "jobs").read_text().split() == ["1", "2", "3", "4"]
     assert "squeue -j 1,2,3,4" in proc.stdout
+
+
+def test_run_all_help_and_bad_options_are_one_line(tmp_path):
+    """--help prints the header (how to run it, here or on a cluster); an unknown option, a
+    second preset or an unknown task: one line, exit 2, before any step."""
+    proc = subprocess.run(["bash", str(ROOT / "run_all.sh"), "--help"], capture_output=True,
+                          text=True)
+    assert proc.returncode == 0 and "--slurm" in proc.stdout and "--plan" in proc.stdout
+    fake = tmp_path / "fake_python"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    env = dict(os.environ, PYTHON=str(fake), CALLS=str(tmp_path / "calls"),
+               OUT=str(tmp_path / "res"))
+    for args, expect in ((("--bogus",), "unknown option '--bogus'"),
+                         (("quick", "paper"), "one preset, got 'quick' and 'paper'"),
+                         (("quick", "--smoke"), "unknown option '--smoke' for preset quick"),
+                         (("quick", "--task", "l2_eps9_seed0"), "no task 'l2_eps9_seed0'")):
+        proc = subprocess.run(["bash", str(ROOT / "run_all.sh"), *args], capture_output=True,
+                              text=True, env=env)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and expect in lines[0], proc.stderr
+        assert not (tmp_path / "calls").exists() and not (tmp_path / "res").exists()
