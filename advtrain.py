@@ -47,8 +47,8 @@ from common import (CKPT_HELP, UNSAFE_LOAD_HELP, ArgumentParser, Clock, UserErro
                     ckpt_folder, format_eps, lr_at, nonnegative_int, parse_classes, parse_eps,
                     positive_int, provenance, user_errors, writable_dir)
 from data import DATASETS, load_split, random_crop_flip
-from models import (ARCHS, build_model, check_images, check_labels, eval_mode, get_device,
-                    l2_step, make_optimizer, per_example_norm, sgd_epoch)
+from models import (ARCHS, build_model, check_images, check_labels, cudnn_autotune, eval_mode,
+                    get_device, l2_step, make_optimizer, per_example_norm, sgd_epoch)
 
 NORMS = ("l2", "linf")
 
@@ -149,55 +149,86 @@ def _apgd_checkpoints(steps):
     return {math.ceil(q * steps - 1e-9) for q in p[1:]}  # 0.22 * 100 is 22.000000000000004
 
 
-def apgd_single(model, x, y, norm, eps, steps=100, loss_fn=None, rho=0.75, momentum=0.75):
+def apgd_single(model, x, y, norm, eps, steps=100, loss_fn=None, rho=0.75, momentum=0.75,
+                target=None):
     """One run of APGD (Croce and Hein 2020, Algorithm 1) maximising loss_fn(logits, y) [N]
-    (default cross-entropy) within the eps-ball around x [N, C, H, W] and [0, 1].
+    (default cross-entropy) within the eps-ball around x [N, C, H, W] and [0, 1]; with
+    `target` [N] (classes), loss_fn(logits, y, target) instead (default dlr_targeted_loss).
 
     Step size 2 eps, halved for an example at a checkpoint when fewer than rho of its steps
     since the last checkpoint raised its loss, or when its step and best loss did not change
     (then it restarts from its best point); momentum 0.75 between successive iterates. Sign
     steps for linf, normalised gradient steps for l2; random start in the ball; input-only
     gradients, model in eval mode (its mode is given back). Returns, per example, the first
-    misclassified iterate found, else the iterate of highest loss (detached). Bad input is a
-    ValueError (check_attack).
+    misclassified iterate found, else the iterate of highest loss (detached). An example
+    leaves the working batch as soon as it is misclassified (its point is final), so a run
+    costs what its unbroken examples cost. Bad input is a ValueError (check_attack).
     """
     check_attack(x, y, norm, eps, steps)
-    loss_fn = loss_fn or (lambda logits, y: F.cross_entropy(logits, y, reduction="none"))
+    if target is None:
+        loss_fn = loss_fn or (lambda logits, y: F.cross_entropy(logits, y, reduction="none"))
+    else:
+        loss_fn = loss_fn or dlr_targeted_loss
     view = (-1,) + (1,) * (x.dim() - 1)
+    x = x.detach()
+    out = x.clone()  # every row is written once: when it is fooled, or at the end
+    # the working batch: rows of x still correctly classified, and their inputs, labels, targets
+    rows = torch.arange(len(x), device=x.device)
+    xs, ys, ts = x, y, target
 
     def loss_and_grad(x_adv):
         with torch.enable_grad():
             x_adv = x_adv.detach().requires_grad_(True)
             logits = model(x_adv)
-            loss = loss_fn(logits, y)
+            loss = loss_fn(logits, ys) if ts is None else loss_fn(logits, ys, ts)
             (grad,) = torch.autograd.grad(loss.sum(), x_adv)
-        return loss.detach(), grad.detach(), logits.detach().argmax(1) != y
+        return loss.detach(), grad.detach(), logits.detach().argmax(1) != ys
 
     def ascent(grad):
         return grad.sign() if norm == "linf" else l2_step(grad, 1.0)
 
-    def onto_ball(point):  # a point [N, C, H, W] moved into the threat model around x
-        return project(x, point - x, norm, eps)
+    def onto_ball(point):  # a point of the working batch moved into the threat model around x
+        return project(xs, point - xs, norm, eps)
 
     with eval_mode(model):
-        x = x.detach()
+        # the start is drawn for the whole batch at once, as if no example left: a row's
+        # random numbers do not depend on which other rows are fooled
         start = (torch.rand_like(x) * 2 - 1) if norm == "linf" else torch.randn_like(x)
         size = start.abs().flatten(1).amax(1) if norm == "linf" else start.flatten(1).norm(dim=1)
         x_cur = onto_ball(x + start * eps / size.view(view))
         loss_cur, grad, fooled = loss_and_grad(x_cur)
-        x_adv = torch.where(fooled.view(view), x_cur, x)  # first misclassified point per example
         x_best, loss_best, grad_best = x_cur, loss_cur, grad
         x_prev, eta = x_cur, torch.full((len(x),), 2.0 * eps, device=x.device)
         checkpoints, last = _apgd_checkpoints(steps), 0
         increases = torch.zeros(len(x), device=x.device)
         eta_last, loss_best_last = eta.clone(), loss_best.clone()
-        for k in range(steps):
-            z = onto_ball(x_cur + eta.view(view) * ascent(grad))
-            a = momentum if k > 0 else 1.0
-            x_new = onto_ball(x_cur + a * (z - x_cur) + (1 - a) * (x_cur - x_prev))
-            loss_new, grad_new, fooled_new = loss_and_grad(x_new)
-            x_adv = torch.where((fooled_new & ~fooled).view(view), x_new, x_adv)
-            fooled |= fooled_new
+        for k in range(-1, steps):
+            if k >= 0:
+                z = onto_ball(x_cur + eta.view(view) * ascent(grad))
+                a = momentum if k > 0 else 1.0
+                x_new = onto_ball(x_cur + a * (z - x_cur) + (1 - a) * (x_cur - x_prev))
+                loss_new, grad_new, fooled = loss_and_grad(x_new)
+            else:  # the random start's check: examples it already fools leave at once
+                x_new, loss_new, grad_new = x_cur, loss_cur, grad
+            if fooled.any():
+                # Croce and Hein 2020 keep only the first misclassified point of an example,
+                # and every other quantity of APGD (loss, step size, momentum, checkpoint
+                # test) is per example: dropping the fooled rows changes nothing for the
+                # others, it only stops spending forward and backward passes on them
+                out[rows[fooled]] = x_new[fooled]
+                keep = ~fooled
+                rows, xs, ys = rows[keep], xs[keep], ys[keep]
+                ts = None if ts is None else ts[keep]
+                x_new, loss_new, grad_new = x_new[keep], loss_new[keep], grad_new[keep]
+                x_cur, x_prev, grad = x_cur[keep], x_prev[keep], grad[keep]
+                loss_cur = loss_cur[keep]
+                x_best, loss_best, grad_best = x_best[keep], loss_best[keep], grad_best[keep]
+                eta, eta_last, increases = eta[keep], eta_last[keep], increases[keep]
+                loss_best_last = loss_best_last[keep]
+                if len(rows) == 0:
+                    break
+            if k < 0:
+                continue
             increases += (loss_new > loss_cur).float()
             better = loss_new > loss_best
             x_best = torch.where(better.view(view), x_new, x_best)
@@ -213,7 +244,8 @@ def apgd_single(model, x, y, norm, eps, steps=100, loss_fn=None, rho=0.75, momen
                 grad = torch.where(halve.view(view), grad_best, grad)
                 increases.zero_()
                 last = k + 1
-    return torch.where(fooled.view(view), x_adv, x_best).detach()
+    out[rows] = x_best  # the unbroken examples: their point of highest loss
+    return out.detach()
 
 
 def apgd_attack(model, x, y, norm, eps, steps=100, restarts=1, targets=3):
@@ -249,9 +281,8 @@ def apgd_attack(model, x, y, norm, eps, steps=100, restarts=1, targets=3):
                 idx = robust.nonzero()[:, 0]
                 if len(idx) == 0:
                     break
-                loss_fn = None if t is None else (
-                    lambda lg, yy, tt=ranked[idx, t]: dlr_targeted_loss(lg, yy, tt))
-                xa = apgd_single(model, x[idx], y[idx], norm, eps, steps, loss_fn)
+                target = None if t is None else ranked[idx, t]  # None: APGD-CE
+                xa = apgd_single(model, x[idx], y[idx], norm, eps, steps, target=target)
                 with torch.no_grad():
                     fooled = model(xa).argmax(1) != y[idx]
                 x_adv[idx] = xa
@@ -325,7 +356,8 @@ def train_epoch(model, opt, x, y, *, batch_size=128, norm="l2", eps=0.0, steps=3
     optimizer's rate); step0 is the global step of the first batch. amp: bf16 autocast of the
     attack and the training step (advtrain.py's choice on CUDA); channels_last: the batch's
     memory layout. shard: data-parallel training (model wrapped in DistributedDataParallel,
-    every process drawing the same order): a function from the indices of a global batch of
+    every process drawing the same order, each its own attack starts and augmentation): a
+    function from the indices of a global batch of
     batch_size to (this process's share of them, the weight of its mean loss), e.g.
     ddp_shard; process 0's BatchNorm statistics and the totals are then shared at the end of
     the epoch. x and y are checked once (check_attack; it reads one number from the device).
@@ -335,6 +367,16 @@ def train_epoch(model, opt, x, y, *, batch_size=128, norm="l2", eps=0.0, steps=3
     check_attack(x, y, norm, eps, steps, step_size)
     device = next(model.parameters()).device
     attacked = getattr(model, "module", model)  # DDP's network: input gradients need no sync
+    rank = dist.get_rank() if shard is not None and dist.is_initialized() else 0
+    generator = None
+    if rank > 0:
+        # DESIGN.md, Scale: every process draws the same batch order (from a copy of the state
+        # they all seeded alike) but its own attack starts, crops and flips, else example j of
+        # every share would get the same ones. Process 0 keeps the shared stream (a run of one
+        # process is unchanged); process r > 0 reseeds from it, plus r.
+        generator = torch.Generator()
+        generator.set_state(torch.get_rng_state())
+        torch.manual_seed(int(torch.randint(2 ** 62, (1,))) + rank)
 
     def adversarial(xb, yb):  # a batch on the device -> what the step trains on
         if augment:
@@ -348,7 +390,7 @@ def train_epoch(model, opt, x, y, *, batch_size=128, norm="l2", eps=0.0, steps=3
 
     result = sgd_epoch(model, opt, x, y, batch_size=batch_size, lr_schedule=lr_schedule,
                        step0=step0, prepare=adversarial, amp=amp, shard=shard,
-                       reduce=reduce if shard is not None else None)
+                       reduce=reduce if shard is not None else None, generator=generator)
     if shard is not None:
         # every process leaves with process 0's BatchNorm statistics, the ones the checkpoint
         # saves: the guard, the next epoch's attacks and evaluation then agree across processes
@@ -360,9 +402,14 @@ def ddp_shard(rank, world_size):
     """train_epoch's shard for process `rank` of `world_size`: every world_size-th index of a
     global batch from rank on, and the weight len(share) * world_size / len(batch) of its mean
     loss, so that DDP's average of the processes' gradients is the gradient of the global
-    batch's mean loss (also for a last batch that does not split evenly)."""
+    batch's mean loss (also for a last batch that does not split evenly). A batch of fewer
+    examples than processes leaves some an empty share: they get the batch's first example
+    with weight 0 instead (sgd_epoch counts it nowhere), so that every process still takes
+    part in DDP's gradient all-reduce (an empty batch's mean loss is NaN, and NaN * 0 is NaN)."""
     def shard(idx):
         share = idx[rank::world_size]
+        if len(share) == 0:
+            return idx[:1], 0.0
         return share, len(share) * world_size / len(idx)
     return shard
 
@@ -374,14 +421,21 @@ def evaluate(model, x, y, radii, *, batch_size=500, steps=20, restarts=1, attack
     Returns {"clean_acc": float, "robust_acc": [{"norm", "eps", "attack", "steps", "restarts",
     "acc"}, ...]}: each robust number names its norm, radius and attack, so radii of different
     norms cannot be mistaken for each other. Radii are attacked in sorted (norm, eps) order.
+    An empty x (a process's share of a test set smaller than the number of processes) scores
+    0.0 everywhere, which weighs nothing in reduce_metrics.
     """
+    def score(*args, **kwargs):
+        # cuDNN autotuning off: APGD attacks subsets of every size (models.cudnn_autotune)
+        with cudnn_autotune(False):
+            return accuracy(model, x, y, batch_size, *args, **kwargs) if len(x) else 0.0
+
     robust = []
     for norm, eps in sorted(set(radii)):
         if eps > 0:
-            acc = accuracy(model, x, y, batch_size, norm, eps, steps, restarts, attack=attack)
+            acc = score(norm, eps, steps, restarts, attack=attack)
             robust.append({"norm": norm, "eps": eps, "attack": attack, "steps": steps,
                            "restarts": restarts, "acc": acc})
-    return {"clean_acc": accuracy(model, x, y, batch_size), "robust_acc": robust}
+    return {"clean_acc": score(), "robust_acc": robust}
 
 
 def init_distributed(device):
@@ -446,11 +500,17 @@ def collapsed(history, drop):
     return len(history) > 1 and history[-1] < max(history) - drop
 
 
-def watch_guard(guard, model, x, y, epoch, run):
+def watch_guard(guard, model, x, y, epoch, run, world_size=1):
     """FGSM's catastrophic-overfitting guard, after an epoch: PGD-10 accuracy on the held-out
     batch; keeps the best epoch's weights in guard; on a collapse (collapsed()) loads them back
-    into model and returns True (stop training)."""
-    acc = accuracy(model, x, y, run.eval_batch_size, run.norm, run.eps, steps=10)
+    into model and returns True (stop training). Under torchrun x, y are this process's share
+    (possibly empty) and the accuracy is reduced over the processes (reduce_metrics) before
+    the decision: every process decides alike, else one could stop while the others wait in
+    a collective (DESIGN.md, Scale)."""
+    acc = accuracy(model, x, y, run.eval_batch_size, run.norm, run.eps, steps=10) if len(x) \
+        else 0.0
+    acc = reduce_metrics({"clean_acc": acc, "robust_acc": []}, len(x), world_size,
+                         next(model.parameters()).device)["clean_acc"]
     guard["history"].append(acc)
     if acc >= max(guard["history"]):
         guard["best_epoch"] = epoch
@@ -531,8 +591,9 @@ def get_args(argv=None):
                    help="examples per batch of the evaluation's attacks, which run in float32 "
                         "(default --batch-size)")
     p.add_argument("--compile", action="store_true",
-                   help="train (attack and step) with the network torch.compile'd; compiling "
-                        "takes a while at the start of the run")
+                   help="train (attack and step) with the network torch.compile'd (under "
+                        "torchrun the step alone); compiling takes a while at the start of the "
+                        "run")
     p.add_argument("--lr", type=float, default=0.05, help="peak learning rate of the one-cycle "
                    "schedule")
     p.add_argument("--momentum", type=float, default=0.9, help="Nesterov momentum")
@@ -707,7 +768,8 @@ def make_checkpoint(net, opt, run, data, epoch, train_seconds, guard):
 def ran_on(device, trained):
     """{device, precision} of a run for metrics.json (report.md states them; DESIGN.md,
     Precision): on CUDA the training step and its attack run under bf16 autocast
-    (models.sgd_epoch), and float32 matrix products may run as TF32 where torch allows it."""
+    (models.sgd_epoch); float32 is full float32 (models.get_device turns TF32 off), unless a
+    caller turned TF32 back on, which is then said."""
     if device.type != "cuda":
         return {"device": "cpu", "precision": "float32"}
     tf32 = torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32
@@ -806,14 +868,19 @@ def compile_problem(device):
 def setup_model(run, data, device, world_size):
     """(network, the model to train, optimizer): the network initialised from --seed in
     channels_last on device (with --sync-bn its BatchNorm layers SyncBatchNorm); the model to
-    train is the network, torch.compile'd with --compile, in a DDP wrapper under torchrun."""
+    train is the network, in a DDP wrapper under torchrun, then torch.compile'd with
+    --compile: DDP wraps the module first, the order PyTorch documents for compiling with DDP
+    (its gradient buckets then split the compiled graph). Under DDP the attack runs DDP's
+    module (train_epoch), which is the network uncompiled."""
     torch.manual_seed(run.seed)
     net = build_model(**data["model_args"]).to(device, memory_format=torch.channels_last)
     if run.sync_bn:  # main refuses it unless under torchrun on CUDA
         net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
-    model = torch.compile(net) if run.compile else net
+    model = net
     if world_size > 1:  # device_ids None: the module and its inputs are on the one device
         model = torch.nn.parallel.DistributedDataParallel(model)
+    if run.compile:
+        model = torch.compile(model)
     return net, model, make_optimizer(net, run.lr, run.momentum, run.weight_decay)
 
 
@@ -849,6 +916,8 @@ def run_epochs(run, out, data, net, model, opt, start, rank, world_size, say):
         step_size = 1.25 * run.eps  # Wong et al. 2020 (pgd's default is pgd_attack's)
     shard = ddp_shard(rank, world_size) if world_size > 1 else None
     log, train_seconds, guard = start["log"], start["train_seconds"], start["guard"]
+    # the guard's held-out examples are shared out like the test set (watch_guard reduces)
+    guard_share = [t[rank::world_size] for t in data["guard"]] if guard is not None else None
     ckpt_path, ckpt = out / "model.pt", None
     for epoch in range(start["epoch"] + 1, run.epochs + 1):
         torch.manual_seed(run.seed * 100003 + epoch)  # per-epoch RNG: resuming gives the same run
@@ -863,7 +932,7 @@ def run_epochs(run, out, data, net, model, opt, start, rank, world_size, say):
             raise UserError(f"epoch {epoch}: {e}; {ckpt_path} keeps the last finished epoch")
         train_seconds += time.time() - te
         log.append({"epoch": epoch, "loss": loss, "train_acc": acc, "seconds": time.time() - te})
-        stop = guard is not None and watch_guard(guard, net, *data["guard"], epoch, run)
+        stop = guard is not None and watch_guard(guard, net, *guard_share, epoch, run, world_size)
         if guard is not None:
             log[-1]["guard_acc"] = guard["history"][-1]
         ckpt = make_checkpoint(net, opt, run, data, run.epochs if stop else epoch, train_seconds,
@@ -910,10 +979,6 @@ def final_evaluation(run, out, data, net, ckpt, rank, world_size, say):
 
 
 def main(args):
-    # cuDNN times its algorithms for each new shape once, then takes the fastest (a CIFAR
-    # step has a few fixed shapes); the CPU ignores the flag. Runs on CUDA are then not
-    # bit-reproducible: --resume is bit-exact on the CPU.
-    torch.backends.cudnn.benchmark = True
     if args.eval_only:
         return eval_only(args)
     run = training_settings(args)
@@ -934,7 +999,11 @@ def main(args):
         + (f", {world_size} processes" if world_size > 1 else ""))
     net, model, opt = setup_model(run, data, device, world_size)
     start = resume(run, out, net, opt, say)
-    ckpt = run_epochs(run, out, data, net, model, opt, start, rank, world_size, say)
+    # cuDNN autotuning for training alone, whose shapes are fixed (a step's few shapes), not
+    # for the evaluation's (evaluate turns it off: models.cudnn_autotune). Training on CUDA is
+    # then not bit-reproducible: --resume is bit-exact on the CPU.
+    with cudnn_autotune(True):
+        ckpt = run_epochs(run, out, data, net, model, opt, start, rank, world_size, say)
     final_evaluation(run, out, data, net, ckpt, rank, world_size, say)
     if world_size > 1:
         del model

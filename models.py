@@ -20,15 +20,28 @@ ARCHS = ("cnn", "resnet18")
 
 def get_device(name="auto"):
     """'auto' -> cuda if available, else cpu; a CUDA device asked for without CUDA, or an
-    unknown name, is a ValueError."""
+    unknown name, is a ValueError. The device setup of every script: a CUDA device comes with
+    TF32 off (full_float32)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {name} asked for, but CUDA is not available")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError:
         raise ValueError(f"unknown --device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        full_float32()
+    return device
+
+
+def full_float32():
+    """float32 matrix products and convolutions at full float32 precision on CUDA: PyTorch may
+    run them as TF32 (10-bit mantissa), under which evaluation attacks, Fisher's Lanczos (its
+    jvp/vjp pair no longer exactly symmetric) and the inversion are not the float32 that
+    DESIGN.md, Precision, asks for. The CPU has no TF32: the flags change nothing there."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
 
 
 class Normalize(nn.Module):
@@ -302,6 +315,21 @@ def train_mode(model):
     return _mode(model, True)
 
 
+@contextlib.contextmanager
+def cudnn_autotune(on):
+    """Run the block with cuDNN's autotuning (torch.backends.cudnn.benchmark) on or off, then
+    give the flag back. Autotuning times the algorithms of every new input shape once and
+    keeps the fastest: a gain where shapes are fixed (training: the batch, its last batch and
+    the attack's), a loss where they vary (APGD attacks the subset still robust, of any size,
+    so each size would be tuned again). The CPU ignores the flag."""
+    was = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = on
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = was
+
+
 def make_optimizer(model, lr, momentum=0.9, weight_decay=5e-4):
     """SGD with Nesterov momentum; weight decay on weights (tensors of 2 or more dimensions),
     not on BatchNorm parameters and biases."""
@@ -325,7 +353,8 @@ def sgd_epoch(model, opt, x, y, *, batch_size=128, lr_schedule=None, step0=0, pr
     when amp; opt steps after lr_schedule (global step -> learning rate; None leaves the
     optimizer's rate) sets the rate; step0 is the global step of the first batch. shard
     (data-parallel training, every process drawing the same order): the indices of a global
-    batch -> (this process's share, the weight of its mean loss); reduce: the sum over the
+    batch -> (this process's share, the weight of its mean loss; weight 0 marks a stand-in
+    share, trained with no effect and counted nowhere); reduce: the sum over the
     processes of the totals [loss sum, correct, examples] (float64 on the device).
 
     Nothing in the loop waits for the host (DESIGN.md, Scale): the loss and the correct
@@ -345,6 +374,7 @@ def sgd_epoch(model, opt, x, y, *, batch_size=128, lr_schedule=None, step0=0, pr
             if shard is not None:
                 idx, weight = shard(idx)
             xb, yb = x[idx].to(device, non_blocking=True), y[idx].to(device, non_blocking=True)
+            counted = weight != 0  # weight 0: a stand-in that keeps the collectives in step
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 if prepare is not None:
                     xb = prepare(xb, yb)
@@ -357,11 +387,12 @@ def sgd_epoch(model, opt, x, y, *, batch_size=128, lr_schedule=None, step0=0, pr
             (loss if weight is None else loss * weight).backward()
             opt.step()
             step += 1
-            count += len(yb)
+            count += len(yb) if counted else 0
             with torch.no_grad():
                 first_bad = (sums[2] == 0) & ~torch.isfinite(loss)
-                sums[0] += loss.double() * len(yb)
-                sums[1] += (logits.argmax(1) == yb).sum()
+                if counted:
+                    sums[0] += loss.double() * len(yb)
+                    sums[1] += (logits.argmax(1) == yb).sum()
                 sums[2] = torch.where(first_bad, step - step0, sums[2])
                 sums[3] = torch.where(first_bad, loss.double(), sums[3])
     totals = torch.cat([sums[:2], sums.new_full((1,), count)])  # [loss sum, correct, examples]

@@ -5,6 +5,8 @@ rates and hours.
     python tests/bench.py            # full run, a few minutes on two CPU cores
     python tests/bench.py --quick    # smaller sizes, under a minute (run by the test suite)
     python tests/bench.py --projection-only   # the H200 projection and its inputs alone
+    python tests/bench.py --bf16-attacks   # attacks under bf16 autocast vs float32
+    python tests/bench.py --apgd-working-batch   # APGD with fooled examples dropped vs today
     python tests/bench.py --study results/quick   # and the quick study's time split
     python tests/bench.py --device cuda --device-only   # GPU rows, the paper preset's hours
     python tests/bench.py --quick --device cpu --device-only   # their code on a tiny model
@@ -438,7 +440,9 @@ def apgd_rate(device, width, batch, steps):
     x = torch.rand(batch, 3, 32, 32, device=device)
     with torch.no_grad():
         y = model(x).argmax(1)  # every example starts correct: APGD attacks all of them
-    run = synced(lambda: advtrain.apgd_single(model, x, y, "linf", 8 / 255, steps), device)
+    # a radius too small to fool: a fooled example leaves APGD's working batch, and this is
+    # the rate per image-step of the examples that stay (the time of a robust model's)
+    run = synced(lambda: advtrain.apgd_single(model, x, y, "linf", 1e-4, steps), device)
     return batch * steps / median_time(run, 1)
 
 
@@ -839,6 +843,147 @@ def measure_compiled(bench):
         print(f"| {stage} | {' | '.join(cells)} |", flush=True)
 
 
+# ----------------------------------------------------------------------------- bf16 attacks
+# DESIGN.md, Precision: on CUDA the training attack runs under bf16 autocast only if it keeps
+# its strength within 0.5 points of float32 at every radius of the paper grid. CPU autocast
+# casts convolutions and matrix products to bf16 as CUDA's does, so this measures it here.
+PAPER_RADII = (("l2", 0.25), ("l2", 0.5), ("l2", 1.0),
+               ("linf", 2 / 255), ("linf", 4 / 255), ("linf", 8 / 255))
+BF16_BOUND = 0.5  # points: DESIGN.md, Precision
+
+
+def fashion_mnist_32x3(n, train):
+    """Fashion-MNIST (10 classes) as 32x32 three-channel images, the shape of CIFAR-10."""
+    x, y = data.load_split("fashion-mnist", train, size=n, download=False)
+    x = torch.nn.functional.interpolate(x, size=32, mode="bilinear", align_corners=False)
+    return x.clamp(0, 1).repeat(1, 3, 1, 1), y
+
+
+def bf16_attack_strength(n_train=4000, n_test=800, width=8, epochs=2, apgd_steps=20,
+                         batch=128, norms=("l2", "linf")):
+    """Rows (norm, eps, attack, float32 acc, bf16 acc) for a resnet18 of `width` trained with
+    PGD-7 (models.sgd_epoch, float32) at the middle radius of each norm of the paper grid,
+    attacked at every radius of the grid by PGD-7 (the training attack's settings) and by
+    APGD (apgd_steps steps, 3 targets) computed under bf16 autocast or not, from the same
+    random starts (the same seed before each); the adversarial examples are then judged in
+    float32, so the difference is the attack's strength alone."""
+    x, y = fashion_mnist_32x3(n_train, True)
+    x_test, y_test = fashion_mnist_32x3(n_test, False)
+    rows = []
+    for norm in norms:
+        radii = [eps for n, eps in PAPER_RADII if n == norm]
+        torch.manual_seed(0)
+        model = models.build_model("resnet18", 10, 3, 32, (0.286,) * 3, (0.353,) * 3,
+                                   width=width)
+        opt = models.make_optimizer(model, 0.1)
+        steps = epochs * -(-n_train // batch)
+        for epoch in range(epochs):
+            advtrain.train_epoch(model, opt, x, y, batch_size=batch, norm=norm, eps=radii[1],
+                                 steps=7, step0=epoch * (steps // epochs),
+                                 lr_schedule=lambda step: advtrain.lr_at(step, steps, 0.1))
+        model.eval()
+        print(f"  resnet18 width {width} trained at {norm} {radii[1]:.4g}: clean acc "
+              f"{advtrain.accuracy(model, x_test, y_test):.3f}", flush=True)
+        attacks = {"PGD-7": lambda xb, yb, eps: advtrain.pgd_attack(model, xb, yb, norm, eps, 7),
+                   f"APGD-{apgd_steps}": lambda xb, yb, eps: advtrain.apgd_attack(
+                       model, xb, yb, norm, eps, apgd_steps)}
+        for eps in radii:
+            for name, attack in attacks.items():
+                acc = []
+                for bf16 in (False, True):
+                    correct = 0
+                    for i in range(0, n_test, 250):
+                        xb, yb = x_test[i:i + 250], y_test[i:i + 250]
+                        torch.manual_seed(1 + i)
+                        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                            xa = attack(xb, yb, eps)
+                        with torch.no_grad():
+                            correct += (model(xa).argmax(1) == yb).sum().item()
+                    acc.append(correct / n_test)
+                rows.append((norm, eps, name, *acc))
+                print(f"  {rows[-1]}", flush=True)
+    return rows
+
+
+def print_bf16_attacks(rows):
+    """The table of bf16_attack_strength's rows and, per attack, the rule's verdict."""
+    print("\n| radius | attack | float32 acc | bf16 acc | bf16 - float32 (points) |"
+          "\n|---|---|---|---|---|")
+    worst = {}
+    for norm, eps, name, f32, bf16 in rows:
+        radius = f"{norm} {round(eps * 255)}/255" if norm == "linf" else f"{norm} {eps:g}"
+        diff = round((bf16 - f32) * 100, 6)  # points; rounded so that 0.5 is not 0.5000001
+        worst[name] = max(worst.get(name, diff), diff)
+        print(f"| {radius} | {name} | {f32:.5f} | {bf16:.5f} | {diff:+.2f} |")
+    for name, diff in worst.items():
+        verdict = "met" if diff <= BF16_BOUND else "missed"
+        print(f"{name}: bf16 weaker than float32 by at most {max(diff, 0):.2f} points at every "
+              f"radius (bound {BF16_BOUND} points, DESIGN.md Precision): {verdict}")
+
+
+def apgd_working_batch(n_train=2000, n_test=200, epochs=2, width=8, steps=50, repeats=1):
+    """Rows (arch, training, radius, today's seconds, new seconds, today's robust acc, new
+    robust acc, examples judged alike) of advtrain.apgd_attack (APGD-CE then 3 targeted
+    APGD-DLR runs, `steps` steps each), where an example fooled within a run leaves the working
+    batch, against today's algorithm kept in tests/test_advtrain.py (apgd_reference), on the
+    same n_test test images from the same seed. Models: the cnn on Fashion-MNIST 0-4 and a
+    resnet18 of `width` on Fashion-MNIST at 32x32x3, each trained `epochs` epochs on n_train
+    images standard and with PGD-3 at the radius it is attacked at (l2 0.5 for the cnn, the
+    quick preset's; linf 8/255 for the resnet18, the paper's)."""
+    from test_advtrain import apgd_reference
+    rows = []
+    for arch, norm, eps in (("cnn", "l2", 0.5), ("resnet18", "linf", 8 / 255)):
+        if arch == "cnn":
+            (x, y), (x_test, y_test) = fashion_mnist(n_train), fashion_mnist(n_test, False)
+        else:
+            (x, y), (x_test, y_test) = fashion_mnist_32x3(n_train, True), fashion_mnist_32x3(
+                n_test, False)
+        for training, train_eps in (("standard", 0.0), ("robust", eps)):
+            torch.manual_seed(0)
+            if arch == "cnn":
+                model = model_for("cnn")
+            else:
+                model = models.build_model("resnet18", 10, 3, 32, (0.286,) * 3, (0.353,) * 3,
+                                           width=width)
+            opt = models.make_optimizer(model, 0.05)
+            total = epochs * -(-n_train // 128)
+            for epoch in range(epochs):
+                advtrain.train_epoch(model, opt, x, y, batch_size=128, norm=norm, eps=train_eps,
+                                     steps=3 if train_eps else 0, step0=epoch * (total // epochs),
+                                     lr_schedule=lambda step: advtrain.lr_at(step, total, 0.05))
+            model.eval()
+            timed, judged = {}, {}
+            for name, attack in (("today", apgd_reference), ("new", advtrain.apgd_attack)):
+                def run():
+                    torch.manual_seed(1)
+                    judged[name] = attack(model, x_test, y_test, norm, eps, steps)
+                timed[name] = median_time(run, repeats, warmup=0)
+                with torch.no_grad():
+                    judged[name] = model(judged[name]).argmax(1) == y_test
+            radius = f"{norm} {round(eps * 255)}/255" if norm == "linf" else f"{norm} {eps:g}"
+            rows.append((arch, training, radius, timed["today"], timed["new"],
+                         judged["today"].float().mean().item(), judged["new"].float().mean().item(),
+                         int((judged["today"] == judged["new"]).sum())))
+            print(f"  {rows[-1]}", flush=True)
+    return rows, n_test, steps
+
+
+def print_apgd_working_batch(result):
+    rows, n_test, steps = result
+    print(f"\nAPGD-{steps} (CE, then 3 targeted DLR runs), {n_test} test images, "
+          f"{torch.get_num_threads()} threads: fooled examples leave the working batch vs today"
+          "\n\n| model | radius | today | new | new / today | robust acc today | robust acc new |"
+          " examples judged alike |\n|---|---|---|---|---|---|---|---|")
+    for arch, training, radius, today, new, acc_today, acc_new, alike in rows:
+        print(f"| {arch} {training} | {radius} | {today:.1f} s | {new:.1f} s | {new / today:.2f} |"
+              f" {acc_today:.3f} | {acc_new:.3f} | {alike}/{n_test} |")
+    worst = max(new / today for arch, training, _, today, new, *_ in rows if training == "robust")
+    same = all(alike == n_test for *_, alike in rows)
+    print(f"\nrobust models: new / today at most {worst:.2f} (target <= 0.7) at "
+          f"{'identical' if same else 'DIFFERENT'} robust accuracy: "
+          f"{'met' if worst <= 0.7 and same else 'missed'}")
+
+
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("--quick", action="store_true", help="small sizes, under a minute")
@@ -855,6 +1000,14 @@ def get_args(argv=None):
     p.add_argument("--projection-only", action="store_true",
                    help="only the paper preset's projection on one H200 from FLOP counts and "
                         "the inputs measured here")
+    p.add_argument("--bf16-attacks", action="store_true",
+                   help="only the strength of PGD-7 and APGD under CPU bf16 autocast against "
+                        "float32 at the paper grid's radii, on a resnet18 of width 8 trained "
+                        "2 epochs on 4000 Fashion-MNIST images at 32x32x3, 800 test images")
+    p.add_argument("--apgd-working-batch", action="store_true",
+                   help="only the time of APGD (50 steps, 200 test images) where fooled examples "
+                        "leave the working batch against today's, with both robust accuracies, on "
+                        "a cnn and a resnet18 of width 8, standard and robust (minutes)")
     p.add_argument("--train-worker", nargs=7, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -866,6 +1019,10 @@ def main(args):
         device, *numbers = args.train_worker
         width, batch, steps, amp = map(int, numbers[:4])
         return train_worker(device, width, batch, steps, bool(amp), *map(float, numbers[4:]))
+    if args.bf16_attacks:
+        return print_bf16_attacks(bf16_attack_strength())
+    if args.apgd_working_batch:
+        return print_apgd_working_batch(apgd_working_batch())
     if args.projection_only:
         return print_h200_projection(args.quick)
     if not args.device_only:

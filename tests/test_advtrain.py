@@ -430,3 +430,169 @@ def test_eval_only_a_published_checkpoint(tmp_path, monkeypatch):
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["eps"] is None and metrics["seed"] is None and metrics["dataset"] == "cifar10"
     assert [(r["norm"], r["attack"]) for r in metrics["robust_acc"]] == [("linf", "pgd")]
+
+
+# ----------------------------------------------------------------------------- APGD's working batch
+# The reference: advtrain.py's APGD before fooled examples left the working batch, copied
+# verbatim (names qualified), kept here only to compare the two (Croce and Hein 2020,
+# Algorithm 1; an example falls to the first run that misclassifies it).
+
+def _apgd_single_reference(model, x, y, norm, eps, steps=100, loss_fn=None, rho=0.75,
+                           momentum=0.75):
+    advtrain.check_attack(x, y, norm, eps, steps)
+    loss_fn = loss_fn or (lambda logits, y: F.cross_entropy(logits, y, reduction="none"))
+    view = (-1,) + (1,) * (x.dim() - 1)
+
+    def loss_and_grad(x_adv):
+        with torch.enable_grad():
+            x_adv = x_adv.detach().requires_grad_(True)
+            logits = model(x_adv)
+            loss = loss_fn(logits, y)
+            (grad,) = torch.autograd.grad(loss.sum(), x_adv)
+        return loss.detach(), grad.detach(), logits.detach().argmax(1) != y
+
+    def ascent(grad):
+        return grad.sign() if norm == "linf" else advtrain.l2_step(grad, 1.0)
+
+    def onto_ball(point):  # a point [N, C, H, W] moved into the threat model around x
+        return advtrain.project(x, point - x, norm, eps)
+
+    with advtrain.eval_mode(model):
+        x = x.detach()
+        start = (torch.rand_like(x) * 2 - 1) if norm == "linf" else torch.randn_like(x)
+        size = start.abs().flatten(1).amax(1) if norm == "linf" else start.flatten(1).norm(dim=1)
+        x_cur = onto_ball(x + start * eps / size.view(view))
+        loss_cur, grad, fooled = loss_and_grad(x_cur)
+        x_adv = torch.where(fooled.view(view), x_cur, x)  # first misclassified point per example
+        x_best, loss_best, grad_best = x_cur, loss_cur, grad
+        x_prev, eta = x_cur, torch.full((len(x),), 2.0 * eps, device=x.device)
+        checkpoints, last = advtrain._apgd_checkpoints(steps), 0
+        increases = torch.zeros(len(x), device=x.device)
+        eta_last, loss_best_last = eta.clone(), loss_best.clone()
+        for k in range(steps):
+            z = onto_ball(x_cur + eta.view(view) * ascent(grad))
+            a = momentum if k > 0 else 1.0
+            x_new = onto_ball(x_cur + a * (z - x_cur) + (1 - a) * (x_cur - x_prev))
+            loss_new, grad_new, fooled_new = loss_and_grad(x_new)
+            x_adv = torch.where((fooled_new & ~fooled).view(view), x_new, x_adv)
+            fooled |= fooled_new
+            increases += (loss_new > loss_cur).float()
+            better = loss_new > loss_best
+            x_best = torch.where(better.view(view), x_new, x_best)
+            grad_best = torch.where(better.view(view), grad_new, grad_best)
+            loss_best = torch.where(better, loss_new, loss_best)
+            x_prev, x_cur, loss_cur, grad = x_cur, x_new, loss_new, grad_new
+            if k + 1 in checkpoints:
+                stalled = (eta == eta_last) & (loss_best <= loss_best_last)
+                halve = (increases < rho * (k + 1 - last)) | stalled
+                eta_last, loss_best_last = eta.clone(), loss_best.clone()
+                eta = torch.where(halve, eta / 2, eta)
+                x_cur = torch.where(halve.view(view), x_best, x_cur)
+                grad = torch.where(halve.view(view), grad_best, grad)
+                increases.zero_()
+                last = k + 1
+    return torch.where(fooled.view(view), x_adv, x_best).detach()
+
+
+def apgd_reference(model, x, y, norm, eps, steps=100, restarts=1, targets=3):
+    advtrain.check_attack(x, y, norm, eps, steps)
+    advtrain.check_number("restarts", restarts, at_least=1, integer=True)
+    advtrain.check_number("targets", targets, at_least=0, integer=True)
+    x, x_adv = x.detach(), x.detach().clone()
+    with advtrain.eval_mode(model):
+        with torch.no_grad():
+            logits = model(x)
+        k = logits.shape[1]
+        if targets and (k < 4 or targets > k - 1):
+            raise ValueError(f"targets {targets}: targeted APGD-DLR needs >= 4 classes and at "
+                             f"most k - 1 targets, the model has k = {k} classes (targets=0: "
+                             f"APGD-CE alone)")
+        robust = logits.argmax(1) == y  # a clean mistake needs no attack
+        others = logits.clone()
+        others[torch.arange(len(y)), y] = -float("inf")
+        ranked = others.argsort(1, descending=True)  # the other classes, most likely first
+        runs = [None] + list(range(targets))
+        for _ in range(restarts):
+            for t in runs:
+                idx = robust.nonzero()[:, 0]
+                if len(idx) == 0:
+                    break
+                loss_fn = None if t is None else (
+                    lambda lg, yy, tt=ranked[idx, t]: advtrain.dlr_targeted_loss(lg, yy, tt))
+                xa = _apgd_single_reference(model, x[idx], y[idx], norm, eps, steps, loss_fn)
+                with torch.no_grad():
+                    fooled = model(xa).argmax(1) != y[idx]
+                x_adv[idx] = xa
+                robust[idx[fooled]] = False
+    return x_adv
+
+
+def _forwarded(model, attack):
+    """attack() and the number of images the model's forward passes saw during it."""
+    seen = []
+    hook = model.register_forward_hook(lambda module, inputs, output: seen.append(len(inputs[0])))
+    try:
+        result = attack()
+    finally:
+        hook.remove()
+    return result, sum(seen)
+
+
+@pytest.mark.parametrize("norm,eps,restarts,targets", [("linf", 0.05, 1, 3), ("l2", 0.5, 2, 3),
+                                                       ("l2", 1.0, 1, 0)])
+def test_apgd_drops_fooled_examples_with_the_reference_outcome(norm, eps, restarts, targets,
+                                                               fmnist_test, tiny_ckpt):
+    """Same seed, same inputs: every example is fooled or not exactly as under the reference
+    (so the robust accuracy is the same), its adversarial point is the same, and the forward
+    passes see fewer images. Exact: the random starts are drawn for a run's whole batch in both,
+    in the same order, and every other quantity of APGD is per example (eval mode)."""
+    x, y = fmnist_test
+    model, _ = checkpoints.load_checkpoint(tiny_ckpt)
+    model.train()
+    outcome = {}
+    for name, attack in (("new", advtrain.apgd_attack), ("reference", apgd_reference)):
+        torch.manual_seed(0)
+        x_adv, images = _forwarded(
+            model, lambda: attack(model, x, y, norm, eps, 10, restarts, targets))
+        with torch.no_grad():
+            fooled = model.eval()(x_adv).argmax(1) != y
+        model.train()
+        outcome[name] = x_adv, fooled, images
+    (x_new, fooled_new, images_new), (x_ref, fooled_ref, images_ref) = outcome.values()
+    assert 0 < fooled_ref.sum() < len(y)  # a mix of broken and robust examples: a real test
+    assert torch.equal(fooled_new, fooled_ref)
+    assert torch.equal(x_new, x_ref)
+    assert images_new < images_ref
+    assert model.training and all(p.grad is None for p in model.parameters())
+
+
+def test_cudnn_autotuning_is_on_for_training_and_off_for_evaluation(monkeypatch, tmp_path):
+    """cuDNN autotuning (torch.backends.cudnn.benchmark) where shapes are fixed, the training
+    steps, and not in the evaluation, whose APGD attacks subsets of every size; the flag is
+    given back as found. (The flag is read here as each stage runs; the CPU ignores it.)"""
+    seen = []
+
+    def recording(name, function):
+        def wrapper(*args, **kwargs):
+            seen.append((name, torch.backends.cudnn.benchmark))
+            return function(*args, **kwargs)
+        monkeypatch.setattr(advtrain if name == "accuracy" else models, name, wrapper)
+    recording("sgd_epoch", models.sgd_epoch)  # advtrain.py, run as a script, imports it anew
+    recording("check_images", models.check_images)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    run = run_main("advtrain.py", "--dataset", "synthetic", "--train-size", "64", "--test-size",
+                   "16", "--epochs", "1", "--eps", "0.5", "--steps", "1", "--eval-steps", "1",
+                   "--device", "cpu", "--out", tmp_path / "run")
+    assert run.returncode == 0, run.stderr
+    assert [flag for name, flag in seen if name == "sgd_epoch"] == [True]
+    assert seen[-1] == ("check_images", False)  # the final evaluation's last attack
+    assert torch.backends.cudnn.benchmark is False
+    seen.clear()
+    torch.backends.cudnn.benchmark = True
+    recording("accuracy", advtrain.accuracy)
+    net = models.build_model("cnn", 3, 1, 8, [0.5], [0.5])
+    x, y = torch.rand(4, 1, 8, 8), torch.tensor([0, 1, 2, 0])
+    with torch.no_grad():
+        advtrain.evaluate(net, x, y, [("l2", 0.1)], steps=1, attack="apgd-ce")
+    assert seen == [("accuracy", False), ("accuracy", False)]  # robust, then clean
+    assert torch.backends.cudnn.benchmark is True  # given back

@@ -651,3 +651,24 @@ def test_paper_mini_smoke_on_the_device(device, tmp_path):
         assert 0 <= transferred[target]["finetune"]["acc"] <= 1, target
     inverted = json.loads((cell / "invert.json").read_text())
     assert all(0 < inverted[m]["ssim"] <= 1 for m in ("baseline", "tv", "noise", "noise-tv"))
+
+
+def test_the_scripts_device_setup_turns_tf32_off(monkeypatch):
+    """DESIGN.md, Precision: float32 on CUDA is full float32, which PyTorch's defaults are not
+    (TF32). models.get_device, every script's device setup, turns TF32 off whenever it gives a
+    CUDA device (CUDA faked here: torch.device("cuda") needs no GPU), and advtrain.ran_on then
+    says float32 alone. The fixture full_float32 gives the flags back."""
+    backends = torch.backends
+    backends.cuda.matmul.allow_tf32 = backends.cudnn.allow_tf32 = True
+    assert models.get_device("cpu") == torch.device("cpu")
+    assert backends.cuda.matmul.allow_tf32 and backends.cudnn.allow_tf32  # the CPU: untouched
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "a GPU")
+    for name in ("auto", "cuda", "cuda:1"):
+        backends.cuda.matmul.allow_tf32 = backends.cudnn.allow_tf32 = True
+        assert models.get_device(name).type == "cuda"
+        assert not backends.cuda.matmul.allow_tf32 and not backends.cudnn.allow_tf32, name
+    assert advtrain.ran_on(torch.device("cuda"), trained=False)["precision"] == "float32"
+    backends.cuda.matmul.allow_tf32 = backends.cudnn.allow_tf32 = True
+    models.full_float32()
+    assert not backends.cuda.matmul.allow_tf32 and not backends.cudnn.allow_tf32
