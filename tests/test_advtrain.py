@@ -346,6 +346,47 @@ def test_compile_without_a_cpp_compiler_is_one_line_before_any_training(tmp_path
     assert proc.stdout == "" and not (tmp_path / "run").exists()
 
 
+def test_compiled_graphs_are_few_and_none_after_the_first_epoch(monkeypatch):
+    """--compile (setup_model's torch.compile) under train_epoch: the first epoch builds at
+    most 4 graphs of the network, the second none, and more than none (the compiled model ran).
+
+    4 = 2 ways of calling x 2 batch shapes. The attack calls the network in eval mode on an
+    input that requires grad, the training step in train mode on one that does not: dynamo
+    guards on the mode and on requires_grad, so each way has its own graphs. The batches are
+    32 and, last, 6 (70 examples): each way recompiles for the second shape (with
+    automatic_dynamic_shapes, a graph whose batch size is dynamic; without, a static one: 4
+    either way). A second epoch repeats the ways and shapes, so steady-state training never
+    recompiles; a batch whose size changed every step would exceed 4. The backend is
+    CompileCounter (frames compiled; no inductor, no C++ compiler); 4 is below
+    recompile_limit (8), past which dynamo stops counting and runs eagerly. That the compiled
+    attack computes no weight gradient is test_ddp.py's test."""
+    import argparse
+    import torch._dynamo.testing
+    counter = torch._dynamo.testing.CompileCounter()
+    compile_ = torch.compile
+    monkeypatch.setattr(advtrain.torch, "compile", lambda model: compile_(model, backend=counter))
+    run = argparse.Namespace(seed=0, sync_bn=False, compile=True, lr=0.1, momentum=0.9,
+                             weight_decay=5e-4)
+    model_args = dict(arch="cnn", num_classes=5, in_channels=1, image_size=28, mean=[0.5],
+                      std=[0.25])
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(70, 1, 28, 28, generator=g), torch.randint(0, 5, (70,), generator=g)
+    counts = []
+    torch._dynamo.reset()
+    try:
+        _, model, opt = advtrain.setup_model(run, {"model_args": model_args},
+                                             torch.device("cpu"), 1)
+        for epoch in range(2):  # run_epochs's call on the CPU (the quick preset: no augment)
+            torch.manual_seed(epoch)
+            advtrain.train_epoch(model, opt, x, y, batch_size=32, norm="l2", eps=0.5, steps=2,
+                                 step0=3 * epoch, lr_schedule=lambda s: common.lr_at(s, 6, 0.1),
+                                 channels_last=True)
+            counts.append(counter.frame_count)
+    finally:
+        torch._dynamo.reset()
+    assert 0 < counts[0] <= 4 and counts[1] == counts[0], counts  # frames after epochs 1, 2
+
+
 def test_absent_fashion_mnist_names_both_remedies(tmp_path, monkeypatch):
     """No data-dir copy, no system copy, no network: one line with both ways to get the data."""
     import torchvision
