@@ -23,6 +23,7 @@ quantity, in the order of the first --n test examples (after class filtering).
 Functions to copy: each needs the names after its colon, from this file, the shared modules
 after its semicolon, beside it, and this file's imports of other libraries.
     fisher_trace_weights: batched, fisher_factor, logit_vjp_sqnorms; common.py, models.py
+    chunk_to_fit: WEIGHTS_MEMORY_PER_GRADIENT; common.py
     input_fisher_trace: (none); common.py, models.py
     input_fisher_lambda_max: _quiet_jvp, lanczos_lambda_max; common.py, models.py
     repr_jacobian_frobenius: (none); common.py, models.py
@@ -43,6 +44,11 @@ from data import DATASETS, STREAM_RULE, iterate_batches, open_split
 from models import check_images, check_labels, eval_mode, get_device
 
 EXACT_MAX_CLASSES = 20  # up to this many classes, expectations over y are exact sums
+# Peak memory of the weights' trace per example of a chunk, in units of its per-sample
+# gradients (directions x parameters floats): they, their squares and the vmapped backward's
+# buffers. Measured 2.16 on the CIFAR ResNet-18 (python tests/bench.py --memory, docs/
+# PERFORMANCE.md, Memory); 2.5 leaves room for larger images' activations.
+WEIGHTS_MEMORY_PER_GRADIENT = 2.5
 # Every function below runs the model in eval mode (models.eval_mode): train-mode BatchNorm
 # would mix the examples of a batch and update its running statistics.
 
@@ -99,6 +105,17 @@ def logit_vjp_sqnorms(model, x, directions, chunk=64):
                 sqnorms[layer] = sqnorms.get(layer, 0) + g.pow(2).flatten(2).sum(2)  # [c, L]
             chunks.append(sqnorms)
     return {layer: torch.cat([c[layer] for c in chunks]) for layer in chunks[0]}
+
+
+def chunk_to_fit(memory_mib, directions, num_params, num_values, most=64):
+    """The largest chunk (at most `most`, at least 1) whose weights' trace fits in memory_mib
+    MiB: WEIGHTS_MEMORY_PER_GRADIENT x chunk x directions x num_params floats, beside the
+    parameters twice over (weights and a detached view's gradients) and the num_values floats
+    of the examples held."""
+    check_number("memory_mib", memory_mib, at_least=0)
+    per_example = WEIGHTS_MEMORY_PER_GRADIENT * directions * num_params * 4
+    room = memory_mib * 2 ** 20 - 4 * (2 * num_params + num_values)
+    return int(max(1, min(most, room // per_example)))
 
 
 def fisher_factor(probs):
@@ -324,8 +341,13 @@ def get_args(argv=None):
                    help="classes to keep, e.g. 0-4 or 0,3,7 (default: the checkpoint's when the "
                         "dataset is the checkpoint's, else all)")
     p.add_argument("--chunk", type=positive_int, default=64,
-                   help="examples per vmapped per-sample-gradient call; memory ~ chunk x classes "
-                        "x parameters x 4 bytes")
+                   help="examples per vmapped per-sample-gradient call of the weights' trace (at "
+                        "most; see --memory-mib); memory ~ 2.5 x chunk x (classes - 1, or "
+                        "--label-samples) x parameters x 4 bytes")
+    p.add_argument("--memory-mib", type=positive_int, default=None,
+                   help="memory in MiB the weights' trace may use: --chunk is lowered until it "
+                        "fits (chunk_to_fit; run_all.sh gives each job its share of the GPU; "
+                        "default none: --chunk as given)")
     p.add_argument("--label-samples", type=positive_int, default=8,
                    help="labels drawn from p(y|x) per example for the weights' and the input's "
                         f"Fisher trace when the model has more than {EXACT_MAX_CLASSES} classes; "
@@ -415,6 +437,10 @@ def main(args):
     x, y, dataset, classes, own_labels = load_examples(args, ckpt, device)
     num_classes, num_params = ckpt["num_classes"], sum(p.numel() for p in model.parameters())
     exact = num_classes <= EXACT_MAX_CLASSES
+    if args.memory_mib is not None:
+        directions = num_classes - 1 if exact else args.label_samples
+        args.chunk = chunk_to_fit(args.memory_mib, directions, num_params, x.numel(), args.chunk)
+        clock.log(f"chunk {args.chunk}: the weights' trace fits {args.memory_mib} MiB")
     clock.log(f"data {dataset} classes {classes}: {len(x)} test examples, model {ckpt['arch']} "
               f"eps {ckpt['eps']} {num_params} parameters on {device}")
 

@@ -27,18 +27,18 @@
 #                there, old and new, and shown in report.md); without it a declaration that
 #                differs from the one OUT was declared with is refused
 #
-# Environment: SEEDS (quick "0 1 2 3 4 5", paper "0 1 2"; another set gets its own default
-# OUT), DEVICE (auto, cpu or cuda; quick and the smokes: cpu, else auto), JOBS, JOBS_PER_GPU
-# and THREADS (below), FORCE=1 (redo every step), OUT (default results/<preset>[-smoke]
-# [-seeds<S>]), PYTHON (default python3; without torch a .venv is made, see setup_python.sh),
-# DATA_DIR (default ./data; imagenet: DATA_DIR/val in ImageFolder layout, beside the transfer
-# targets' torchvision folders). imagenet only: CKPT_DIR (read only) holds the checkpoints and
-# manifest.csv: a header, then one row `file,norm,eps[,seed[,model]]` per checkpoint, each a
-# cell (file relative to CKPT_DIR, norm l2 or linf, eps as 0.5 or 4/255, seed default 0,
-# model for any other classifier: torchvision:NAME or package.module:function, README "Your
-# own model"), e.g. `resnet50_l2_eps3.ckpt,l2,3`; UNSAFE_LOAD=1 lets every script unpickle
-# them (robustness files need it; only for files you trust); TARGETS_LIST (default: those of
-# cifar10 cifar100 svhn fashion-mnist mnist that data.py finds in DATA_DIR; others download).
+# Environment: SEEDS (quick "0 1 2 3 4 5", paper "0 1 2"; another set gets its own default OUT),
+# DEVICE (auto, cpu or cuda; quick and the smokes: cpu, else auto), JOBS, JOBS_PER_GPU, FISHER_CHUNK
+# and THREADS (below), FORCE=1 (redo every step), OUT (default results/<preset>[-smoke][-seeds<S>]),
+# PYTHON (default python3; without torch a .venv is made, see setup_python.sh), DATA_DIR (default
+# ./data; imagenet: DATA_DIR/val in ImageFolder layout, beside the transfer targets' torchvision
+# folders). imagenet only: CKPT_DIR (read only) holds the checkpoints and manifest.csv: a header,
+# then one row `file,norm,eps[,seed[,model]]` per checkpoint, each a cell (file relative to
+# CKPT_DIR, norm l2 or linf, eps as 0.5 or 4/255, seed default 0, model for any other classifier:
+# torchvision:NAME or package.module:function, README "Your own model"), e.g.
+# `resnet50_l2_eps3.ckpt,l2,3`; UNSAFE_LOAD=1 lets every script unpickle them (robustness files need
+# it; only for files you trust); TARGETS_LIST (default: those of cifar10 cifar100 svhn fashion-mnist
+# mnist that data.py finds in DATA_DIR; others download).
 # The preset's declared decisions go first to OUT/study.json; report.py judges by them.
 # A step is skipped when its output exists and was made by the same command (recorded in a
 # hidden .<output>.cmd file beside it, with the command of the training it depends on); a
@@ -84,6 +84,7 @@ source setup_python.sh torch torchvision numpy  # sets PY: $PYTHON if it has the
 # ROWS: the cells, "seed norm eps [checkpoint]": SEEDS x GRID, or (imagenet) the manifest's
 # rows, whose published checkpoints (PUBLISHED=1) are evaluated instead of trained
 PUBLISHED=0 ROWS=() UNSAFE=() PRESET_SEEDS=""
+JOB_MIB=32768  # a job's largest stage on a GPU, MiB; where a preset's is not measured: 32 GiB
 [[ "${UNSAFE_LOAD:-0}" == 1 ]] && UNSAFE=(--unsafe-load)
 cell_name() { echo "${2}_eps${3//\//_}_seed$1"; }  # cell_name SEED NORM EPS
 
@@ -148,6 +149,10 @@ case "$PRESET" in
     ;;
   paper)
     PRESET_SEEDS="0 1 2" DEVICE_DEFAULT=auto
+    # a job's largest stage but the weights' trace (whose chunk fits the job's share): Fisher's
+    # input and representation estimators at batch 64, 6.5 GiB on the CPU in float32 (python
+    # tests/bench.py --memory), with 1.5 GiB for CUDA's context and cuDNN's workspaces
+    JOB_MIB=8192
     GRID=("l2 0" "l2 0.25" "l2 0.5" "l2 1.0" "linf 2/255" "linf 4/255" "linf 8/255")
     TRAIN=(--dataset cifar10 --arch resnet18 --epochs 30 --steps 7 --batch-size 128 --lr 0.1
            --augment --eval-eps l2:0.5 linf:8/255 --eval-attack apgd --eval-steps 100
@@ -193,7 +198,8 @@ case "$PRESET" in
     EVAL=(--dataset imagenet --test-size 1000 --eval-eps l2:0.5 linf:8/255 --eval-attack apgd-ce
           --eval-steps 50)
     # 1000 classes: the weights' Fisher samples 8 labels per example; --chunk bounds its memory
-    # (chunk x labels x parameters floats: 3.3 GB for a ResNet-50), --batch-size the Lanczos'
+    # (2.1 x chunk x labels x parameters floats: about 7 GB for a ResNet-50; on a GPU lowered to
+    # fit the job's share), --batch-size the Lanczos'
     FISHER=(--dataset imagenet --n 256 --label-samples 8 --chunk 4 --batch-size 32)
     TARGETS=()  # TARGETS_LIST, or the paper's targets found in DATA_DIR
     for t in ${TARGETS_LIST:-${FOUND/ imagenet }}; do TARGETS+=(--target "$t"); done
@@ -221,6 +227,56 @@ if (( PUBLISHED )); then SEEDS=""; else SEEDS=$(echo ${SEEDS:-$PRESET_SEEDS}); f
 THREADS=${THREADS:-1}
 [[ "$THREADS" =~ ^[1-9][0-9]*$ ]] || die "THREADS must be a positive integer, got '$THREADS'"
 export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
+
+# The GPUs (unless DEVICE=cpu): those CUDA_VISIBLE_DEVICES names (set but empty: none), else
+# every one nvidia-smi lists. Each runs at most JOBS_PER_GPU of the pool's jobs at once; by
+# default as many as its free memory holds of the preset's largest stage (JOB_MIB, measured:
+# docs/PERFORMANCE.md, Memory), at most 4 (one job, bound by kernel launches, leaves most of a
+# large GPU idle) and at least 1; or JOBS spread evenly when JOBS is given; and 1 for a task
+# run alone (--task: a Slurm task has a GPU of its own). Each job's share of the free memory
+# (whole GiB) bounds the weights' Fisher trace: fisher.py --memory-mib takes the largest chunk
+# that fits it; FISHER_CHUNK sets the chunk instead. JOBS defaults to JOBS_PER_GPU per GPU,
+# and without a GPU to one per core.
+GPU_LIST=()
+if [[ "$DEVICE" != cpu ]] && nvidia-smi -L > /dev/null 2>&1; then
+  if [[ -v CUDA_VISIBLE_DEVICES ]]; then  # as CUDA reads it: up to the first invalid entry
+    IFS=, read -ra visible <<< "$CUDA_VISIBLE_DEVICES"
+    for gpu in "${visible[@]}"; do
+      [[ "$gpu" =~ ^([0-9]+|GPU-.+|MIG-.+)$ ]] || break  # (-1: none)
+      GPU_LIST+=("$gpu")
+    done
+  else
+    mapfile -t GPU_LIST < <(seq 0 $(($(nvidia-smi -L | grep -c '^GPU') - 1)))
+  fi
+fi
+N_GPUS=${#GPU_LIST[@]}
+# (nproc counts the cores this process may use, but reads OMP_NUM_THREADS as its answer)
+CORES=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc 2> /dev/null || echo 1)
+for name in JOBS JOBS_PER_GPU FISHER_CHUNK; do
+  [[ -z "${!name:-}" || "${!name}" =~ ^[1-9][0-9]*$ ]] ||
+    die "$name must be a positive integer, got '${!name}'"
+done
+[[ -z "${FISHER_CHUNK:-}" ]] || FISHER+=(--chunk "$FISHER_CHUNK")
+if (( N_GPUS )); then
+  FREE_MIB=""  # the least free memory of the GPUs, MiB
+  for gpu in "${GPU_LIST[@]}"; do
+    mib=$(nvidia-smi --query-gpu=memory.free --format=csv,noheader,nounits -i "$gpu" \
+          2> /dev/null | head -n 1)
+    [[ "$mib" =~ ^[0-9]+$ ]] || die "nvidia-smi gives no free memory of GPU $gpu"
+    [[ -n "$FREE_MIB" ]] && (( FREE_MIB <= mib )) || FREE_MIB=$mib
+  done
+  if [[ -z "${JOBS_PER_GPU:-}" ]]; then
+    if [[ "$ACTION" == task ]]; then JOBS_PER_GPU=1
+    elif [[ -n "${JOBS:-}" ]]; then JOBS_PER_GPU=$(( (JOBS + N_GPUS - 1) / N_GPUS ))
+    else JOBS_PER_GPU=$(( FREE_MIB / JOB_MIB > 4 ? 4 : FREE_MIB / JOB_MIB ))
+      (( JOBS_PER_GPU )) || JOBS_PER_GPU=1
+    fi
+  fi
+  SHARE_MIB=$(( FREE_MIB / JOBS_PER_GPU ))
+  (( SHARE_MIB < 1024 )) || SHARE_MIB=$(( SHARE_MIB / 1024 * 1024 ))  # whole GiB: stable stamps
+  [[ -n "${FISHER_CHUNK:-}" ]] || FISHER+=(--memory-mib "$SHARE_MIB")
+fi
+JOBS=${JOBS:-$(( N_GPUS ? N_GPUS * JOBS_PER_GPU : CORES ))}
 
 # The cells in the order the pool starts them: longest first (robust cells, then eps 0, whose
 # training has no attack), so that every core stays busy until the end. CELL_ROW[name]: "seed
@@ -348,7 +404,7 @@ plan() {
   [[ "$PY" != */* ]] || python=$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")
   settings=(OUT="$OUT" SEEDS="$SEEDS" DEVICE="$DEVICE" THREADS="$THREADS" FORCE="$FORCE"
             PYTHON="$python")
-  for v in DATA_DIR CKPT_DIR UNSAFE_LOAD TARGETS_LIST; do
+  for v in DATA_DIR CKPT_DIR UNSAFE_LOAD TARGETS_LIST JOBS_PER_GPU FISHER_CHUNK; do
     [[ -z "${!v:-}" ]] || settings+=("$v=${!v}")
   done
   cmd=$(printf '%q ' env "${settings[@]}" bash "$ROOT/run_all.sh" "$PRESET" $SMOKE --task)
@@ -412,43 +468,8 @@ fi
 
 # The local pool: at most JOBS jobs at once, each with THREADS torch threads (default 1). On
 # the CPU outputs depend on THREADS (the order of float sums), never on JOBS: JOBS=1 and JOBS=4
-# give identical files (on a GPU, kernels may sum in other orders whatever JOBS). The GPUs
-# (unless DEVICE=cpu): those CUDA_VISIBLE_DEVICES names (set but empty: none), else every one
-# nvidia-smi lists. Each runs at most JOBS_PER_GPU of the jobs at once (default: one per 32 GiB
-# of the first GPU's memory, at least 1, so 4 on a 141 GB H200; or JOBS spread evenly when
-# JOBS is given): one job, bound by kernel launches, leaves most of a large GPU idle, and a
-# job's largest step (fisher.py's weights trace at its default --chunk on the CIFAR ResNet-18)
-# holds about 26 GB. JOBS defaults to JOBS_PER_GPU per GPU, and without a GPU to one per core.
-GPU_LIST=()
-if [[ "$DEVICE" != cpu ]] && nvidia-smi -L > /dev/null 2>&1; then
-  if [[ -v CUDA_VISIBLE_DEVICES ]]; then  # as CUDA reads it: up to the first invalid entry
-    IFS=, read -ra visible <<< "$CUDA_VISIBLE_DEVICES"
-    for gpu in "${visible[@]}"; do
-      [[ "$gpu" =~ ^([0-9]+|GPU-.+|MIG-.+)$ ]] || break  # (-1: none)
-      GPU_LIST+=("$gpu")
-    done
-  else
-    mapfile -t GPU_LIST < <(seq 0 $(($(nvidia-smi -L | grep -c '^GPU') - 1)))
-  fi
-fi
-N_GPUS=${#GPU_LIST[@]}
-# (nproc counts the cores this process may use, but reads OMP_NUM_THREADS as its answer)
-CORES=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc 2> /dev/null || echo 1)
-for name in JOBS JOBS_PER_GPU; do
-  [[ -z "${!name:-}" || "${!name}" =~ ^[1-9][0-9]*$ ]] ||
-    die "$name must be a positive integer, got '${!name}'"
-done
-if (( N_GPUS )) && [[ -z "${JOBS_PER_GPU:-}" ]]; then
-  if [[ -n "${JOBS:-}" ]]; then
-    JOBS_PER_GPU=$(( (JOBS + N_GPUS - 1) / N_GPUS ))
-  else
-    mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits \
-          -i "${GPU_LIST[0]}" 2> /dev/null | head -n 1)
-    [[ "$mib" =~ ^[0-9]+$ ]] || mib=0
-    JOBS_PER_GPU=$(( mib / 32768 > 1 ? mib / 32768 : 1 ))
-  fi
-fi
-JOBS=${JOBS:-$(( N_GPUS ? N_GPUS * JOBS_PER_GPU : CORES ))}
+# give identical files (on a GPU, kernels may sum in other orders whatever JOBS). With GPUs,
+# JOBS_PER_GPU jobs on each (above).
 
 # Each job runs one task in a process group of its own (job control, set -m), so stopping a
 # job stops every process it started. A job that fails leaves $FAILED behind; the pool then
@@ -504,7 +525,8 @@ launch() {  # launch TASK: run_task TASK in the background, once fewer than JOBS
 
 echo "[0s] $PRESET: ${#CELLS[@]} cells in $OUT on $DEVICE; judge ${JUDGE_CKPT:-none (no l2" \
      "checkpoint)}; $JOBS jobs at once$( ((N_GPUS)) &&
-     echo " (at most $JOBS_PER_GPU per GPU, $N_GPUS GPUs)"), $THREADS torch thread(s) each"
+     echo " (at most $JOBS_PER_GPU per GPU, $N_GPUS GPUs, $SHARE_MIB MiB each)"), $THREADS torch" \
+     "thread(s) each"
 # The plan's stages: the judge and each cell's job (train or evaluate, Fisher, transfer); each
 # inversion once its cell's job and the judge's have ended (`wait` on their process ids); the
 # report once every job has.

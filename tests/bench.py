@@ -984,6 +984,128 @@ def print_apgd_working_batch(result):
           f"{'met' if worst <= 0.7 and same else 'missed'}")
 
 
+# ----------------------------------------------------------------------------- memory
+
+def peak_growth_mib(fn, device):
+    """MiB that fn() adds at its peak to what the process holds, measured on a second call (the
+    first loads kernels and code, which the CPU's resident set would count). On CUDA: the
+    allocator's peak (torch.cuda.max_memory_allocated) over what was allocated before. On the
+    CPU: the peak resident set (VmHWM, reset through /proc/self/clear_refs) over the resident
+    set before, in a process started with MALLOC_MMAP_THRESHOLD_ (MEMORY_ENV), so that freed
+    tensors go back to the system instead of a heap the second call would reuse unseen."""
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / 2 ** 20
+
+    def status_kib(field):
+        line = next(l for l in Path("/proc/self/status").read_text().splitlines()
+                    if l.startswith(field + ":"))
+        return int(line.split()[1])
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+    before = status_kib("VmRSS")
+    fn()
+    return (status_kib("VmHWM") - before) / 1024
+
+
+# glibc: every allocation of 64 KiB or more its own mapping, given back when freed
+MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+# the paper preset's stages at its shapes (CIFAR-10 ResNet-18, width 64, 10 classes; run_all.sh
+# paper), each as one call: the memory a job's process adds to its model and data
+MEMORY_STAGES = ("train", "evaluate", "fisher-input", "features", "finetune", "invert")
+FISHER_CHUNKS = (1, 2, 4, 8)  # the weights' trace, whose memory grows with --chunk
+
+
+def memory_stage(device, stage, chunk=None):
+    """The peak MiB of one stage of the paper preset on device (peak_growth_mib), set up with
+    its shapes: one PGD-7 training step at batch 128 (bf16 autocast on CUDA, as advtrain.py);
+    APGD (every run, 2 steps) on an evaluation batch of 128; the weights' Fisher trace at
+    `chunk` (two chunks); the input and representation estimators on a batch of 64 (3 Lanczos
+    steps); features of 1000 target images held on the CPU; fine-tuning at batch 128 on 256
+    images; the noise-tv inversion of 32 images (2 steps)."""
+    torch.manual_seed(0)
+    model = cifar_resnet18(device, memory_format=torch.channels_last)
+    x = torch.rand(128, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (128,), device=device)
+    g = torch.Generator().manual_seed(0)
+    if stage == "train":
+        opt = models.make_optimizer(model, 0.1)
+        run = lambda: advtrain.train_epoch(
+            model, opt, x, y, batch_size=128, norm="linf", eps=8 / 255, steps=7, augment=True,
+            amp=device.type == "cuda", channels_last=True)
+    elif stage == "evaluate":
+        model.eval()
+        run = lambda: advtrain.evaluate(model, x, y, [("l2", 0.5)], batch_size=128, steps=2,
+                                        attack="apgd")
+    elif stage == "fisher-weights":
+        model.eval()
+        run = lambda: fisher.fisher_trace_weights(model, x[:2 * chunk], chunk=chunk)
+    elif stage == "fisher-input":
+        model.eval()
+
+        def run():
+            fisher.input_fisher_trace(model, x[:64])
+            fisher.input_fisher_lambda_max(model, x[:64], 3, 1e-4, g)
+            fisher.repr_jacobian_frobenius(model, x[:64], 16, g)
+            fisher.repr_lambda_max(model, x[:64], 3, 1e-4, g)
+    elif stage == "features":
+        split = (torch.rand(1000, 1, 28, 28), torch.zeros(1000, dtype=torch.long))
+        run = lambda: transfer.extract_features(model, split, 3, 32, 128)
+    elif stage == "finetune":
+        xt, yt = torch.rand(256, 1, 28, 28), torch.arange(256) % 10
+        run = lambda: transfer.finetune(model, xt, yt, (xt[:128], yt[:128]), 3, 32, epochs=1,
+                                        batch_size=128)
+    elif stage == "invert":
+        model.eval()
+        with torch.no_grad():
+            z0 = model.features(x[:32])
+        start = invert.grey_start(x[:32].shape, 0).to(device)
+        run = lambda: invert.invert_features(model, z0, start, 2, noise_std=0.05, tv_weight=0.1,
+                                             generator=torch.Generator(device).manual_seed(1))
+    else:
+        raise ValueError(f"unknown stage {stage!r}")
+    return peak_growth_mib(run, device)
+
+
+def memory_table(device):
+    """{stage: peak MiB}, each stage (and the weights' trace at each FISHER_CHUNKS) measured in
+    a process of its own; and the weights' trace's line in chunk (least squares)."""
+    import subprocess
+    import numpy as np
+
+    def measure(*stage):
+        import os
+        proc = subprocess.run([sys.executable, __file__, "--memory-stage", str(device), *stage],
+                              capture_output=True, text=True, check=True,
+                              env={**os.environ, **MEMORY_ENV})
+        return float(proc.stdout.split()[-1])
+    peaks = {stage: measure(stage) for stage in MEMORY_STAGES}
+    fisher_peaks = [measure("fisher-weights", str(c)) for c in FISHER_CHUNKS]
+    slope, intercept = np.polyfit(FISHER_CHUNKS, fisher_peaks, 1)
+    for c, peak in zip(FISHER_CHUNKS, fisher_peaks):
+        peaks[f"fisher-weights chunk {c}"] = peak
+    return peaks, (float(slope), float(intercept))
+
+
+def print_memory_table(device):
+    peaks, (slope, intercept) = memory_table(device)
+    model = cifar_resnet18(torch.device("cpu"))
+    params = sum(p.numel() for p in model.parameters())
+    directions = 9  # the exact weights' trace: classes - 1 vector-Jacobian products
+    print(f"\n| stage (paper preset, CIFAR ResNet-18, on {device}) | peak MiB |\n|---|---|")
+    for stage, peak in peaks.items():
+        print(f"| {stage} | {peak:.0f} |")
+    gradients = directions * params * 4 / 2 ** 20  # one example's per-sample gradients, MiB
+    print(f"\nfisher-weights: {intercept:.0f} MiB + {slope:.0f} MiB per chunk example; "
+          f"{directions} directions x {params} parameters x 4 bytes = {gradients:.0f} MiB "
+          f"(ratio {slope / gradients:.2f}); projected at chunk 64: "
+          f"{intercept + 64 * slope:.0f} MiB")
+
+
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("--quick", action="store_true", help="small sizes, under a minute")
@@ -1008,6 +1130,10 @@ def get_args(argv=None):
                    help="only the time of APGD (50 steps, 200 test images) where fooled examples "
                         "leave the working batch against today's, with both robust accuracies, on "
                         "a cnn and a resnet18 of width 8, standard and robust (minutes)")
+    p.add_argument("--memory", action="store_true",
+                   help="only the peak memory of each stage of the paper preset at its shapes, "
+                        "each in a process of its own, on --device (default cpu)")
+    p.add_argument("--memory-stage", nargs="+", default=None, help=argparse.SUPPRESS)
     p.add_argument("--train-worker", nargs=7, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -1019,6 +1145,11 @@ def main(args):
         device, *numbers = args.train_worker
         width, batch, steps, amp = map(int, numbers[:4])
         return train_worker(device, width, batch, steps, bool(amp), *map(float, numbers[4:]))
+    if args.memory_stage:  # one of memory_table's processes: prints the stage's peak MiB
+        device, stage, *chunk = args.memory_stage
+        return print(memory_stage(torch.device(device), stage, *map(int, chunk)))
+    if args.memory:
+        return print_memory_table(torch.device(args.device or "cpu"))
     if args.bf16_attacks:
         return print_bf16_attacks(bf16_attack_strength())
     if args.apgd_working_batch:

@@ -2,6 +2,10 @@
 torch.autograd.functional.jacobian, per-example Python loops, torch.linalg.eigvalsh), and
 the command line on a tiny checkpoint."""
 import json
+import os
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -10,7 +14,7 @@ from torch.autograd.functional import jacobian
 
 import models
 import fisher
-from conftest import cli_user_error, run_main
+from conftest import ROOT, cli_user_error, run_main
 
 CLASSES, SIZE = 3, 8  # cnn on 8x8 grayscale: input and feature dimension 64
 
@@ -61,6 +65,42 @@ def test_weights_trace_exact_matches_per_example_loop(tiny):
     for layer, sq in expected.items():
         assert rel_err(per_layer[layer], (probs * sq).sum(1)) < 1e-4, layer
     assert rel_err(trace, sum((probs * sq).sum(1) for sq in expected.values())) < 1e-4
+
+
+def test_chunk_to_fit_known_values():
+    """2.5 x chunk x directions x parameters floats beside twice the parameters and the
+    examples: 1 MiB of gradients per example (directions x parameters = 2^18 floats) fits 10
+    examples in 25 MiB and the fixed part; never below 1, never above `most`."""
+    params, directions = 2 ** 16, 4  # one example's gradients: 2^18 floats, 1 MiB
+    fixed = 4 * (2 * params + 1000) / 2 ** 20
+    assert fisher.chunk_to_fit(25 + fixed, directions, params, 1000) == 10
+    assert fisher.chunk_to_fit(25 + fixed - 0.01, directions, params, 1000) == 9
+    assert fisher.chunk_to_fit(1, directions, params, 1000) == 1
+    assert fisher.chunk_to_fit(10 ** 6, directions, params, 1000, most=64) == 64
+
+
+def test_the_weights_trace_at_the_fitted_chunk_fits_its_memory():
+    """A resnet18 of width 16 (0.7 M parameters, 5 classes: 4 directions), 64 examples, 256
+    MiB: chunk_to_fit's chunk holds at most that at its peak, measured as bench.py --memory
+    does (a process of its own, its resident set's peak on a second call), and uses at least
+    40% of it (with the factor at 1, the gradients alone, its chunk of 23 holds 561 MiB)."""
+    import bench
+    code = textwrap.dedent("""\
+        import sys, torch
+        sys.path[:0] = [sys.argv[1], sys.argv[1] + "/tests"]
+        import bench, fisher, models
+        torch.manual_seed(0)
+        net = models.build_model("resnet18", 5, 3, 32, [0.5] * 3, [0.25] * 3, width=16).eval()
+        x = torch.rand(64, 3, 32, 32)
+        params = sum(p.numel() for p in net.parameters())
+        chunk = fisher.chunk_to_fit(256, 4, params, x.numel())
+        run = lambda: fisher.fisher_trace_weights(net, x, chunk=chunk)
+        print(chunk, bench.peak_growth_mib(run, torch.device("cpu")))""")
+    proc = subprocess.run([sys.executable, "-c", code, str(ROOT)], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, **bench.MEMORY_ENV})
+    assert proc.returncode == 0, proc.stderr
+    chunk, peak = proc.stdout.split()
+    assert int(chunk) > 1 and 0.4 * 256 <= float(peak) <= 256, (chunk, peak)
 
 
 def test_fisher_factor_has_k_minus_1_columns_and_reproduces_the_covariance():
@@ -228,6 +268,22 @@ def test_cli_writes_fisher_json_and_arrays(tiny_ckpt, tmp_path):
                  "repr_trace", "repr_lambda_max", "repr_sqnorm"):
         values = np.load(tmp_path / f"fisher_{name}.npy")
         assert values.shape == (12,) and values.mean() == pytest.approx(result[name]), name
+
+
+def test_cli_memory_lowers_the_chunk_and_keeps_the_trace(tiny_ckpt, tmp_path):
+    """--memory-mib 1 leaves room for one example per chunk of the tiny cnn: fisher.json
+    records chunk 1 (from --chunk 5) and the same per-example traces as chunks of 5."""
+    common = ["--ckpt", tiny_ckpt, "--n", 12, "--chunk", 5, "--batch-size", 8, "--probes", 4,
+              "--power-iters", 5, "--no-download"]
+    for name, extra in (("chunks", []), ("fitted", ["--memory-mib", 1])):
+        proc = run_main("fisher.py", *common, *extra, "--out", tmp_path / name)
+        assert proc.returncode == 0, proc.stderr
+    fitted = json.loads((tmp_path / "fitted" / "fisher.json").read_text())
+    assert fitted["provenance"]["settings"]["chunk"] == 1, fitted["provenance"]
+    assert "chunk 1: the weights' trace fits 1 MiB" in proc.stdout, proc.stdout
+    for name in ("weights_trace", "weights_trace_empirical"):
+        np.testing.assert_allclose(np.load(tmp_path / "fitted" / f"fisher_{name}.npy"),
+                                   np.load(tmp_path / "chunks" / f"fisher_{name}.npy"), rtol=1e-5)
 
 
 @pytest.mark.parametrize("argv,expect", [

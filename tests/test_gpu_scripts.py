@@ -78,7 +78,28 @@ def test_run_all_shares_each_gpu_among_at_most_its_jobs(tmp_path, gpus, mib, per
     out, most, seen = pool(tmp_path, gpus, judge_sleep="0.5", FAKE_GPU_MIB=str(mib))
     assert seen == {str(i) for i in range(gpus)}
     assert max(most.values()) <= per_gpu and max(most.values()) > 1, most
-    assert f"{gpus * per_gpu} jobs at once (at most {per_gpu} per GPU, {gpus} GPUs)" in out, out
+    assert f"{gpus * per_gpu} jobs at once (at most {per_gpu} per GPU, {gpus} GPUs, " in out, out
+
+
+@pytest.mark.parametrize("free,per_gpu,share", [(24000, 1, 23552), (100000, 3, 32768)])
+def test_jobs_per_gpu_and_the_fisher_chunk_follow_the_free_memory(tmp_path, free, per_gpu, share):
+    """A GPU with 24000 or 100000 MiB free: as many jobs as it holds of the preset's largest
+    stage (the quick preset's JOB_MIB, 32768; at least 1), and every Fisher step gets the job's
+    share in whole GiB (fisher.py --memory-mib fits its chunk to it); FISHER_CHUNK sets the
+    chunk instead; on the CPU neither (the README's numbers keep their commands)."""
+    out, most, _ = pool(tmp_path, 1, FAKE_GPU_FREE_MIB=str(free))
+    assert f"(at most {per_gpu} per GPU, 1 GPUs, {share} MiB each)" in out, out
+    assert max(most.values()) <= per_gpu, most
+    stamps = list((tmp_path / "res").glob("*/.fisher.json.cmd"))
+    assert len(stamps) == 10 and all(f"--memory-mib {share} " in p.read_text() for p in stamps)
+    (tmp_path / "chunk").mkdir()
+    pool(tmp_path / "chunk", 1, FAKE_GPU_FREE_MIB=str(free), FISHER_CHUNK="16")
+    commands = [p.read_text() for p in (tmp_path / "chunk" / "res").glob("*/.fisher.json.cmd")]
+    assert all("--chunk 16 " in c and "--memory-mib" not in c for c in commands), commands[0]
+    (tmp_path / "cpu").mkdir()
+    pool(tmp_path / "cpu", 1, device=None, FAKE_GPU_FREE_MIB=str(free))
+    commands = [p.read_text() for p in (tmp_path / "cpu" / "res").glob("*/.fisher.json.cmd")]
+    assert commands and not any("--memory-mib" in c or "--chunk" in c for c in commands)
 
 
 @pytest.mark.parametrize("gpus", [2, 4])
@@ -88,14 +109,14 @@ def test_run_all_starts_a_job_on_a_free_gpu_not_a_busy_one(tmp_path, gpus):
     launch counter put the third job on GPU 0 while GPU 1 sat idle)."""
     out, most, seen = pool(tmp_path, gpus, judge_sleep="1", JOBS=str(gpus), JOBS_PER_GPU="1")
     assert seen == {str(i) for i in range(gpus)} and max(most.values()) == 1, most
-    assert f"{gpus} jobs at once (at most 1 per GPU, {gpus} GPUs)" in out, out
+    assert f"{gpus} jobs at once (at most 1 per GPU, {gpus} GPUs, " in out, out
 
 
 def test_run_all_uses_the_visible_gpus_and_none_when_none_are_visible(tmp_path):
     """CUDA_VISIBLE_DEVICES names the GPUs to use (JOBS given: spread over them); set but empty
     it hides them all: one job per CPU core, and the steps see no CUDA_VISIBLE_DEVICES."""
     out, most, seen = pool(tmp_path, 4, CUDA_VISIBLE_DEVICES="3,1", JOBS="3")
-    assert "3 jobs at once (at most 2 per GPU, 2 GPUs)" in out, out
+    assert "3 jobs at once (at most 2 per GPU, 2 GPUs, " in out, out
     assert seen == {"3", "1"} and max(most.values()) <= 2
     (tmp_path / "cpu").mkdir()
     out, _, seen = pool(tmp_path / "cpu", 4, CUDA_VISIBLE_DEVICES="")
@@ -106,7 +127,7 @@ def test_run_all_uses_the_visible_gpus_and_none_when_none_are_visible(tmp_path):
     assert f"{len(os.sched_getaffinity(0))} jobs at once," in out and seen == {"-1"}, (out, seen)
     (tmp_path / "first").mkdir()
     out, _, seen = pool(tmp_path / "first", 4, CUDA_VISIBLE_DEVICES="2,-1,3", JOBS="2")
-    assert "(at most 2 per GPU, 1 GPUs)" in out and seen == {"2"}, (out, seen)
+    assert "(at most 2 per GPU, 1 GPUs, " in out and seen == {"2"}, (out, seen)
 
 
 def test_the_quick_preset_runs_on_the_cpu_unless_a_device_is_asked_for(tmp_path):
