@@ -23,7 +23,6 @@ quantity, in the order of the first --n test examples (after class filtering).
 Functions to copy: each needs the names after its colon, from this file, the shared modules
 after its semicolon, beside it, and this file's imports of other libraries.
     fisher_trace_weights: batched, fisher_factor, logit_vjp_sqnorms; common.py, models.py
-    chunk_to_fit: WEIGHTS_MEMORY_PER_GRADIENT; common.py
     input_fisher_trace: (none); common.py, models.py
     input_fisher_lambda_max: _quiet_jvp, lanczos_lambda_max; common.py, models.py
     repr_jacobian_frobenius: (none); common.py, models.py

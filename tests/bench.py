@@ -585,10 +585,11 @@ def paper_projection(paper, rates, jobs=1):
 # counted here (count_flops), the host's share measured here, and what only a GPU can say is
 # assumed, in the open: tests/bench.py --device cuda replaces every assumption by a rate.
 
-H200 = {"name": "NVIDIA H200", "bf16": 989, "tf32": 494, "jobs": 4}  # dense TFLOPS; JOBS_PER_GPU
+# dense TFLOPS: bf16 on the tensor cores; float32 with TF32 off (models.full_float32) on the
+# CUDA cores, 67 (NVIDIA's H200 SXM sheet), not TF32's 494; JOBS_PER_GPU
+H200 = {"name": "NVIDIA H200", "bf16": 989, "fp32": 67, "jobs": 4}
 # The assumptions: the fraction of its dense peak that each kind of work reaches on the GPU
-# (bf16 training; float32 work on cuDNN's TF32 convolutions: evaluation, Fisher, features,
-# fine-tuning, inversion), the time of one host read that waits for the device (its queue
+# (bf16 training; float32 work: evaluation, Fisher, features, fine-tuning, inversion), the time of one host read that waits for the device (its queue
 # drained, a copy back), and a process's CUDA start-up beyond importing torch.
 ASSUMED = {"fraction": 0.30, "round_trip": 20e-6, "cuda_start": 3.0}
 
@@ -624,7 +625,7 @@ def flop_rates(flops, inputs, gpu=H200, assumed=ASSUMED, max_iter=1000):
     iterations (an upper bound: a probe is 4 penalties and a refit, of about 60000 training
     features; a few-shot draw one fit)."""
     bf16 = assumed["fraction"] * gpu["bf16"] * 1e12
-    fp32 = assumed["fraction"] * gpu["tf32"] * 1e12
+    fp32 = assumed["fraction"] * gpu["fp32"] * 1e12
     fit = max_iter * inputs["lbfgs_reads"] * assumed["round_trip"]
     return {"pgd": bf16 / flops["pgd"], "standard": bf16 / flops["standard"],
             "apgd": fp32 / flops["attack"], "fisher": flops["fisher"] / fp32,
@@ -658,7 +659,7 @@ def print_h200_projection(quick):
           f"{inputs['lbfgs_reads']:.1f} |")
     print(f"| process start-up here (import torch) | {inputs['start']:.1f} s |")
     gpu, assumed = H200, ASSUMED
-    print(f"\nassumed on one {gpu['name']} (dense peaks bf16 {gpu['bf16']}, TF32 {gpu['tf32']} "
+    print(f"\nassumed on one {gpu['name']} (dense peaks bf16 {gpu['bf16']}, float32 {gpu['fp32']} "
           f"TFLOPS): {assumed['fraction']:.0%} of the peak, {assumed['round_trip'] * 1e6:.0f} us "
           f"per host read, {assumed['cuda_start']:.0f} s of CUDA start-up per process, "
           f"{gpu['jobs']} jobs per GPU")

@@ -48,7 +48,7 @@ def test_projection_adds_each_stage_at_its_rate():
                  invert_methods=4)
     flops = {"pgd": 20e9, "standard": 3e9, "attack": 2e9, "forward": 1e9, "fisher": 1e12}
     inputs = {"lbfgs_reads": 10, "start": 1.0}
-    rates = bench.flop_rates(flops, inputs, {"bf16": 100, "tf32": 50},
+    rates = bench.flop_rates(flops, inputs, {"bf16": 100, "fp32": 50},
                              {"fraction": 0.3, "round_trip": 20e-6, "cuda_start": 2.0})
     rows = bench.paper_projection(paper, rates, jobs=4)
 

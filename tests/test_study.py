@@ -263,43 +263,36 @@ def test_run_all_gives_each_step_the_same_command_whatever_jobs(tmp_path):
     assert all(line.startswith("threads 1 1 gpus : ") for line in commands["1"]), commands["1"]
 
 
-def smoke(out, seeds, jobs):
-    # on the CPU (no GPU visible): identical files for any JOBS are a CPU property
-    env = dict(os.environ, OUT=str(out), PYTHON=sys.executable, SEEDS=seeds, JOBS=jobs,
-               CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.run(["bash", str(ROOT / "run_all.sh"), "paper", "--smoke"], cwd=ROOT, env=env,
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc
-
-
-@pytest.mark.slow
-def test_paper_preset_smoke(tmp_path):
-    """The paper code path (resnet18, L2 and Linf, several targets) on tiny synthetic data,
-    one seed with 2 jobs at once: every step of every cell writes its files; the eps = 0 model
-    is attacked in both norms, so each norm's grid has its baseline (report.py's use of it:
-    tests/test_report.py). That another JOBS gives the same files:
-    test_run_all_gives_each_step_the_same_command_whatever_jobs."""
-    smoke(tmp_path, "0", "2")
-    runs = {p.parent.name: json.loads(p.read_text()) for p in tmp_path.glob("*/metrics.json")}
-    cells = {f"{cell}_seed0" for cell in ("l2_eps0", "l2_eps0.5", "linf_eps8_255")}
-    assert set(runs) == {"judge"} | cells
-    for name, metrics in runs.items():
-        radii = {(r["norm"], round(r["eps"], 6)) for r in metrics["robust_acc"]}
-        assert {("l2", 0.5), ("linf", round(8 / 255, 6))} <= radii, name
-    assert runs["linf_eps8_255_seed0"]["eps"] == pytest.approx(8 / 255)
+def test_the_plan_runs_through_another_engine_as_the_pool_would(tmp_path):
+    """--plan's lines, run stage by stage by `xargs -P 2` (no run_all.sh pool, no Slurm), run
+    every step of the study, each inversion after its cell and the judge, the report last; the
+    local pool then finds every step done by its own command and skips it. (The real scripts
+    through the plan's lines give the local outputs number for number: tests/test_slurm.py.)"""
+    proc, _ = run_all(tmp_path, args=("--plan",))
+    assert proc.returncode == 0, proc.stderr
+    lines = [line.split("\t") for line in proc.stdout.splitlines()]
+    cells = [f"{norm}_eps{eps}_seed{seed}" for seed in (0, 1)
+             for norm, eps in (("l2", "0.25"), ("l2", "0.5"), ("l2", "1.0"), ("l2", "2.0"))]
+    cells += ["l2_eps0_seed0", "l2_eps0_seed1"]
+    assert [(stage, name) for stage, name, _ in lines] == (
+        [("1", "judge")] + [("1", c) for c in cells] + [("2", f"invert:{c}") for c in cells]
+        + [("3", "report")])
+    env = dict(os.environ, CALLS=str(tmp_path / "calls"))
+    for stage in "123":
+        commands = "\n".join(command for s, _, command in lines if s == stage) + "\n"
+        run = subprocess.run(["xargs", "-d", "\n", "-n", "1", "-P", "2", "bash", "-c"],
+                             input=commands, cwd=tmp_path, env=env, capture_output=True,
+                             text=True, timeout=300)
+        assert run.returncode == 0, run.stdout + run.stderr
+    order = (tmp_path / "calls.order").read_text().splitlines()
     for cell in cells:
-        for name in ("fisher.json", "transfer.json", "invert.json"):
-            assert (tmp_path / cell / name).is_file(), (cell, name)
-    transfer = json.loads((tmp_path / "linf_eps8_255_seed0" / "transfer.json").read_text())
-    assert {"synthetic:0-4", "fashion-mnist:5-9"} <= set(transfer)
-    assert json.loads((tmp_path / "study.json").read_text())["preset"] == "paper-smoke"
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    assert set(summary["claims"]) == {"C1", "C2", "C3", "C4", "C5", "C6"}
-    # one seed of a two-eps grid per norm: judged per norm, decided at no level
-    by_norm = summary["claims"]["C1"]["by_norm"]
-    assert set(by_norm) == {"l2", "linf"}, by_norm
-    assert all(claim["verdict"] == "undetermined" for claim in summary["claims"].values())
+        assert order.index(f"start invert.py {cell}") > max(
+            order.index(f"end transfer.py {cell}"), order.index("end advtrain.py judge"))
+    assert order[-2:] == ["start report.py res", "end report.py res"], order[-2:]
+    assert (tmp_path / "res" / "report.md").is_file()
+    proc, calls = run_all(tmp_path)
+    assert proc.returncode == 0 and calls == ["report.py"], (calls, proc.stderr)
+    assert proc.stdout.count(": skip ") == 1 + 4 * len(cells), proc.stdout
 
 
 FAKE_SBATCH = textwrap.dedent("""\
