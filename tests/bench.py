@@ -589,8 +589,9 @@ def paper_projection(paper, rates, jobs=1):
 # CUDA cores, 67 (NVIDIA's H200 SXM sheet), not TF32's 494; JOBS_PER_GPU
 H200 = {"name": "NVIDIA H200", "bf16": 989, "fp32": 67, "jobs": 4}
 # The assumptions: the fraction of its dense peak that each kind of work reaches on the GPU
-# (bf16 training; float32 work: evaluation, Fisher, features, fine-tuning, inversion), the time of one host read that waits for the device (its queue
-# drained, a copy back), and a process's CUDA start-up beyond importing torch.
+# (bf16 training; float32 work: evaluation, Fisher, features, fine-tuning, inversion), the
+# time of one host read that waits for the device (its queue drained, a copy back), and a
+# process's CUDA start-up beyond importing torch.
 ASSUMED = {"fraction": 0.30, "round_trip": 20e-6, "cuda_start": 3.0}
 
 
