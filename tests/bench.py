@@ -861,22 +861,44 @@ def fashion_mnist_32x3(n, train):
     return x.clamp(0, 1).repeat(1, 3, 1, 1), y
 
 
+def attack_precisions(device):
+    """{name: a context manager factory} of the precisions an attack is computed in on device:
+    float32 (TF32 off on CUDA, as models.get_device leaves it), bf16 autocast, and on CUDA
+    TF32 (PyTorch's default for float32 convolutions and matrix products)."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def tf32():
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        try:
+            yield
+        finally:
+            models.full_float32()
+    precisions = {"float32": contextlib.nullcontext,
+                  "bf16": lambda: torch.autocast(device.type, dtype=torch.bfloat16)}
+    if device.type == "cuda":
+        precisions["tf32"] = tf32
+    return precisions
+
+
 def bf16_attack_strength(n_train=4000, n_test=800, width=8, epochs=2, apgd_steps=20,
-                         batch=128, norms=("l2", "linf")):
-    """Rows (norm, eps, attack, float32 acc, bf16 acc) for a resnet18 of `width` trained with
-    PGD-7 (models.sgd_epoch, float32) at the middle radius of each norm of the paper grid,
+                         batch=128, norms=("l2", "linf"), device=torch.device("cpu")):
+    """Rows (norm, eps, attack, {precision: acc}) for a resnet18 of `width` trained on device
+    with PGD-7 (models.sgd_epoch, float32) at the middle radius of each norm of the paper grid,
     attacked at every radius of the grid by PGD-7 (the training attack's settings) and by
-    APGD (apgd_steps steps, 3 targets) computed under bf16 autocast or not, from the same
-    random starts (the same seed before each); the adversarial examples are then judged in
-    float32, so the difference is the attack's strength alone."""
-    x, y = fashion_mnist_32x3(n_train, True)
-    x_test, y_test = fashion_mnist_32x3(n_test, False)
+    APGD (apgd_steps steps, 3 targets) computed in each of attack_precisions(device), from the
+    same random starts (the same seed before each); the adversarial examples are then judged
+    in float32, so the difference is the attack's strength alone."""
+    device = models.get_device(str(device))  # on CUDA: TF32 off
+    x, y = (t.to(device) for t in fashion_mnist_32x3(n_train, True))
+    x_test, y_test = (t.to(device) for t in fashion_mnist_32x3(n_test, False))
+    precisions = attack_precisions(device)
     rows = []
     for norm in norms:
         radii = [eps for n, eps in PAPER_RADII if n == norm]
         torch.manual_seed(0)
         model = models.build_model("resnet18", 10, 3, 32, (0.286,) * 3, (0.353,) * 3,
-                                   width=width)
+                                   width=width).to(device)
         opt = models.make_optimizer(model, 0.1)
         steps = epochs * -(-n_train // batch)
         for epoch in range(epochs):
@@ -884,43 +906,50 @@ def bf16_attack_strength(n_train=4000, n_test=800, width=8, epochs=2, apgd_steps
                                  steps=7, step0=epoch * (steps // epochs),
                                  lr_schedule=lambda step: advtrain.lr_at(step, steps, 0.1))
         model.eval()
-        print(f"  resnet18 width {width} trained at {norm} {radii[1]:.4g}: clean acc "
-              f"{advtrain.accuracy(model, x_test, y_test):.3f}", flush=True)
+        print(f"  resnet18 width {width} trained at {norm} {radii[1]:.4g} on {device}: clean "
+              f"acc {advtrain.accuracy(model, x_test, y_test):.3f}", flush=True)
         attacks = {"PGD-7": lambda xb, yb, eps: advtrain.pgd_attack(model, xb, yb, norm, eps, 7),
                    f"APGD-{apgd_steps}": lambda xb, yb, eps: advtrain.apgd_attack(
                        model, xb, yb, norm, eps, apgd_steps)}
         for eps in radii:
             for name, attack in attacks.items():
-                acc = []
-                for bf16 in (False, True):
+                acc = {}
+                for precision, computed_in in precisions.items():
                     correct = 0
                     for i in range(0, n_test, 250):
                         xb, yb = x_test[i:i + 250], y_test[i:i + 250]
                         torch.manual_seed(1 + i)
-                        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                        with computed_in():
                             xa = attack(xb, yb, eps)
                         with torch.no_grad():
                             correct += (model(xa).argmax(1) == yb).sum().item()
-                    acc.append(correct / n_test)
-                rows.append((norm, eps, name, *acc))
+                    acc[precision] = correct / n_test
+                rows.append((norm, eps, name, acc))
                 print(f"  {rows[-1]}", flush=True)
     return rows
 
 
 def print_bf16_attacks(rows):
-    """The table of bf16_attack_strength's rows and, per attack, the rule's verdict."""
-    print("\n| radius | attack | float32 acc | bf16 acc | bf16 - float32 (points) |"
-          "\n|---|---|---|---|---|")
+    """The table of bf16_attack_strength's rows and, per attack and lower precision, the
+    rule's verdict (at most BF16_BOUND points weaker than float32 at every radius)."""
+    lower = [p for p in rows[0][3] if p != "float32"]
+    print("\n| radius | attack | float32 acc | " + " | ".join(f"{p} acc" for p in lower)
+          + " | " + " | ".join(f"{p} - float32 (points)" for p in lower) + " |\n|"
+          + "---|" * (3 + 2 * len(lower)))
     worst = {}
-    for norm, eps, name, f32, bf16 in rows:
+    for norm, eps, name, acc in rows:
         radius = f"{norm} {round(eps * 255)}/255" if norm == "linf" else f"{norm} {eps:g}"
-        diff = round((bf16 - f32) * 100, 6)  # points; rounded so that 0.5 is not 0.5000001
-        worst[name] = max(worst.get(name, diff), diff)
-        print(f"| {radius} | {name} | {f32:.5f} | {bf16:.5f} | {diff:+.2f} |")
-    for name, diff in worst.items():
+        # points; rounded so that 0.5 is not 0.5000001
+        diffs = {p: round((acc[p] - acc["float32"]) * 100, 6) for p in lower}
+        for p, diff in diffs.items():
+            worst[name, p] = max(worst.get((name, p), diff), diff)
+        print(f"| {radius} | {name} | {acc['float32']:.5f} | "
+              + " | ".join(f"{acc[p]:.5f}" for p in lower) + " | "
+              + " | ".join(f"{diffs[p]:+.2f}" for p in lower) + " |")
+    for (name, precision), diff in worst.items():
         verdict = "met" if diff <= BF16_BOUND else "missed"
-        print(f"{name}: bf16 weaker than float32 by at most {max(diff, 0):.2f} points at every "
-              f"radius (bound {BF16_BOUND} points, DESIGN.md Precision): {verdict}")
+        print(f"{name}: {precision} weaker than float32 by at most {max(diff, 0):.2f} points at "
+              f"every radius (bound {BF16_BOUND} points, DESIGN.md Precision): {verdict}")
 
 
 def apgd_working_batch(n_train=2000, n_test=200, epochs=2, width=8, steps=50, repeats=1):
@@ -1125,9 +1154,10 @@ def get_args(argv=None):
                    help="only the paper preset's projection on one H200 from FLOP counts and "
                         "the inputs measured here")
     p.add_argument("--bf16-attacks", action="store_true",
-                   help="only the strength of PGD-7 and APGD under CPU bf16 autocast against "
-                        "float32 at the paper grid's radii, on a resnet18 of width 8 trained "
-                        "2 epochs on 4000 Fashion-MNIST images at 32x32x3, 800 test images")
+                   help="only the strength of PGD-7 and APGD under bf16 autocast (and TF32 on "
+                        "CUDA) against float32 at the paper grid's radii, on --device (default "
+                        "cpu), on a resnet18 of width 8 trained 2 epochs on 4000 Fashion-MNIST "
+                        "images at 32x32x3, 800 test images")
     p.add_argument("--apgd-working-batch", action="store_true",
                    help="only the time of APGD (50 steps, 200 test images) where fooled examples "
                         "leave the working batch against today's, with both robust accuracies, on "
@@ -1153,7 +1183,8 @@ def main(args):
     if args.memory:
         return print_memory_table(torch.device(args.device or "cpu"))
     if args.bf16_attacks:
-        return print_bf16_attacks(bf16_attack_strength())
+        device = torch.device(args.device or "cpu")
+        return print_bf16_attacks(bf16_attack_strength(device=device))
     if args.apgd_working_batch:
         return print_apgd_working_batch(apgd_working_batch())
     if args.projection_only:

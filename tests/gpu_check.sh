@@ -7,7 +7,7 @@
 # exits 1 when a stage failed or timed out (the study's planned stop is neither), else 0.
 # Nothing is downloaded.
 #
-#   bash tests/gpu_check.sh              # one NVIDIA GPU: within 8 minutes (BUDGET 460 s)
+#   bash tests/gpu_check.sh              # one NVIDIA GPU: within 10 minutes (BUDGET 560 s)
 #   DEVICE=cpu bash tests/gpu_check.sh   # its CPU form: the same stages, smaller (below)
 #
 # Stages on CUDA, with their limits in seconds. Beside the tests, in the background:
@@ -27,12 +27,18 @@
 #            step, alone and as JOBS_PER_GPU processes at once, the other stages' rates, the
 #            projected hours of the paper preset
 #   compile  the same with --compile only (60): the training step under torch.compile
+#   attacks  python tests/bench.py --bf16-attacks --device cuda (140): PGD-7 and APGD computed
+#            in float32, bf16 and TF32 at every radius of the paper grid, and each lower
+#            precision's verdict against the 0.5-point bound (DESIGN.md, Precision)
+#   memory   python tests/bench.py --memory --device cuda (100): each stage's peak memory at
+#            the paper preset's shapes, and the weights' Fisher trace's per-example slope
 # OUT/bench.md collects the bench's tables.
 # CPU form (DEVICE=cpu; no BUDGET unless given), one stage after another: tests runs
 # tests/test_device.py's fast tests only (the whole suite is `bash tests/run.sh`), device's
 # tests skip (on the CPU they are other tests of the suite), bench runs its device code on
-# a tiny model (--quick), compile is not tried, and the study is skipped (`SEEDS=0 bash
-# run_all.sh` is its one-seed look).
+# a tiny model (--quick), compile is not tried, attacks and memory are skipped (on the CPU
+# they are bench.py's own --bf16-attacks and --memory, minutes each), and the study is
+# skipped (`SEEDS=0 bash run_all.sh` is its one-seed look).
 #
 # Environment: DEVICE (default cuda), OUT (default gpu_check, ignored by git), BUDGET (seconds
 # for the whole check), STUDY_JOBS, SMOKE_JOBS, PYTHON (a Python with torch, torchvision,
@@ -49,7 +55,7 @@ OUT=${OUT:-gpu_check}
 DATA_DIR=${DATA_DIR:-./data}
 CUDA=0
 [[ "$DEVICE" == cuda* ]] && CUDA=1
-BUDGET=${BUDGET:-$( ((CUDA)) && echo 460 || echo 100000)}
+BUDGET=${BUDGET:-$( ((CUDA)) && echo 560 || echo 100000)}
 DEADLINE=$((T0 + BUDGET))
 die() { echo "gpu_check: $*" >&2; exit 2; }
 
@@ -124,7 +130,7 @@ fast=(-q -p no:cacheprovider tests/test_device.py)
 if ((CUDA)); then
   # The study (its jobs sharing the GPU) and the smoke (on the CPU: its preset pins --device
   # cpu) run beside the tests and stop in time for the bench, which has the GPU to itself.
-  RESERVE=180  # the bench and compile stages
+  RESERVE=420  # the bench, compile, attacks and memory stages
   PLANNED=1 stage study $((BUDGET - RESERVE - 15)) env SEEDS="0 1 2" OUT="$OUT/study" \
     JOBS="${STUDY_JOBS:-6}" DATA_DIR="$DATA_DIR" bash run_all.sh quick &
   pids=($!)
@@ -136,19 +142,23 @@ if ((CUDA)); then
   RESERVE=0
   stage bench 120 "${bench[@]}" --compile skip
   stage compile 60 "${bench[@]}" --compile only
+  stage attacks 140 "$PY" tests/bench.py --bf16-attacks --device "$DEVICE"
+  stage memory 100 "$PY" tests/bench.py --memory --device "$DEVICE"
 else
   stage tests 600 env DEVICE="$DEVICE" "$PY" -m pytest "${fast[@]}" -m "not slow"
   stage device 600 env DEVICE="$DEVICE" "$PY" -m pytest "${fast[@]}" -m slow
   stage smoke 600 "${smoke[@]}"
   skip study "CPU form"
   stage bench 600 "${bench[@]}" --quick
+  skip attacks "CPU form: python tests/bench.py --bf16-attacks"
+  skip memory "CPU form: python tests/bench.py --memory"
 fi
 # the device the smoke's training ran on, from advtrain.py's "train N test N on DEVICE" line
 smoke_device=$(grep -rhoE "train [0-9]+ test [0-9]+ on [a-z0-9:]+" "$OUT/paper-smoke" 2> /dev/null |
                head -n 1 | awk '{print $NF}')
 printf 'smoke device\t%s\t0\trun_all.sh paper --smoke trained on %s (its preset: --device cpu)\n' \
   "${smoke_device:-unknown}" "${smoke_device:-unknown}" >> "$SUMMARY"
-cat "$OUT"/bench.log "$OUT"/compile.log 2> /dev/null | grep '^|' > "$OUT/bench.md"
+cat "$OUT"/{bench,compile,attacks,memory}.log 2> /dev/null | grep '^|' > "$OUT/bench.md"
 
 echo "[$((SECONDS - T0))s] gpu_check done: $SUMMARY"
 column -t -s $'\t' "$SUMMARY" 2> /dev/null || cat "$SUMMARY"

@@ -5,6 +5,7 @@ force in tests/test_fisher.py)."""
 import re
 
 import pytest
+import torch
 
 from conftest import run_main
 
@@ -91,3 +92,21 @@ def test_bench_projection_prints_hours_and_its_inputs():
     assert hours and 0 < float(hours.group(1)) <= float(hours.group(2)), proc.stdout
     stages = table_rows(proc.stdout, 1)
     assert len(stages) >= 9 and all(float(row[2].split()[0]) >= 0 for row in stages)
+
+
+def test_attack_precisions_and_their_table(capsys):
+    """bench.py --bf16-attacks on CUDA adds TF32 (flags on inside, full float32 again after:
+    the scripts' setting); the table has a column and a verdict per lower precision, the
+    verdict 'missed' above 0.5 points weaker."""
+    import bench
+    assert set(bench.attack_precisions(torch.device("cpu"))) == {"float32", "bf16"}
+    flags = torch.backends.cuda.matmul, torch.backends.cudnn
+    with bench.attack_precisions(torch.device("cuda"))["tf32"]():
+        assert all(f.allow_tf32 for f in flags)
+    assert not any(f.allow_tf32 for f in flags)
+    bench.print_bf16_attacks([("l2", 0.5, "APGD-20", {"float32": 0.7, "bf16": 0.706,
+                                                       "tf32": 0.704})])
+    out = capsys.readouterr().out
+    assert "| l2 0.5 | APGD-20 | 0.70000 | 0.70600 | 0.70400 | +0.60 | +0.40 |" in out, out
+    assert "APGD-20: bf16 weaker than float32 by at most 0.60 points" in out and \
+        "missed" in out and "APGD-20: tf32 weaker than float32 by at most 0.40" in out, out
