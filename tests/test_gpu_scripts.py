@@ -102,6 +102,24 @@ def test_jobs_per_gpu_and_the_fisher_chunk_follow_the_free_memory(tmp_path, free
     assert commands and not any("--memory-mib" in c or "--chunk" in c for c in commands)
 
 
+def test_a_task_run_alone_takes_its_gpus_free_memory(tmp_path):
+    """--task (a Slurm task, with a GPU of its own): one job on it, so its Fisher step gets all
+    of the 100000 MiB free in whole GiB, where the pool would share it among 3 jobs."""
+    fake = tmp_path / "fake_python"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    (tmp_path / "steps.log").write_text("")
+    environ = {k: v for k, v in os.environ.items() if k not in ("CUDA_VISIBLE_DEVICES", "JOBS")}
+    environ.update(PATH=f"{FAKE_SMI}:{os.environ['PATH']}", FAKE_GPU_FREE_MIB="100000",
+                   PYTHON=str(fake), LOG=str(tmp_path / "steps.log"), OUT=str(tmp_path / "res"),
+                   SEEDS="0", DEVICE="auto")
+    proc = subprocess.run(["bash", str(ROOT / "run_all.sh"), "--task", "l2_eps0.5_seed0"],
+                          cwd=ROOT, env=environ, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    stamp = (tmp_path / "res" / "l2_eps0.5_seed0" / ".fisher.json.cmd").read_text()
+    assert "--memory-mib 99328 " in stamp, stamp  # 97 GiB
+
+
 @pytest.mark.parametrize("gpus", [2, 4])
 def test_run_all_starts_a_job_on_a_free_gpu_not_a_busy_one(tmp_path, gpus):
     """One job per GPU (JOBS_PER_GPU=1) while the judge's long training holds GPU 0: the next
