@@ -237,7 +237,7 @@ export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
 # (whole GiB) bounds the weights' Fisher trace: fisher.py --memory-mib takes the largest chunk
 # that fits it; FISHER_CHUNK sets the chunk instead. JOBS defaults to JOBS_PER_GPU per GPU,
 # and without a GPU to one per core.
-GPU_LIST=()
+GPU_LIST=() SHARE_MIB=""
 if [[ "$DEVICE" != cpu ]] && nvidia-smi -L > /dev/null 2>&1; then
   if [[ -v CUDA_VISIBLE_DEVICES ]]; then  # as CUDA reads it: up to the first invalid entry
     IFS=, read -ra visible <<< "$CUDA_VISIBLE_DEVICES"
@@ -258,23 +258,31 @@ for name in JOBS JOBS_PER_GPU FISHER_CHUNK; do
 done
 [[ -z "${FISHER_CHUNK:-}" ]] || FISHER+=(--chunk "$FISHER_CHUNK")
 if (( N_GPUS )); then
-  FREE_MIB=""  # the least free memory of the GPUs, MiB
+  FREE_MIB=""  # the least free memory of the GPUs, MiB; none where nvidia-smi does not say
   for gpu in "${GPU_LIST[@]}"; do
     mib=$(nvidia-smi --query-gpu=memory.free --format=csv,noheader,nounits -i "$gpu" \
           2> /dev/null | head -n 1)
-    [[ "$mib" =~ ^[0-9]+$ ]] || die "nvidia-smi gives no free memory of GPU $gpu"
+    if [[ ! "$mib" =~ ^[0-9]+$ ]]; then  # (e.g. a MIG instance: [N/A])
+      echo "note: nvidia-smi gives no free memory of GPU $gpu: one job per GPU unless" \
+           "JOBS_PER_GPU or JOBS says, and Fisher's chunk as the preset's" >&2
+      FREE_MIB=""
+      break
+    fi
     [[ -n "$FREE_MIB" ]] && (( FREE_MIB <= mib )) || FREE_MIB=$mib
   done
   if [[ -z "${JOBS_PER_GPU:-}" ]]; then
-    if [[ "$ACTION" == task ]]; then JOBS_PER_GPU=1
+    if [[ "$ACTION" == task || -z "$FREE_MIB" ]]; then JOBS_PER_GPU=1
     elif [[ -n "${JOBS:-}" ]]; then JOBS_PER_GPU=$(( (JOBS + N_GPUS - 1) / N_GPUS ))
     else JOBS_PER_GPU=$(( FREE_MIB / JOB_MIB > 4 ? 4 : FREE_MIB / JOB_MIB ))
       (( JOBS_PER_GPU )) || JOBS_PER_GPU=1
     fi
   fi
-  SHARE_MIB=$(( FREE_MIB / JOBS_PER_GPU ))
-  (( SHARE_MIB < 1024 )) || SHARE_MIB=$(( SHARE_MIB / 1024 * 1024 ))  # whole GiB: stable stamps
-  [[ -n "${FISHER_CHUNK:-}" ]] || FISHER+=(--memory-mib "$SHARE_MIB")
+  if [[ -n "$FREE_MIB" ]]; then
+    SHARE_MIB=$(( FREE_MIB / JOBS_PER_GPU ))
+    (( SHARE_MIB < 1024 )) || SHARE_MIB=$(( SHARE_MIB / 1024 * 1024 ))  # whole GiB: stable stamps
+    (( SHARE_MIB )) || SHARE_MIB=1
+    [[ -n "${FISHER_CHUNK:-}" ]] || FISHER+=(--memory-mib "$SHARE_MIB")
+  fi
 fi
 JOBS=${JOBS:-$(( N_GPUS ? N_GPUS * JOBS_PER_GPU : CORES ))}
 
@@ -523,10 +531,11 @@ launch() {  # launch TASK: run_task TASK in the background, once fewer than JOBS
   fi
 }
 
+per_gpu=""
+(( ! N_GPUS )) ||
+  per_gpu=" (at most $JOBS_PER_GPU per GPU, $N_GPUS GPUs${SHARE_MIB:+, $SHARE_MIB MiB each})"
 echo "[0s] $PRESET: ${#CELLS[@]} cells in $OUT on $DEVICE; judge ${JUDGE_CKPT:-none (no l2" \
-     "checkpoint)}; $JOBS jobs at once$( ((N_GPUS)) &&
-     echo " (at most $JOBS_PER_GPU per GPU, $N_GPUS GPUs, $SHARE_MIB MiB each)"), $THREADS torch" \
-     "thread(s) each"
+     "checkpoint)}; $JOBS jobs at once$per_gpu, $THREADS torch thread(s) each"
 # The plan's stages: the judge and each cell's job (train or evaluate, Fisher, transfer); each
 # inversion once its cell's job and the judge's have ended (`wait` on their process ids); the
 # report once every job has.

@@ -102,6 +102,27 @@ def test_jobs_per_gpu_and_the_fisher_chunk_follow_the_free_memory(tmp_path, free
     assert commands and not any("--memory-mib" in c or "--chunk" in c for c in commands)
 
 
+def test_a_gpu_without_a_free_memory_reading_runs_one_job_and_the_presets_chunk(tmp_path):
+    """nvidia-smi answering [N/A] for memory.free (as for a MIG instance): one line says so,
+    one job per GPU, and Fisher keeps the preset's chunk."""
+    fake = tmp_path / "fake_python"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    (tmp_path / "steps.log").write_text("")
+    environ = {k: v for k, v in os.environ.items()
+               if k not in ("CUDA_VISIBLE_DEVICES", "JOBS", "JOBS_PER_GPU")}
+    environ.update(PATH=f"{FAKE_SMI}:{os.environ['PATH']}", FAKE_GPU_FREE_MIB="[N/A]",
+                   PYTHON=str(fake), LOG=str(tmp_path / "steps.log"), OUT=str(tmp_path / "res"),
+                   SEEDS="0", DEVICE="auto")
+    proc = subprocess.run(["bash", str(ROOT / "run_all.sh")], cwd=ROOT, env=environ,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "gives no free memory of GPU 0" in proc.stderr, proc.stderr
+    assert "1 jobs at once (at most 1 per GPU, 1 GPUs)," in proc.stdout, proc.stdout
+    commands = [p.read_text() for p in (tmp_path / "res").glob("*/.fisher.json.cmd")]
+    assert len(commands) == 5 and not any("--memory-mib" in c for c in commands), commands
+
+
 def test_a_task_run_alone_takes_its_gpus_free_memory(tmp_path):
     """--task (a Slurm task, with a GPU of its own): one job on it, so its Fisher step gets all
     of the 100000 MiB free in whole GiB, where the pool would share it among 3 jobs."""
