@@ -45,8 +45,9 @@ from models import check_images, check_labels, eval_mode, get_device
 EXACT_MAX_CLASSES = 20  # up to this many classes, expectations over y are exact sums
 # Peak memory of the weights' trace per example of a chunk, in units of its per-sample
 # gradients (directions x parameters floats): they, their squares and the vmapped backward's
-# buffers. Measured 2.16 on the CIFAR ResNet-18 (python tests/bench.py --memory, docs/
-# PERFORMANCE.md, Memory); 2.5 leaves room for larger images' activations.
+# buffers. Measured 2.09 on the CIFAR ResNet-18 and 2.3 on one of width 16 (python
+# tests/bench.py --memory, docs/PERFORMANCE.md, Memory); 2.5 leaves room for larger images'
+# activations.
 WEIGHTS_MEMORY_PER_GRADIENT = 2.5
 # Every function below runs the model in eval mode (models.eval_mode): train-mode BatchNorm
 # would mix the examples of a batch and update its running statistics.
@@ -83,7 +84,8 @@ def logit_vjp_sqnorms(model, x, directions, chunk=64):
     fisher_trace_weights). torch.func: vmap over examples of jacrev (L vjps sharing one
     forward pass) of functional_call. w is every parameter of the model, BatchNorm's weight and
     bias included (not its running statistics, which are buffers); a layer is the module
-    that owns the parameters ("body.0.0", "head"). Memory ~ chunk * L * (parameters) floats.
+    that owns the parameters ("body.0.0", "head"). Memory ~ 2.1 x chunk * L * (parameters)
+    floats (chunk_to_fit).
     Eval mode.
     """
     params = {k: v.detach() for k, v in model.named_parameters()}
