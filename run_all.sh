@@ -206,10 +206,10 @@ case "$PRESET" in
     TARGETS+=(--shots 1 10 100)
     INVERT=(--n-images 16 --method baseline,tv,noise,noise-tv)
     if [[ -n "$SMOKE" ]]; then
-      EVAL=(--dataset imagenet --test-size 8 --eval-eps l2:0.5 linf:8/255 --eval-attack apgd
+      EVAL=(--dataset imagenet --test-size 4 --eval-eps l2:0.5 linf:8/255 --eval-attack apgd
             --eval-steps 2)
       FISHER=(--dataset imagenet --n 2 --chunk 1 --probes 4 --power-iters 2)
-      TARGETS=(--target synthetic:0-4 --train-size 64 --test-size 32 --shots 1 2)
+      TARGETS=(--target synthetic:0-4 --train-size 32 --test-size 16 --shots 1 2)
       INVERT=(--n-images 2 --steps 2 --method baseline,tv,noise,noise-tv)
     fi
     [[ "${TARGETS[*]}" == *--target* ]] || die "no transfer target's data in ${DATA[1]}" \

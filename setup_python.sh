@@ -10,6 +10,15 @@
 #     plots) installed into it, once; a .venv that lacks a MODULE (made for another FILE) gets
 #     FILE installed into it; later runs find it and install nothing.
 # It never runs apt-get or sudo. A failed install stops with one line saying how to install by hand.
+# `source setup_python.sh --define` only defines `python_has PYTHON MODULE...` (tests/run.sh).
+
+# Whether PYTHON finds every MODULE, asked of its import system without importing them:
+# importing torch and torchvision takes seconds, which every task of a study would pay again.
+python_has() {
+  "$1" -c 'import importlib.util as u, sys; sys.exit(not all(map(u.find_spec, sys.argv[1:])))' \
+    "${@:2}" > /dev/null 2>&1
+}
+[[ "${1:-}" != --define ]] || return 0
 _setup_root=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 _setup_modules=("$@")
 _setup_file=requirements.txt
@@ -19,7 +28,7 @@ if [[ "${_setup_modules[0]:-}" == "-r" ]]; then
 fi
 _setup_req=$_setup_root/$_setup_file
 _setup_list=$(IFS=,; echo "${_setup_modules[*]}")
-_setup_imports() { "$1" -c "import $_setup_list" > /dev/null 2>&1; }
+_setup_imports() { python_has "$1" "${_setup_modules[@]}"; }
 _setup_python=${PYTHON:-python3}
 _setup_venv=${VENV:-$_setup_root/.venv}
 if _setup_imports "$_setup_python"; then

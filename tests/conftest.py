@@ -142,11 +142,19 @@ def fashion_mnist_missing(data_dir=ROOT / "data"):
             f"with internet: python -c \"{download}\"")
 
 
+# The test files that take longest on two cores, longest first (pytest --durations=0)
+LONGEST_FILES = ("test_imagenet_preset.py", "test_slurm.py", "test_ddp.py", "test_regime.py",
+                 "test_gpu_scripts.py", "test_study.py", "test_report.py")
+
+
 def pytest_collection_modifyitems(session, config, items):
-    # the files with end-to-end tests first: spread over workers (tests/run.sh), the longest
-    # start at once rather than last
+    # the longest files first, then the others with end-to-end tests, then the rest (each in
+    # file order): tests/run.sh's workers take whole files in this order, so the longest start
+    # at once rather than last and the workers end together
     slow_files = {item.path for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.path not in slow_files)  # stable: file order kept
+    rank = {name: i for i, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: (rank.get(item.path.name, len(rank)),  # stable sort
+                                 item.path not in slow_files))
     # a device comparison on the CPU would compare the CPU with itself: skipped, before its
     # fixtures are made
     if requested_device() == "cpu":

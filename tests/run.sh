@@ -18,10 +18,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 runtime=(torch torchvision numpy pytest)
 references=(sklearn scipy torchattacks skimage)  # the import names of requirements-dev.txt's
+source setup_python.sh --define  # python_has
 chosen=${PYTHON:-${VIRTUAL_ENV:+python3}}
-if [[ -n "$chosen" ]] && "$chosen" -c "import $(IFS=,; echo "${runtime[*]}")" > /dev/null 2>&1; then
+if [[ -n "$chosen" ]] && python_has "$chosen" "${runtime[@]}"; then
   PY=$chosen
-  if ! "$PY" -c "import $(IFS=,; echo "${references[*]}")" > /dev/null 2>&1; then
+  if ! python_has "$PY" "${references[@]}"; then
     echo "note: $PY lacks an outside reference (${references[*]}); their tests are skipped;" \
          "install them with: $PY -m pip install -r requirements-dev.txt"
   fi
@@ -34,7 +35,7 @@ if [[ ! "$workers" =~ ^[1-9][0-9]*$ ]]; then
   exit 2
 fi
 parallel=()
-if (( workers > 1 )) && "$PY" -c "import xdist" > /dev/null 2>&1; then
-  parallel=(-n "$workers" --dist loadfile)
+if (( workers > 1 )) && python_has "$PY" xdist; then
+  parallel=(-n "$workers" --dist loadfile --no-loadscope-reorder)  # conftest.py's order
 fi
 exec "$PY" -m pytest -q "${parallel[@]}" tests "$@"

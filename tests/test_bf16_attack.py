@@ -62,26 +62,32 @@ def training_attack_accuracy(model, x, y, norm, eps, amp, plant=False, steps=7):
         return (model(x_adv.float()).argmax(1) == y_adv).float().mean().item()
 
 
-def gaps(model, x, y, plant=False):
-    """{(norm, eps): accuracy under the amp training attack - under the float32 one}."""
-    return {(norm, eps): training_attack_accuracy(model, x, y, norm, eps, True, plant)
-            - training_attack_accuracy(model, x, y, norm, eps, False)
-            for norm, eps in PAPER_RADII}
-
-
-def test_training_attack_under_amp_is_as_strong_as_float32(fmnist_500, tiny_ckpt):
-    """At every radius of the paper grid, the training attack with amp on (the precision of
-    the CUDA training step) leaves an accuracy at most 0.5 points above float32's."""
+@pytest.fixture(scope="module")
+def float32_accuracy(fmnist_500, tiny_ckpt):
+    """The model and {(norm, eps): accuracy under the float32 training attack}."""
     x, y = fmnist_500
     model, _ = checkpoints.load_checkpoint(tiny_ckpt)
-    found = gaps(model, x, y)
+    return model, {(norm, eps): training_attack_accuracy(model, x, y, norm, eps, False)
+                   for norm, eps in PAPER_RADII}
+
+
+def gaps(model, x, y, float32, plant=False):
+    """{(norm, eps): accuracy under the amp training attack - under the float32 one}."""
+    return {(norm, eps): training_attack_accuracy(model, x, y, norm, eps, True, plant)
+            - float32[norm, eps] for norm, eps in PAPER_RADII}
+
+
+def test_training_attack_under_amp_is_as_strong_as_float32(fmnist_500, float32_accuracy):
+    """At every radius of the paper grid, the training attack with amp on (the precision of
+    the CUDA training step) leaves an accuracy at most 0.5 points above float32's."""
+    (model, float32), (x, y) = float32_accuracy, fmnist_500
+    found = gaps(model, x, y, float32)
     assert max(found.values()) <= BOUND, found
 
 
-def test_a_coarser_attack_fails_the_bound(fmnist_500, tiny_ckpt):
+def test_a_coarser_attack_fails_the_bound(fmnist_500, float32_accuracy):
     """The check above can fail: an attack whose perturbation is held on a grid of 1/32
     pixel is weaker than float32's by more than the bound at some radius of the grid."""
-    x, y = fmnist_500
-    model, _ = checkpoints.load_checkpoint(tiny_ckpt)
-    found = gaps(model, x, y, plant=True)
+    (model, float32), (x, y) = float32_accuracy, fmnist_500
+    found = gaps(model, x, y, float32, plant=True)
     assert max(found.values()) > BOUND, found

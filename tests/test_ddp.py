@@ -78,7 +78,7 @@ def test_two_processes_take_the_global_batch_exactly(tmp_path):
 
 def torchrun(out, *extra, wait=True, timeout=600):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "advtrain.py", "--classes", "0-4", "--train-size", "3000", "--test-size", "200",
+           "advtrain.py", "--classes", "0-4", "--train-size", "1500", "--test-size", "200",
            "--epochs", "3", "--eps", "0.5", "--steps", "1", "--eval-steps", "2", "--device", "cpu",
            "--out", str(out), *extra]
     env = dict(os.environ, OMP_NUM_THREADS="1")

@@ -291,7 +291,7 @@ def test_smoke_end_to_end(tmp_path):
             assert (out / cell / name).is_file(), (cell, name)
         metrics = json.loads((out / cell / "metrics.json").read_text())
         assert (metrics["norm"], metrics["seed"], metrics["dataset"], metrics["test_size"]) == (
-            norm, 0, "imagenet", 8)
+            norm, 0, "imagenet", 4)
         assert metrics["eps"] == pytest.approx(eps)
         radii = {(r["norm"], round(r["eps"], 6)) for r in metrics["robust_acc"]}
         assert {("l2", 0.5), ("linf", round(8 / 255, 6))} <= radii, cell

@@ -58,6 +58,19 @@ def setup(tmp_path, python=None, pip_fails=False, virtual_env=None, path_first=N
     return proc.returncode, (chosen or [None])[0], proc.stdout, proc.stderr, calls
 
 
+def test_python_has_finds_modules_without_importing_them(tmp_path):
+    """python_has answers from the import system alone: a module that would record its import
+    is found and not imported; one absent module among others makes the answer no."""
+    (tmp_path / "recorder.py").write_text(f"open({str(tmp_path / 'imported')!r}, 'w')\n")
+    script = ('source "$0" --define; python_has "$1" json recorder && echo yes;'
+              ' python_has "$1" json absent_module_xyz || echo no')
+    proc = subprocess.run(["bash", "-c", script, str(ROOT / "setup_python.sh"), sys.executable],
+                          env=dict(os.environ, PYTHONPATH=str(tmp_path)), capture_output=True,
+                          text=True)
+    assert proc.stdout.split() == ["yes", "no"], proc.stdout + proc.stderr
+    assert not (tmp_path / "imported").exists()
+
+
 def test_python_with_the_packages_is_used_as_it_is(tmp_path):
     stub = stub_python(tmp_path / "sys", has_packages=True)
     code, py, out, err, calls = setup(tmp_path, python=stub)
@@ -132,7 +145,7 @@ def test_requirements_file_given_is_installed_and_tops_up_a_venv_made_without_it
 def test_run_sh_uses_a_chosen_python_and_says_how_to_add_the_references(tmp_path):
     """$PYTHON with torch but no references: used as it is, one line says how to install them."""
     stub = tmp_path / "python3"
-    stub.write_text('#!/usr/bin/env bash\ncase "$1" in\n  -c) [[ "$2" != *sklearn* ]] ;;\n'
+    stub.write_text('#!/usr/bin/env bash\ncase "$1" in\n  -c) [[ "$*" != *sklearn* ]] ;;\n'
                     '  -m) echo "ran $*" ;;\nesac\n')
     stub.chmod(0o755)
     env = dict(os.environ, PYTHON=str(stub), WORKERS="1")
@@ -146,7 +159,8 @@ def test_run_sh_uses_a_chosen_python_and_says_how_to_add_the_references(tmp_path
     # more workers: the test files spread over them (the stub says it has pytest-xdist)
     proc = subprocess.run(["bash", str(ROOT / "tests" / "run.sh")], capture_output=True,
                           env=dict(env, WORKERS="3"), text=True)
-    assert proc.stdout.strip().splitlines()[-1] == "ran -m pytest -q -n 3 --dist loadfile tests"
+    assert proc.stdout.strip().splitlines()[-1] == (
+        "ran -m pytest -q -n 3 --dist loadfile --no-loadscope-reorder tests")
     proc = subprocess.run(["bash", str(ROOT / "tests" / "run.sh")], capture_output=True,
                           env=dict(env, WORKERS="two"), text=True)
     assert_user_error(proc, "WORKERS must be a positive integer", "'two'")
