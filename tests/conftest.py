@@ -147,10 +147,17 @@ LONGEST_FILES = ("test_imagenet_preset.py", "test_slurm.py", "test_ddp.py", "tes
                  "test_gpu_scripts.py", "test_study.py", "test_report.py")
 
 
+def pytest_configure(config):
+    # pytest-xdist re-sorts whole files by their number of tests unless told not to (its
+    # --no-loadscope-reorder, from 3.6): keep the order below, whatever xdist version is in use
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
 def pytest_collection_modifyitems(session, config, items):
     # the longest files first, then the others with end-to-end tests, then the rest (each in
-    # file order): tests/run.sh's workers take whole files in this order, so the longest start
-    # at once rather than last and the workers end together
+    # file order): tests/run.sh's workers (--dist loadfile) take whole files in this order, so
+    # the longest start at once rather than last and the workers end together
     slow_files = {item.path for item in items if item.get_closest_marker("slow")}
     rank = {name: i for i, name in enumerate(LONGEST_FILES)}
     items.sort(key=lambda item: (rank.get(item.path.name, len(rank)),  # stable sort

@@ -36,6 +36,6 @@ if [[ ! "$workers" =~ ^[1-9][0-9]*$ ]]; then
 fi
 parallel=()
 if (( workers > 1 )) && python_has "$PY" xdist; then
-  parallel=(-n "$workers" --dist loadfile --no-loadscope-reorder)  # conftest.py's order
+  parallel=(-n "$workers" --dist loadfile)  # whole files, in tests/conftest.py's order
 fi
 exec "$PY" -m pytest -q "${parallel[@]}" tests "$@"

@@ -159,8 +159,7 @@ def test_run_sh_uses_a_chosen_python_and_says_how_to_add_the_references(tmp_path
     # more workers: the test files spread over them (the stub says it has pytest-xdist)
     proc = subprocess.run(["bash", str(ROOT / "tests" / "run.sh")], capture_output=True,
                           env=dict(env, WORKERS="3"), text=True)
-    assert proc.stdout.strip().splitlines()[-1] == (
-        "ran -m pytest -q -n 3 --dist loadfile --no-loadscope-reorder tests")
+    assert proc.stdout.strip().splitlines()[-1] == "ran -m pytest -q -n 3 --dist loadfile tests"
     proc = subprocess.run(["bash", str(ROOT / "tests" / "run.sh")], capture_output=True,
                           env=dict(env, WORKERS="two"), text=True)
     assert_user_error(proc, "WORKERS must be a positive integer", "'two'")
@@ -198,3 +197,21 @@ def test_missing_fashion_mnist_stops_the_run_with_one_line_naming_both_remedies(
     assert "FashionMNIST('data', download=True)" in lines[0] and "passed" not in proc.stdout
     from conftest import fashion_mnist_missing
     assert fashion_mnist_missing() is None  # here it is present
+
+
+def test_workers_take_the_longest_files_first():
+    """tests/run.sh's workers take whole files in conftest.py's order (LONGEST_FILES first),
+    not re-sorted by pytest-xdist by their number of tests: one selected test of
+    test_report.py (listed as long) runs before two of test_contract.py (not listed)."""
+    from conftest import reference
+    reference("xdist")
+    selected = ("test_binomial_margin or test_the_readme_lists_the_core_functions"
+                " or test_every_listed_function_is_in_the_readme_and_runs_here")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-n", "1",
+                           "--dist", "loadfile", "-v", "-k", selected, "tests/test_contract.py",
+                           "tests/test_report.py"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    ran = [line.split("PASSED ")[1].split("::")[0] for line in proc.stdout.splitlines()
+           if "PASSED " in line]
+    assert ran[0] == "tests/test_report.py" and ran.count("tests/test_contract.py") >= 2, ran
